@@ -38,10 +38,10 @@ HealthFetch = Callable[[str, int, float], Awaitable[tuple[int, list[Mapping[str,
 
 def next_index(previous: int, returned: int) -> int:
     """The index for the next blocking query, by Consul's rules."""
-    if returned < previous:
-        return 0
     if returned <= 0:
         return 1
+    if returned < previous:
+        return 0
     return returned
 
 

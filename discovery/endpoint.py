@@ -21,7 +21,7 @@ class Endpoint:
     host: str
     port: int
     instance_id: str = field(default="", compare=False)
-    meta: Mapping[str, str] = field(default=_EMPTY, compare=False, hash=False)
+    meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, hash=False)
     tags: tuple[str, ...] = field(default=(), compare=False, hash=False)
 
     def __post_init__(self) -> None:
