@@ -1,0 +1,1 @@
+"""The catalog API: menu items and their prices."""

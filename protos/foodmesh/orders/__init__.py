@@ -1,0 +1,1 @@
+"""The orders API: placing orders and reading them back."""

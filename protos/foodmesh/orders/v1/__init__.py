@@ -1,0 +1,1 @@
+"""foodmesh.orders.v1: OrderService, generated from orders.proto (run scripts/gen_protos.py)."""
