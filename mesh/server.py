@@ -116,7 +116,7 @@ class MeshServer:
     async def start(self) -> int:
         """Bind, start serving, set health SERVING and begin registration; the bound port."""
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        enable_reflection(self._service_names, self._server)
+        enable_reflection((*self._service_names, health.SERVICE_NAME), self._server)
         host = self.config.host
         bind = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         self.port = self._server.add_insecure_port(bind)

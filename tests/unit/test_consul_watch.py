@@ -147,7 +147,7 @@ async def test_empty_answer_after_outage_is_distrusted_for_grace_period() -> Non
         (20.0, (9, [])),  # the service really goes away
         (40.0, (10, [])),
     ]
-    watch, consul, clock = make(script, empty_grace=30.0, min_interval=0.0)
+    watch, consul, _ = make(script, empty_grace=30.0, min_interval=0.0)
     seen = await collect(watch, consul)
     assert [ports(s) for s in seen] == [{1}, set()]
     # during the grace period the blocking wait is shortened to what is left of it

@@ -1,0 +1,1 @@
+"""The catalog service: restaurants' menu items and their current prices."""

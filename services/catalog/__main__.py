@@ -1,0 +1,33 @@
+"""`python -m services.catalog`: one catalog instance, registered in Consul."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from mesh.server import MeshServer
+from services.catalog.servicer import CatalogServicer
+from services.catalog.store import CatalogStore
+from services.cli import configure_logging, parse_args, project_version, server_config
+from services.datadir import database_path
+
+SERVICE = "catalog"
+
+
+async def main(argv: list[str]) -> int:
+    args = parse_args(SERVICE, argv)
+    configure_logging(args.log_level, SERVICE)
+    store = await CatalogStore.open(database_path(args.data_dir, SERVICE))
+    server = MeshServer(server_config(args, version=project_version()))
+    server.add_service(
+        catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
+        CatalogServicer(store),
+    )
+    server.on_shutdown(store.close)
+    return await server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))

@@ -1,0 +1,205 @@
+"""The catalog's menu, kept in SQLite and shared by every catalog instance.
+
+A fresh database is seeded with a small demo menu so that a platform started by hand has
+something to order. Seeding happens once per file, not once per process: a `meta` row records
+the seeded version, and the check and the inserts share one write transaction, so a second
+instance (or two instances starting together) never seeds twice, and an operator's later edits
+(a new price, an item taken off the menu) survive restarts.
+
+Listing uses keyset pagination on item_id (`WHERE item_id > ?`), not OFFSET: a page costs the
+same wherever it is, and items added or removed between pages neither repeat nor skip others.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from services.sqlite import SqliteDatabase, SqlTransaction
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogItem:
+    """One item on a restaurant's menu; prices in the currency's minor unit."""
+
+    item_id: str
+    restaurant_id: str
+    name: str
+    description: str
+    price_cents: int
+    currency: str
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPage:
+    """Up to `limit` items in item_id order, and whether more items follow the last one."""
+
+    items: tuple[CatalogItem, ...]
+    has_more: bool
+
+
+SEED_VERSION = "demo-menu-1"
+DEMO_CURRENCY = "EUR"
+DEMO_RESTAURANT_IDS = ("trattoria-roma", "sakura-sushi", "green-bowl")
+
+
+def _demo_item(
+    item_id: str,
+    restaurant_id: str,
+    name: str,
+    description: str,
+    price_cents: int,
+    *,
+    available: bool = True,
+) -> CatalogItem:
+    return CatalogItem(
+        item_id, restaurant_id, name, description, price_cents, DEMO_CURRENCY, available
+    )
+
+
+DEMO_MENU: tuple[CatalogItem, ...] = (
+    _demo_item("roma-margherita", "trattoria-roma", "Margherita", "Tomato, mozzarella, basil", 850),
+    _demo_item(
+        "roma-carbonara", "trattoria-roma", "Spaghetti Carbonara", "Guanciale, egg, pecorino", 1250
+    ),
+    _demo_item("roma-tiramisu", "trattoria-roma", "Tiramisu", "Made in house", 600),
+    _demo_item(
+        "roma-truffle-risotto",
+        "trattoria-roma",
+        "Truffle Risotto",
+        "Seasonal: back in autumn",
+        2400,
+        available=False,
+    ),
+    _demo_item("sakura-salmon-nigiri", "sakura-sushi", "Salmon Nigiri", "Two pieces", 550),
+    _demo_item(
+        "sakura-dragon-roll",
+        "sakura-sushi",
+        "Dragon Roll",
+        "Eel, avocado, cucumber; eight pieces",
+        1450,
+    ),
+    _demo_item("sakura-miso-soup", "sakura-sushi", "Miso Soup", "Tofu, wakame", 350),
+    _demo_item("green-falafel-wrap", "green-bowl", "Falafel Wrap", "Hummus, pickles", 900),
+    _demo_item(
+        "green-quinoa-bowl", "green-bowl", "Quinoa Bowl", "Roasted vegetables, tahini", 1100
+    ),
+    _demo_item("green-lemonade", "green-bowl", "Mint Lemonade", "0.4 l", 400),
+)
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS items (
+        item_id TEXT PRIMARY KEY,
+        restaurant_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
+        currency TEXT NOT NULL,
+        available INTEGER NOT NULL CHECK (available IN (0, 1))
+    )""",
+    "CREATE INDEX IF NOT EXISTS items_by_restaurant ON items (restaurant_id, item_id)",
+)
+
+_ITEM_COLUMNS = "item_id, restaurant_id, name, description, price_cents, currency, available"
+
+
+class CatalogStore:
+    """Reads the menu; seeds the demo menu into a database that was never seeded."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._database = database
+
+    @classmethod
+    async def open(cls, path: Path | str, *, seed: tuple[CatalogItem, ...] = DEMO_MENU) -> Self:
+        """Open (or create) the catalog file at path; seed it if no instance has yet."""
+        database = await SqliteDatabase.open(path, schema=SCHEMA)
+        try:
+            async with database.transaction() as transaction:
+                await _seed_once(transaction, seed)
+        except BaseException:
+            await database.close()
+            raise
+        return cls(database)
+
+    async def get_item(self, item_id: str) -> CatalogItem | None:
+        """The item with this id, or None."""
+        row = await self._database.fetch_one(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE item_id = ?", (item_id,)
+        )
+        return None if row is None else _item_from_row(row)
+
+    async def list_items(self, restaurant_id: str, after_item_id: str, limit: int) -> ItemPage:
+        """Up to limit items with item_id > after_item_id ("" = from the start), in item_id
+        order, of one restaurant or of all restaurants when restaurant_id is ""."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        where = "item_id > ?"
+        parameters: list[str | int] = [after_item_id]
+        if restaurant_id:
+            where += " AND restaurant_id = ?"
+            parameters.append(restaurant_id)
+        rows = await self._database.fetch_all(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY item_id LIMIT ?",
+            (*parameters, limit + 1),
+        )
+        items = tuple(_item_from_row(row) for row in rows[:limit])
+        return ItemPage(items=items, has_more=len(rows) > limit)
+
+    async def close(self) -> None:
+        """Close the database connection."""
+        await self._database.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _seed_once(transaction: SqlTransaction, items: tuple[CatalogItem, ...]) -> None:
+    seeded = await transaction.fetch_one("SELECT value FROM meta WHERE key = 'seed_version'")
+    if seeded is not None:
+        return
+    await transaction.execute_many(
+        f"INSERT OR IGNORE INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                i.item_id,
+                i.restaurant_id,
+                i.name,
+                i.description,
+                i.price_cents,
+                i.currency,
+                int(i.available),
+            )
+            for i in items
+        ],
+    )
+    await transaction.execute(
+        "INSERT INTO meta (key, value) VALUES ('seed_version', ?)", (SEED_VERSION,)
+    )
+
+
+def _item_from_row(row: sqlite3.Row) -> CatalogItem:
+    return CatalogItem(
+        item_id=row["item_id"],
+        restaurant_id=row["restaurant_id"],
+        name=row["name"],
+        description=row["description"],
+        price_cents=row["price_cents"],
+        currency=row["currency"],
+        available=bool(row["available"]),
+    )

@@ -1,0 +1,1 @@
+"""The orders service: places customers' orders at the catalog's current prices."""

@@ -1,0 +1,38 @@
+"""`python -m services.orders`: one orders instance; it prices orders through catalog,
+which it finds in Consul and calls on a mesh channel."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import mesh
+from foodmesh.catalog.v1 import catalog_pb2_grpc
+from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from mesh.server import MeshServer
+from services.cli import configure_logging, parse_args, project_version, server_config
+from services.datadir import database_path
+from services.orders.servicer import OrderServicer
+from services.orders.store import OrdersStore
+
+SERVICE = "orders"
+
+
+async def main(argv: list[str]) -> int:
+    args = parse_args(SERVICE, argv)
+    configure_logging(args.log_level, SERVICE)
+    store = await OrdersStore.open(database_path(args.data_dir, SERVICE))
+    catalog = mesh.channel("catalog")
+    server = MeshServer(server_config(args, version=project_version()))
+    server.add_service(
+        orders_pb2.DESCRIPTOR.services_by_name["OrderService"],
+        orders_pb2_grpc.add_OrderServiceServicer_to_server,
+        OrderServicer(catalog_pb2_grpc.CatalogServiceStub(catalog), store),
+    )
+    server.on_shutdown(catalog.close)
+    server.on_shutdown(store.close)
+    return await server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))

@@ -1,0 +1,150 @@
+"""Async access to one SQLite file that several service processes share.
+
+Every instance of a service opens the same database file, so the file is the point where
+instances agree: WAL mode lets readers run beside the one writer, a busy timeout makes a
+writer wait for another process's write instead of failing at once, and `transaction()`
+starts with BEGIN IMMEDIATE so that a read-check-write sequence (an idempotency key lookup
+followed by an insert) holds the write lock from its first read: two processes can never both
+see "absent" and both insert.
+
+aiosqlite runs each statement on a worker thread, so waiting for the lock never blocks the
+event loop. One `SqliteDatabase` is one connection; an asyncio lock serialises its users so
+that one coroutine's statements never land inside another coroutine's transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+SqlParameters = Sequence[Any]
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+
+class SqlTransaction:
+    """The statements of one open transaction; valid only inside `SqliteDatabase.transaction()`."""
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._connection = connection
+
+    async def execute(self, sql: str, parameters: SqlParameters = ()) -> int:
+        """Run one statement; return the number of rows it changed."""
+        cursor = await self._connection.execute(sql, parameters)
+        try:
+            return cursor.rowcount
+        finally:
+            await cursor.close()
+
+    async def execute_many(self, sql: str, rows: Iterable[SqlParameters]) -> None:
+        """Run one statement once per row of parameters."""
+        cursor = await self._connection.executemany(sql, rows)
+        await cursor.close()
+
+    async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> sqlite3.Row | None:
+        """The first row of a query, or None."""
+        rows = await self.fetch_all(sql, parameters)
+        return rows[0] if rows else None
+
+    async def fetch_all(self, sql: str, parameters: SqlParameters = ()) -> list[sqlite3.Row]:
+        """All rows of a query."""
+        return list(await self._connection.execute_fetchall(sql, parameters))
+
+
+class SqliteDatabase:
+    """One connection to a shared SQLite file, in WAL mode, with foreign keys enforced."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._connection = connection
+        self._statements = SqlTransaction(connection)
+        self._lock = asyncio.Lock()
+        self.path = path
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        schema: Sequence[str] = (),
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> Self:
+        """Open (or create) the file and run the schema statements, which must be idempotent
+        (CREATE ... IF NOT EXISTS), in one write transaction."""
+        # isolation_level=None: sqlite3 issues no implicit BEGIN/COMMIT; transaction() does.
+        connection = await aiosqlite.connect(path, timeout=busy_timeout_s, isolation_level=None)
+        try:
+            connection.row_factory = sqlite3.Row
+            await connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            await connection.execute("PRAGMA journal_mode = WAL")
+            await connection.execute("PRAGMA foreign_keys = ON")
+            database = cls(connection, Path(path))
+            if schema:
+                async with database.transaction() as transaction:
+                    for statement in schema:
+                        await transaction.execute(statement)
+        except BaseException:
+            await connection.close()
+            raise
+        return database
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+        """A write transaction (BEGIN IMMEDIATE): committed when the block ends, rolled back
+        when it raises. Other processes' writers wait (up to the busy timeout) until it ends."""
+        async with self._begin("BEGIN IMMEDIATE") as transaction:
+            yield transaction
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SqlTransaction]:
+        """A read transaction (BEGIN DEFERRED): its queries see one consistent state of the file
+        and do not hold up writers (WAL)."""
+        async with self._begin("BEGIN DEFERRED") as transaction:
+            yield transaction
+
+    async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> sqlite3.Row | None:
+        """The first row of a single query, run on its own."""
+        async with self._lock:
+            return await self._statements.fetch_one(sql, parameters)
+
+    async def fetch_all(self, sql: str, parameters: SqlParameters = ()) -> list[sqlite3.Row]:
+        """All rows of a single query, run on its own."""
+        async with self._lock:
+            return await self._statements.fetch_all(sql, parameters)
+
+    async def close(self) -> None:
+        """Close the connection and stop its worker thread."""
+        async with self._lock:
+            await self._connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _begin(self, begin_statement: str) -> AsyncIterator[SqlTransaction]:
+        async with self._lock:
+            await self._statements.execute(begin_statement)
+            try:
+                yield self._statements
+                await self._statements.execute("COMMIT")
+            except BaseException:
+                # Shielded: a second cancellation must not leave the connection mid-transaction.
+                await asyncio.shield(self._rollback_if_open())
+                raise
+
+    async def _rollback_if_open(self) -> None:
+        if self._connection.in_transaction:
+            await self._statements.execute("ROLLBACK")

@@ -1,0 +1,238 @@
+"""CatalogService on a real in-process grpc.aio server, called through the generated stub."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from services.catalog.servicer import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, CatalogServicer
+from services.catalog.store import DEMO_MENU, DEMO_RESTAURANT_IDS, CatalogItem, CatalogStore
+from services.datadir import database_path
+from services.sqlite import SqliteDatabase
+
+if TYPE_CHECKING:
+    from foodmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as CatalogStub
+
+AVAILABLE_ITEM_ID = "roma-margherita"
+UNAVAILABLE_ITEM_ID = "roma-truffle-risotto"
+
+
+@asynccontextmanager
+async def serving(add_servicer: Callable[[grpc.aio.Server], None]) -> AsyncIterator[str]:
+    """A grpc.aio server on a free port of 127.0.0.1 with one servicer; yields its address."""
+    server = grpc.aio.server()
+    add_servicer(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+@asynccontextmanager
+async def catalog_server(db_path: Path) -> AsyncIterator[str]:
+    """A catalog service on the database file at db_path; yields its address."""
+    async with await CatalogStore.open(db_path) as store:
+        servicer = CatalogServicer(store)
+        async with serving(
+            lambda server: catalog_pb2_grpc.add_CatalogServiceServicer_to_server(servicer, server)
+        ) as address:
+            yield address
+
+
+async def count_rows(db_path: Path, table: str) -> int:
+    """The number of rows of a table, read through a connection of its own."""
+    async with await SqliteDatabase.open(db_path) as database:
+        row = await database.fetch_one(f"SELECT COUNT(*) FROM {table}")
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def catalog_db(tmp_path: Path) -> Path:
+    return database_path(tmp_path / "data", "catalog")
+
+
+@pytest.fixture
+async def catalog(catalog_db: Path) -> AsyncIterator[CatalogStub]:
+    async with (
+        catalog_server(catalog_db) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        yield catalog_pb2_grpc.CatalogServiceStub(channel)
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    """The error an awaited stub call ends with; fails the test if it succeeds."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call  # type: ignore[misc]
+    return raised.value
+
+
+async def list_all(stub: CatalogStub, restaurant_id: str, page_size: int) -> list[str]:
+    """Every item_id, following next_page_token until it is empty."""
+    item_ids: list[str] = []
+    token = ""
+    while True:
+        page = await stub.ListItems(
+            catalog_pb2.ListItemsRequest(
+                restaurant_id=restaurant_id, page_size=page_size, page_token=token
+            )
+        )
+        assert len(page.items) <= page_size
+        item_ids.extend(item.item_id for item in page.items)
+        token = page.next_page_token
+        if not token:
+            return item_ids
+
+
+async def test_seeding_is_idempotent_across_instances_on_one_file(catalog_db: Path) -> None:
+    first, second = await asyncio.gather(
+        CatalogStore.open(catalog_db), CatalogStore.open(catalog_db)
+    )
+    await first.close()
+    await second.close()
+    async with await CatalogStore.open(catalog_db):
+        pass
+    assert await count_rows(catalog_db, "items") == len(DEMO_MENU)
+    assert await count_rows(catalog_db, "meta") == 1
+
+
+async def test_reopening_keeps_an_operators_edits(catalog_db: Path) -> None:
+    async with await CatalogStore.open(catalog_db):
+        pass
+    async with await SqliteDatabase.open(catalog_db) as database:
+        async with database.transaction() as transaction:
+            await transaction.execute("DELETE FROM items WHERE item_id = ?", (AVAILABLE_ITEM_ID,))
+    async with await CatalogStore.open(catalog_db) as store:
+        assert await store.get_item(AVAILABLE_ITEM_ID) is None
+    assert await count_rows(catalog_db, "items") == len(DEMO_MENU) - 1
+
+
+def test_demo_menu_has_fixed_unique_ids_and_one_currency() -> None:
+    assert len({item.item_id for item in DEMO_MENU}) == len(DEMO_MENU)
+    assert {item.restaurant_id for item in DEMO_MENU} == set(DEMO_RESTAURANT_IDS)
+    assert len({item.currency for item in DEMO_MENU}) == 1
+    assert any(not item.available for item in DEMO_MENU)
+
+
+async def test_get_item_returns_the_seeded_item(catalog: CatalogStub) -> None:
+    item = await catalog.GetItem(catalog_pb2.GetItemRequest(item_id=AVAILABLE_ITEM_ID))
+    assert item.restaurant_id == "trattoria-roma"
+    assert item.price_cents == 850
+    assert item.currency == "EUR"
+    assert item.available
+
+    unavailable = await catalog.GetItem(catalog_pb2.GetItemRequest(item_id=UNAVAILABLE_ITEM_ID))
+    assert not unavailable.available
+
+
+async def test_get_item_without_item_id_is_invalid_argument(catalog: CatalogStub) -> None:
+    error = await rpc_error(catalog.GetItem(catalog_pb2.GetItemRequest()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "item_id must not be empty"
+
+
+async def test_get_unknown_item_is_not_found_naming_it(catalog: CatalogStub) -> None:
+    error = await rpc_error(catalog.GetItem(catalog_pb2.GetItemRequest(item_id="no-such-dish")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-dish" in (error.details() or "")
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 4, 10, 11])
+async def test_pages_walk_every_item_once_in_item_id_order(
+    catalog: CatalogStub, page_size: int
+) -> None:
+    item_ids = await list_all(catalog, "", page_size)
+    assert item_ids == sorted(item.item_id for item in DEMO_MENU)
+
+
+@pytest.mark.parametrize("restaurant_id", DEMO_RESTAURANT_IDS)
+async def test_pages_filtered_by_restaurant(catalog: CatalogStub, restaurant_id: str) -> None:
+    item_ids = await list_all(catalog, restaurant_id, 2)
+    expected = sorted(i.item_id for i in DEMO_MENU if i.restaurant_id == restaurant_id)
+    assert item_ids == expected
+
+
+async def test_unknown_restaurant_is_an_empty_last_page(catalog: CatalogStub) -> None:
+    page = await catalog.ListItems(catalog_pb2.ListItemsRequest(restaurant_id="nowhere"))
+    assert list(page.items) == []
+    assert page.next_page_token == ""
+
+
+async def test_page_size_zero_means_default_and_large_is_lowered(tmp_path: Path) -> None:
+    many = tuple(
+        CatalogItem(f"item-{n:05}", "big-kitchen", f"Dish {n}", "", 100, "EUR", True)
+        for n in range(MAX_PAGE_SIZE + 5)
+    )
+    async with await CatalogStore.open(tmp_path / "big.db", seed=many) as store:
+        servicer = CatalogServicer(store)
+        async with (
+            serving(
+                lambda s: catalog_pb2_grpc.add_CatalogServiceServicer_to_server(servicer, s)
+            ) as address,
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            default_page = await stub.ListItems(catalog_pb2.ListItemsRequest(page_size=0))
+            largest_page = await stub.ListItems(catalog_pb2.ListItemsRequest(page_size=5000))
+    assert len(default_page.items) == DEFAULT_PAGE_SIZE
+    assert len(largest_page.items) == MAX_PAGE_SIZE
+    assert largest_page.next_page_token
+
+
+async def test_negative_page_size_is_invalid_argument(catalog: CatalogStub) -> None:
+    error = await rpc_error(catalog.ListItems(catalog_pb2.ListItemsRequest(page_size=-1)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_size" in (error.details() or "")
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not a token!",
+        "%%%",
+        _b64("not json"),
+        _b64("[1, 2]"),
+        _b64('{"v": 1, "r": ""}'),
+        _b64('{"v": 2, "r": "", "a": "x"}'),
+        _b64('{"v": 1, "r": 5, "a": "x"}'),
+        base64.urlsafe_b64encode(b"\xff\xfe").decode(),
+    ],
+)
+async def test_malformed_page_token_is_invalid_argument(catalog: CatalogStub, token: str) -> None:
+    error = await rpc_error(catalog.ListItems(catalog_pb2.ListItemsRequest(page_token=token)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in (error.details() or "")
+
+
+async def test_page_token_used_with_another_restaurant_is_invalid_argument(
+    catalog: CatalogStub,
+) -> None:
+    first = await catalog.ListItems(
+        catalog_pb2.ListItemsRequest(restaurant_id="trattoria-roma", page_size=1)
+    )
+    assert first.next_page_token
+    for other_filter in ("sakura-sushi", ""):
+        error = await rpc_error(
+            catalog.ListItems(
+                catalog_pb2.ListItemsRequest(
+                    restaurant_id=other_filter, page_size=1, page_token=first.next_page_token
+                )
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (error.details() or "")
