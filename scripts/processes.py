@@ -1,0 +1,157 @@
+"""Child processes and deadline polling, shared by the tests and the dev stack.
+
+Why: tests start real Consul agents and service processes. Each child runs in its own process
+group, so stopping it stops everything it started, and on Linux it is told to die with its
+parent, so a crashed or interrupted test run leaves nothing behind. Waiting for a child to be
+ready polls a condition against a deadline instead of sleeping a fixed time and hoping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (the kernel's choice for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (None elsewhere)."""
+    if _libc is None:
+        return None
+    libc, parent_pid = _libc, os.getpid()
+
+    def die_with_parent() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return die_with_parent
+
+
+def spawn(
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``args`` in a new session, stdout and stderr appended to ``log_path``.
+
+    ``env`` replaces the environment, as in ``subprocess.Popen`` (None inherits ours);
+    ``log_path`` None inherits our stdout and stderr. On Linux the child gets SIGTERM when
+    the *thread* that spawned it exits (prctl's rule), so spawn from a long-lived thread.
+    """
+    log = open(Path(log_path), "ab") if log_path is not None else None
+    try:
+        return subprocess.Popen(
+            [os.fspath(arg) for arg in args],
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent_hook(),
+        )
+    finally:
+        if log is not None:
+            log.close()
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> int:
+    """Send ``sig`` to the child's process group, SIGKILL it after ``timeout``; exit code."""
+    if proc.poll() is None:
+        _signal_group(proc, sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+    return proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # spawn() made the child a group leader
+    except ProcessLookupError:
+        pass  # already gone
+    except PermissionError:
+        proc.send_signal(sig)  # not a group we lead (not started by spawn)
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    message: str,
+    ignore: tuple[type[Exception], ...] = (),
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Exceptions of the ``ignore`` types count as "not yet" (e.g. ``ConnectionError`` while a
+    server starts). Raises ``TimeoutError(message)`` after ``timeout`` seconds, chained to
+    the last ignored exception if there was one.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except ignore as exc:
+            last_error = exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(message) from last_error
+        time.sleep(min(interval, remaining))
+
+
+async def wait_until_async(
+    predicate: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    message: str,
+    ignore: tuple[type[Exception], ...] = (),
+) -> T:
+    """``wait_until`` for event loops: ``predicate`` may be sync or async."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+        except ignore as exc:
+            last_error = exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(message) from last_error
+        await asyncio.sleep(min(interval, remaining))
