@@ -1,0 +1,133 @@
+"""A real Consul dev agent and real service processes, started as a user starts them.
+
+Every agent and service runs on free ports (never Consul's defaults) and is stopped when the
+test ends; children also die with the test process if it crashes (scripts/processes.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery import ConsulSettings
+from scripts.consul_agent import ConsulAgent
+from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServiceProcess:
+    """One `python -m services.<name>` process."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        return stop_process(self.proc, sig=sig, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    """A Consul agent plus the service processes a test starts against it."""
+
+    agent: ConsulAgent
+    data_dir: Path
+    log_dir: Path
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    @property
+    def settings(self) -> ConsulSettings:
+        return ConsulSettings.parse(self.agent.http_addr)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, CONSUL_HTTP_ADDR=self.agent.http_addr)
+        env.pop("CONSUL_HTTP_TOKEN", None)
+        return env
+
+    def start(self, name: str, *args: str, port: int | None = None) -> ServiceProcess:
+        port = free_tcp_port() if port is None else port
+        log_path = self.log_dir / f"{name}-{len(self.processes)}.log"
+        command = [
+            sys.executable,
+            "-m",
+            f"services.{name}",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(self.data_dir),
+            "--check-interval",
+            "1",
+            *args,
+        ]
+        proc = spawn(command, env=self.env(), log_path=log_path, cwd=PROJECT_ROOT)
+        service = ServiceProcess(name, port, proc, log_path)
+        self.processes.append(service)
+        return service
+
+    def passing(self, name: str) -> list[dict[str, Any]]:
+        """Consul's passing instances of `name` (health entries)."""
+        return list(self.agent.api(f"/v1/health/service/{name}?passing=1") or [])
+
+    def passing_ports(self, name: str) -> set[int]:
+        return {entry["Service"]["Port"] for entry in self.passing(name)}
+
+    def wait_passing(self, name: str, ports: set[int] | int, timeout: float = 30.0) -> None:
+        """Wait until exactly these ports (or this many instances) of `name` pass."""
+
+        def done() -> bool:
+            for proc in self.processes:
+                if proc.proc.poll() is not None:
+                    raise RuntimeError(f"{proc.name} on {proc.port} exited:\n{proc.log()[-3000:]}")
+            found = self.passing_ports(name)
+            return found == ports if isinstance(ports, set) else len(found) == ports
+
+        wait_until(
+            done,
+            timeout=timeout,
+            message=f"{name}: {ports} not passing in Consul",
+            ignore=(OSError,),
+        )
+
+    def stop_all(self) -> None:
+        for service in reversed(self.processes):
+            if service.proc.poll() is None:
+                service.stop()
+
+
+@pytest.fixture
+def consul_agent(tmp_path: Path) -> Iterator[ConsulAgent]:
+    agent = ConsulAgent(log_path=tmp_path / "consul.log")
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+@pytest.fixture
+def stack(consul_agent: ConsulAgent, tmp_path: Path) -> Iterator[Stack]:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "logs").mkdir()
+    running = Stack(consul_agent, tmp_path / "data", tmp_path / "logs")
+    try:
+        yield running
+    finally:
+        running.stop_all()
