@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up everything the project needs on a fresh machine, idempotently:
+#   .venv/          a virtual environment with the project (editable) and its dev tools,
+#                   grpcurl among them
+#   .tools/bin/     a Consul binary, unless one is on PATH (scripts/get_consul.py)
+# Sourced by scripts/dev and scripts/test; safe to run by itself.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "bootstrap: Python 3.11 or newer is needed (found: $("$PYTHON" --version 2>&1))" >&2
+    exit 1
+fi
+
+if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    echo "bootstrap: creating .venv" >&2
+    "$PYTHON" -m venv "$ROOT/.venv"
+fi
+
+# Reinstall only when the dependencies changed.
+STAMP="$ROOT/.venv/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+    echo "bootstrap: installing the project and its dev dependencies into .venv" >&2
+    "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+    rm -f "$ROOT"/.venv/.installed-*
+    touch "$STAMP"
+fi
+
+"$ROOT/.venv/bin/python" "$ROOT/scripts/get_consul.py" >/dev/null
