@@ -81,7 +81,7 @@ class SqliteDatabase:
         try:
             connection.row_factory = sqlite3.Row
             await connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await connection.execute("PRAGMA journal_mode = WAL")
+            await _enable_wal(connection, busy_timeout_s)
             await connection.execute("PRAGMA foreign_keys = ON")
             database = cls(connection, Path(path))
             if schema:
@@ -148,3 +148,24 @@ class SqliteDatabase:
     async def _rollback_if_open(self) -> None:
         if self._connection.in_transaction:
             await self._statements.execute("ROLLBACK")
+
+
+async def _enable_wal(connection: aiosqlite.Connection, busy_timeout_s: float) -> None:
+    """Switch the file to WAL mode, retrying with backoff while another process does the same.
+
+    SQLite may answer SQLITE_BUSY to a journal-mode change at once, without calling the busy
+    handler, when another connection is converting the same new file; the busy timeout does
+    not cover it, so the retry lives here.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + busy_timeout_s
+    delay = 0.005
+    while True:
+        try:
+            await connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
