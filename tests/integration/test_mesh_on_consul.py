@@ -143,7 +143,7 @@ async def test_idempotency_key_across_two_orders_instances(stack: Stack) -> None
 
 async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
     catalogs = [stack.start("catalog"), stack.start("catalog")]
-    stack.start("orders")
+    orders = stack.start("orders")
     stack.wait_passing("catalog", 2)
     stack.wait_passing("orders", 1)
     failures: list[aio.AioRpcError] = []
@@ -195,6 +195,7 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
     assert failures == []
     log = victim.log()
     assert "deregistered" in log and log.index("deregistered") < log.rindex("stopped")
+    assert f"removed {victim.address}" in orders.log(), "orders' channel dropped the instance"
 
 
 async def test_consul_restart_leads_to_reregistration(stack: Stack) -> None:
