@@ -57,7 +57,25 @@ class SqlTransaction:
         return list(await self._connection.execute_fetchall(sql, parameters))
 
 
-class SqliteDatabase:
+class AsyncClosing:
+    """`async with` support for anything with an async close()."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class SqliteDatabase(AsyncClosing):
     """One connection to a shared SQLite file, in WAL mode, with foreign keys enforced."""
 
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
@@ -122,17 +140,6 @@ class SqliteDatabase:
         async with self._lock:
             await self._connection.close()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     @asynccontextmanager
     async def _begin(self, begin_statement: str) -> AsyncIterator[SqlTransaction]:
         async with self._lock:
@@ -169,3 +176,14 @@ async def _enable_wal(connection: aiosqlite.Connection, busy_timeout_s: float) -
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+class DatabaseStore(AsyncClosing):
+    """A service's store: it owns one SqliteDatabase and closes it with itself."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._database = database
+
+    async def close(self) -> None:
+        """Close the database connection."""
+        await self._database.close()

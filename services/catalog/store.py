@@ -15,10 +15,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from services.sqlite import SqliteDatabase, SqlTransaction
+from services.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +110,8 @@ SCHEMA = (
 _ITEM_COLUMNS = "item_id, restaurant_id, name, description, price_cents, currency, available"
 
 
-class CatalogStore:
+class CatalogStore(DatabaseStore):
     """Reads the menu; seeds the demo menu into a database that was never seeded."""
-
-    def __init__(self, database: SqliteDatabase) -> None:
-        self._database = database
 
     @classmethod
     async def open(cls, path: Path | str, *, seed: tuple[CatalogItem, ...] = DEMO_MENU) -> Self:
@@ -152,21 +148,6 @@ class CatalogStore:
         )
         items = tuple(_item_from_row(row) for row in rows[:limit])
         return ItemPage(items=items, has_more=len(rows) > limit)
-
-    async def close(self) -> None:
-        """Close the database connection."""
-        await self._database.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def _seed_once(transaction: SqlTransaction, items: tuple[CatalogItem, ...]) -> None:

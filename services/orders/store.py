@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from services.sqlite import SqliteDatabase, SqlTransaction
+from services.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
 
 INT64_MAX = 2**63 - 1
 
@@ -152,11 +151,8 @@ SCHEMA = (
 )
 
 
-class OrdersStore:
+class OrdersStore(DatabaseStore):
     """Stores orders atomically and deduplicates them by idempotency key."""
-
-    def __init__(self, database: SqliteDatabase) -> None:
-        self._database = database
 
     @classmethod
     async def open(cls, path: Path | str) -> Self:
@@ -207,21 +203,6 @@ class OrdersStore:
         """The order with this id, or None."""
         async with self._database.snapshot() as transaction:
             return await _load_order(transaction, order_id)
-
-    async def close(self) -> None:
-        """Close the database connection."""
-        await self._database.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def _order_for_key(
