@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from scripts.get_consul import ensure_consul
-from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
+from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
@@ -169,11 +169,7 @@ class ConsulAgent:
         return json.loads(payload) if payload.strip() else None
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def __enter__(self) -> ConsulAgent:
         self.start()

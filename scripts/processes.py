@@ -102,6 +102,15 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         proc.send_signal(sig)  # not a group we lead (not started by spawn)
 
 
+def log_tail(path: str | os.PathLike[str], lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file, or why it cannot be read."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def wait_until(
     predicate: Callable[[], T],
     *,
