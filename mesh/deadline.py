@@ -1,0 +1,247 @@
+"""Deadlines: a value on a monotonic clock, carried from an inbound call to outbound ones.
+
+A call's deadline is a point in time, not a duration: every layer below asks how much of it
+is left, and a retry or hedge gets only that. A server that calls other services while it
+serves a call must not give them more time than its own caller gave it (gRPC's deadline
+propagation), or work goes on after the caller has given up. So:
+
+- `DeadlineInterceptor` (server side) turns each inbound call's remaining time into a
+  `Deadline` and runs the servicer with it in a `contextvars.ContextVar`, so each call, and
+  each task it starts, sees its own; there is no global to leak between calls. It refuses to
+  start a call whose deadline has already passed (it waited in a queue too long): the work
+  would be thrown away.
+- `outbound_timeout` (client side) gives an outbound call the inbound call's remaining time
+  minus a margin, unless the caller asks for less; without either, the default.
+
+The margin (`DEFAULT_MARGIN`, 5 ms) is a fixed time, not a share of the budget: it pays for
+the reply's trip back through this server (one network hop, deserialising, our own handler
+finishing), so that the downstream deadline fires first and this server still answers its
+caller with the downstream's error instead of timing out blind. That cost does not grow with
+the deadline; 5% of a 10 s budget would waste 500 ms. A remaining time at or below the
+margin gives 0: no time, and the mechanism refuses to start an attempt.
+
+`BehaviorInterceptor` is the small shared mechanism for server interceptors that must run
+code around a servicer (this one, and `mesh.faults.FaultInterceptor`): it wraps the
+RpcMethodHandler's behavior function for all four call shapes, keeps the serializers, and
+wraps a streaming response's async generator, so the hook's context lasts for the whole
+stream.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import contextvars
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+from grpc import aio
+
+Clock = Callable[[], float]
+
+DEFAULT_MARGIN = 0.005
+"""Seconds an outbound call's deadline keeps short of the inbound call's (see module doc)."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Deadline:
+    """A point in time on a monotonic clock (seconds, as `clock()` returns them)."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float, clock: Clock = time.monotonic) -> Deadline:
+        """The deadline `seconds` from now."""
+        return cls(clock() + seconds)
+
+    def remaining(self, clock: Clock = time.monotonic) -> float:
+        """Seconds left; 0.0 once passed, never negative."""
+        return max(self.at - clock(), 0.0)
+
+    def expired(self, clock: Clock = time.monotonic) -> bool:
+        return clock() >= self.at
+
+
+_INBOUND: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
+    "foodmesh_inbound_deadline", default=None
+)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline of the inbound call being served in this context, if any."""
+    return _INBOUND.get()
+
+
+@contextlib.contextmanager
+def inbound_deadline(deadline: Deadline | None) -> Iterator[Deadline | None]:
+    """Run a block as if serving an inbound call with `deadline` (None: without one)."""
+    token = _INBOUND.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _INBOUND.reset(token)
+
+
+def outbound_timeout(
+    caller_timeout: float | None,
+    default: float,
+    *,
+    margin: float = DEFAULT_MARGIN,
+    clock: Clock = time.monotonic,
+) -> float:
+    """The timeout (seconds, >= 0) of an outbound call made in this context.
+
+    The shorter of the caller's timeout and the inbound call's remaining time less `margin`;
+    `default` when there is neither (the default never stretches nor cuts an inbound
+    deadline: the caller upstream chose it). 0.0 means no time is left.
+    """
+    inbound = _INBOUND.get()
+    if inbound is None:
+        timeout = default if caller_timeout is None else caller_timeout
+    else:
+        timeout = inbound.at - clock() - margin
+        if caller_timeout is not None and caller_timeout < timeout:
+            timeout = caller_timeout
+    return timeout if timeout > 0.0 else 0.0
+
+
+# -- server side ----------------------------------------------------------------------------
+
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    _ServerInterceptor: TypeAlias = aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    _ServerInterceptor = aio.ServerInterceptor
+Exit = Callable[[], None]
+Hook = Callable[[aio.ServicerContext[Any, Any]], Awaitable[Exit | None]]
+"""Runs before a servicer's behavior; may abort the call; may return a callback run after
+the behavior (or its response stream) has finished."""
+
+
+def wrap_handler(handler: Handler, hook: Hook) -> Handler:
+    """`handler` with its behavior wrapped by `hook`; serializers kept.
+
+    Async behaviors (coroutine functions, async generator functions) are wrapped with the
+    same shape, since grpc.aio tells them apart by it. A sync behavior on an aio server runs
+    on a thread pool, out of reach of the call's context; it is returned unchanged.
+    """
+    if handler.request_streaming:
+        if handler.response_streaming:
+            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        else:
+            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    wrapped = _wrap_behavior(behavior, hook)
+    if wrapped is behavior:
+        return handler
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _wrap_behavior(behavior: Any, hook: Hook) -> Any:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(
+            request: Any, context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            done = await hook(context)
+            try:
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            finally:
+                if done is not None:
+                    done()
+
+        return stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            done = await hook(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                if done is not None:
+                    done()
+
+        return call
+    return behavior
+
+
+class BehaviorInterceptor(_ServerInterceptor):
+    """A server interceptor that runs a hook around every servicer behavior.
+
+    Subclasses say, once per method, which hook to run (`hook_for`; None passes the method
+    through untouched). Wrapped handlers are cached per method, so a call costs one dict
+    lookup and an identity check on top of the hook.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    @abc.abstractmethod
+    def hook_for(self, method: str) -> Hook | None:
+        """The hook for every call of `method` (asked once per method), or None."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        hook = self.hook_for(method)
+        wrapped = handler if hook is None else wrap_handler(handler, hook)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+class DeadlineInterceptor(BehaviorInterceptor):
+    """Runs each servicer with its call's deadline in context; refuses calls already late.
+
+    `clock` must be the clock outbound calls use (`outbound_timeout`'s); it is injectable
+    for tests.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def hook_for(self, method: str) -> Hook:
+        clock = self._clock
+
+        async def enter(context: aio.ServicerContext[Any, Any]) -> Exit:
+            remaining: float | None = context.time_remaining()
+            deadline = None if remaining is None else Deadline(clock() + remaining)
+            if deadline is not None and deadline.expired(clock):
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{method}: the call's deadline passed before the server started it",
+                )
+            token = _INBOUND.set(deadline)
+
+            def leave() -> None:
+                # A response stream dropped unfinished is closed later from another context,
+                # where the token is not valid; that context ends with the call anyway.
+                with contextlib.suppress(ValueError):
+                    _INBOUND.reset(token)
+
+            return leave
+
+        return enter
