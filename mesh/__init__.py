@@ -3,8 +3,10 @@
     server = MeshServer(ServerConfig("catalog", port=0))      # health, reflection, Consul
     stub = OrderServiceStub(mesh.channel("orders"))            # any generated stub
 
-The client-side call path is layered as in ../shared/design.md; today it is
-MeshChannel -> round-robin pick -> one sub-channel per endpoint.
+The client-side call path is layered as in ../shared/design.md: MeshChannel -> deadline ->
+fault injection -> breaker and bulkhead -> retries (budget) or hedging -> balancer over the
+endpoints outlier ejection has not taken out -> one sub-channel per endpoint. Policies come
+from one TOML file (mesh/policy.py), with defaults that are good without one.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 from discovery.consul_resolver import ConsulResolver
 from discovery.consul_settings import ConsulSettings
 from discovery.resolver import Resolver
-from mesh.channel import ChannelConfig, MeshChannel
+from mesh.channel import MeshChannel
 from mesh.errors import ChannelClosed, MeshError, NoHealthyEndpoints, NotResolved
+from mesh.policy import MeshPolicy, ServicePolicy, load_policy, load_policy_from_env
 
 
 def channel(
@@ -21,27 +24,34 @@ def channel(
     *,
     resolver: Resolver | None = None,
     consul: ConsulSettings | None = None,
-    config: ChannelConfig | None = None,
+    policy: MeshPolicy | ServicePolicy | None = None,
 ) -> MeshChannel:
     """A MeshChannel to `service`, discovered through Consul unless `resolver` is given.
 
     Consul is the agent `consul` names, else the one CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN
     name. The channel owns the resolver it creates and closes it with itself; a resolver
-    passed in is shared (several channels may use one) and left open.
+    passed in is shared (several channels may use one) and left open. The policy is the one
+    given (a whole MeshPolicy or this service's ServicePolicy), else the file that
+    FOODMESH_POLICY names, else the defaults.
     """
+    if policy is None:
+        policy = load_policy_from_env()
+    service_policy = policy.for_service(service) if isinstance(policy, MeshPolicy) else policy
     if resolver is not None:
         if consul is not None:
             raise ValueError("give either a resolver or Consul settings, not both")
-        return MeshChannel(service, resolver, config=config)
-    return MeshChannel(service, ConsulResolver(consul), config=config, owns_resolver=True)
+        return MeshChannel(service, resolver, policy=service_policy)
+    return MeshChannel(service, ConsulResolver(consul), policy=service_policy, owns_resolver=True)
 
 
 __all__ = [
     "ChannelClosed",
-    "ChannelConfig",
     "MeshChannel",
     "MeshError",
+    "MeshPolicy",
     "NoHealthyEndpoints",
     "NotResolved",
+    "ServicePolicy",
     "channel",
+    "load_policy",
 ]

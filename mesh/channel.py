@@ -3,49 +3,42 @@
     OrderServiceStub(mesh.channel("orders"))
 
 The channel follows a Resolver's stream of endpoint sets (discovery/), keeps one sub-channel
-per endpoint (mesh/subchannels.py), and starts each call on a picked sub-channel. When an
-endpoint is known, a call is the sub-channel's own grpc.aio call object: no wrapper and no
-extra task on the hot path. Before discovery first answers, a call waits for it (within the
-call's deadline); once discovery says there is no healthy endpoint, a call fails at once with
-UNAVAILABLE naming the service. A call without a timeout gets the channel's default one.
+per endpoint (mesh/subchannels.py), and hands each call to the resilience layers: the
+deadline (the caller's, the inbound call's remaining time, or the method's default), fault
+injection, the breaker and bulkhead, then attempts with retries or hedging over the endpoints
+the balancer picks among those not ejected (mesh/upstream.py, mesh/unary_call.py,
+mesh/stream_call.py). What each of those does is set by the service's policy
+(mesh/policy.py), good by default. Before discovery first answers, a call waits for it
+(within its deadline); once discovery says there is no healthy endpoint, a call fails at once
+with UNAVAILABLE naming the service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from discovery.resolver import Resolver
-from mesh.deferred_call import AnyCall, DeferredCall, failed
-from mesh.errors import ChannelClosed, MeshError, NoHealthyEndpoints, NotResolved
+from mesh.deadline import outbound_timeout
+from mesh.deferred_call import DeferredCall, failed
+from mesh.errors import ChannelClosed
+from mesh.policy import ServicePolicy
+from mesh.stream_call import StreamingCall
 from mesh.subchannels import CallableKey, ChannelFactory, SubChannelPool, insecure_subchannel
+from mesh.unary_call import UnaryUnaryCall
+from mesh.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 Serializer = Callable[[Any], bytes] | None
 Deserializer = Callable[[bytes], Any] | None
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelConfig:
-    """Per-channel settings; defaults are good without any configuration."""
-
-    default_timeout: float = 10.0
-    """Deadline (seconds) of a call whose caller gives none."""
-    close_grace: float = 10.0
-    """How long calls on a removed endpoint (or on close()) may still run."""
-
-    def __post_init__(self) -> None:
-        if not self.default_timeout > 0:
-            raise ValueError(f"default_timeout must be > 0, got {self.default_timeout}")
-        if self.close_grace < 0:
-            raise ValueError(f"close_grace must be >= 0, got {self.close_grace}")
 
 
 class MeshChannel(aio.Channel):
@@ -56,17 +49,23 @@ class MeshChannel(aio.Channel):
         service: str,
         resolver: Resolver,
         *,
-        config: ChannelConfig | None = None,
+        policy: ServicePolicy | None = None,
+        close_grace: float = 10.0,
         channel_factory: ChannelFactory = insecure_subchannel,
         owns_resolver: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         if not service:
             raise ValueError("service name must not be empty")
+        if close_grace < 0:
+            raise ValueError(f"close_grace must be >= 0, got {close_grace}")
         self.service = service
-        self.config = config if config is not None else ChannelConfig()
+        self.policy = policy if policy is not None else ServicePolicy()
         self._resolver = resolver
         self._owns_resolver = owns_resolver
-        self._pool = SubChannelPool(service, channel_factory, close_grace=self.config.close_grace)
+        self._pool = SubChannelPool(service, channel_factory, close_grace=close_grace, clock=clock)
+        self.upstream = Upstream(service, self.policy, self._pool, clock=clock, rng=rng)
         self._follower: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
         self._closed = False
@@ -133,40 +132,26 @@ class MeshChannel(aio.Channel):
 
     def _invoke(
         self, key: CallableKey, request: Any, timeout: float | None, kwargs: dict[str, Any]
-    ) -> AnyCall:
-        if timeout is None:
-            timeout = self.config.default_timeout
+    ) -> Any:
+        plan = self.upstream.plan(key[1])
+        timeout = outbound_timeout(timeout, plan.timeout)
         if self._closed:
-            return self._fail(ChannelClosed(self.service), timeout)
-        sub = self._pool.pick()
-        if sub is not None:
-            return sub.multicallable(key)(request, timeout=timeout, **kwargs)
+            return DeferredCall(failed(ChannelClosed(self.service).to_rpc_error()), None)
         self._follow_discovery()
-        if self._pool.resolved:
-            return self._fail(NoHealthyEndpoints(self.service), timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        return DeferredCall(self._invoke_when_resolved(key, request, deadline, kwargs), deadline)
+        if key[0] == "unary_unary":
+            return UnaryUnaryCall(
+                self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved
+            )
+        return StreamingCall(
+            self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved
+        )
 
-    async def _invoke_when_resolved(
-        self, key: CallableKey, request: Any, deadline: float, kwargs: dict[str, Any]
-    ) -> AnyCall:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    async def _wait_resolved(self, deadline: float) -> bool:
+        """Wait until discovery has answered once (False if `deadline` passes first)."""
         while not self._pool.resolved:
             if not await self._wait_change(deadline):
-                if self._closed:
-                    raise ChannelClosed(self.service).to_rpc_error()
-                raise NotResolved(self.service, loop.time() - started).to_rpc_error()
-        sub = self._pool.pick()
-        if sub is None:
-            raise NoHealthyEndpoints(self.service).to_rpc_error()
-        remaining = max(deadline - loop.time(), 0.0)
-        return sub.multicallable(key)(request, timeout=remaining, **kwargs)
-
-    def _fail(self, error: MeshError, timeout: float) -> AnyCall:
-        deadline = asyncio.get_running_loop().time() + timeout
-        return DeferredCall(failed(error.to_rpc_error()), deadline)
+                return False
+        return True
 
     # -- grpc.aio.Channel ---------------------------------------------------------------
 

@@ -20,26 +20,22 @@ caller with the downstream's error instead of timing out blind. That cost does n
 the deadline; 5% of a 10 s budget would waste 500 ms. A remaining time at or below the
 margin gives 0: no time, and the mechanism refuses to start an attempt.
 
-`BehaviorInterceptor` is the small shared mechanism for server interceptors that must run
-code around a servicer (this one, and `mesh.faults.FaultInterceptor`): it wraps the
-RpcMethodHandler's behavior function for all four call shapes, keeps the serializers, and
-wraps a streaming response's async generator, so the hook's context lasts for the whole
-stream.
+The interceptor runs around the servicer through mesh/servicer_hooks.py.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import contextvars
-import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import grpc
 from grpc import aio
+
+from mesh.servicer_hooks import BehaviorInterceptor, Exit, Hook
 
 Clock = Callable[[], float]
 
@@ -110,106 +106,6 @@ def outbound_timeout(
 
 
 # -- server side ----------------------------------------------------------------------------
-
-if TYPE_CHECKING:  # generic only in grpc-stubs
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-    _ServerInterceptor: TypeAlias = aio.ServerInterceptor[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-    _ServerInterceptor = aio.ServerInterceptor
-Exit = Callable[[], None]
-Hook = Callable[[aio.ServicerContext[Any, Any]], Awaitable[Exit | None]]
-"""Runs before a servicer's behavior; may abort the call; may return a callback run after
-the behavior (or its response stream) has finished."""
-
-
-def wrap_handler(handler: Handler, hook: Hook) -> Handler:
-    """`handler` with its behavior wrapped by `hook`; serializers kept.
-
-    Async behaviors (coroutine functions, async generator functions) are wrapped with the
-    same shape, since grpc.aio tells them apart by it. A sync behavior on an aio server runs
-    on a thread pool, out of reach of the call's context; it is returned unchanged.
-    """
-    if handler.request_streaming:
-        if handler.response_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        else:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    wrapped = _wrap_behavior(behavior, hook)
-    if wrapped is behavior:
-        return handler
-    return factory(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _wrap_behavior(behavior: Any, hook: Hook) -> Any:
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(
-            request: Any, context: aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            done = await hook(context)
-            try:
-                async with contextlib.aclosing(behavior(request, context)) as responses:
-                    async for response in responses:
-                        yield response
-            finally:
-                if done is not None:
-                    done()
-
-        return stream
-    if inspect.iscoroutinefunction(behavior):
-
-        async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            done = await hook(context)
-            try:
-                return await behavior(request, context)
-            finally:
-                if done is not None:
-                    done()
-
-        return call
-    return behavior
-
-
-class BehaviorInterceptor(_ServerInterceptor):
-    """A server interceptor that runs a hook around every servicer behavior.
-
-    Subclasses say, once per method, which hook to run (`hook_for`; None passes the method
-    through untouched). Wrapped handlers are cached per method, so a call costs one dict
-    lookup and an identity check on top of the hook.
-    """
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    @abc.abstractmethod
-    def hook_for(self, method: str) -> Hook | None:
-        """The hook for every call of `method` (asked once per method), or None."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        hook = self.hook_for(method)
-        wrapped = handler if hook is None else wrap_handler(handler, hook)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
 
 class DeadlineInterceptor(BehaviorInterceptor):

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from mesh.deadline import BehaviorInterceptor, Hook
+from mesh.servicer_hooks import BehaviorInterceptor, Hook
 
 DEFAULT_EXEMPT = ("/grpc.health.v1.", "/grpc.reflection.")
 """Method prefixes a FaultInterceptor leaves alone unless told otherwise."""

@@ -1,8 +1,10 @@
 """MeshServer: one object that serves gRPC servicers the way every mesh service must.
 
-It adds grpc.health.v1 (async) and server reflection, registers the instance in Consul with
-a GRPC check against that health service (discovery/), and shuts down gracefully on SIGTERM
-or SIGINT in the order that loses no call:
+It adds grpc.health.v1 (async) and server reflection, refuses calls whose deadline has
+passed and runs servicers with the inbound deadline in context, so that their outbound calls
+inherit it (mesh/deadline.py), optionally injects faults (mesh/faults.py), registers the
+instance in Consul with a GRPC check against that health service (discovery/), and shuts
+down gracefully on SIGTERM or SIGINT in the order that loses no call:
 
 1. health goes NOT_SERVING (Consul's check, and any client watching health, sees it);
 2. the instance is deregistered, so discovery watches drop it within moments;
@@ -23,7 +25,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -33,6 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from discovery.consul_registration import ConsulRegistration, ServiceInstance
 from discovery.consul_settings import ConsulSettings
 from mesh import keepalive
+from mesh.deadline import DeadlineInterceptor
+from mesh.faults import FaultInterceptor, FaultPolicy
 from mesh.reflection import enable_reflection
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,9 @@ class ServerConfig:
     check_interval: float = 2.0
     drain_delay: float = 1.0
     grace_period: float = 10.0
+    fault: FaultPolicy = field(default_factory=FaultPolicy)
+    """Faults this server injects into every call it serves (off by default): for testing
+    how callers cope with a slow or failing instance."""
 
     def __post_init__(self) -> None:
         if not self.service_name:
@@ -76,7 +83,11 @@ class MeshServer:
     def __init__(self, config: ServerConfig, *, consul: ConsulSettings | None = None) -> None:
         self.config = config
         self._consul = consul
-        self._server = aio.server(options=keepalive.server_options())
+        interceptors: list[Any] = [DeadlineInterceptor()]
+        if config.fault.active:
+            interceptors.append(FaultInterceptor(config.fault))
+            log.warning("%s injects faults into every call: %s", config.service_name, config.fault)
+        self._server = aio.server(options=keepalive.server_options(), interceptors=interceptors)
         # grpc-stubs predate grpcio-health-checking's asyncio servicer.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._service_names: list[str] = []

@@ -2,14 +2,16 @@
 
 An endpoint that appears gets a sub-channel (connected lazily by gRPC); one that disappears
 is taken out of the rotation at once, and its sub-channel is closed in the background with a
-grace period, so calls already running on it finish instead of being cut. Picking is
-round-robin for now; the balancer layer replaces `pick()` in the resilience work.
+grace period, so calls already running on it finish instead of being cut. The choice among
+them is the Upstream's (mesh/upstream.py): a balancer over the endpoints that outlier
+ejection has not taken out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +21,13 @@ from grpc import aio
 from discovery.endpoint import Endpoint
 from discovery.resolver import EndpointSet
 from mesh import keepalive
+from mesh.balance.load import EndpointLoad
+from mesh.ejection import EjectionState
 
 log = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[Endpoint], aio.Channel]
+Clock = Callable[[], float]
 CallableKey = tuple[str, str, Any, Any]  # (shape, method, request serializer, deserializer)
 
 
@@ -32,14 +37,21 @@ def insecure_subchannel(endpoint: Endpoint) -> aio.Channel:
 
 
 class SubChannel:
-    """A sub-channel to one endpoint and the multi-callables made on it (made once)."""
+    """A sub-channel to one endpoint, the multi-callables made on it (made once), and the
+    endpoint's state for the balancer (load) and outlier ejection."""
 
-    __slots__ = ("_callables", "channel", "endpoint")
+    __slots__ = ("_callables", "attempts", "channel", "ejection", "endpoint", "failures", "load")
 
-    def __init__(self, endpoint: Endpoint, channel: aio.Channel) -> None:
+    def __init__(self, endpoint: Endpoint, channel: aio.Channel, clock: Clock) -> None:
         self.endpoint = endpoint
         self.channel = channel
         self._callables: dict[CallableKey, Any] = {}
+        self.load = EndpointLoad(clock)
+        self.ejection = EjectionState(endpoint.address)
+        self.attempts = 0
+        """Attempts sent to this endpoint."""
+        self.failures = 0
+        """Attempts that failed by the endpoint's fault."""
 
     def multicallable(self, key: CallableKey) -> Any:
         """The sub-channel's multi-callable for (shape, method, serializer, deserializer)."""
@@ -66,13 +78,20 @@ class SubChannel:
 class SubChannelPool:
     """The live sub-channels of one service, and round-robin picking among them."""
 
-    def __init__(self, service: str, factory: ChannelFactory, *, close_grace: float) -> None:
+    def __init__(
+        self,
+        service: str,
+        factory: ChannelFactory,
+        *,
+        close_grace: float,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.service = service
+        self._clock = clock
         self._factory = factory
         self._close_grace = close_grace
         self._subchannels: dict[Endpoint, SubChannel] = {}
         self._ring: tuple[SubChannel, ...] = ()
-        self._next = 0
         self._retiring: set[asyncio.Task[None]] = set()
         self.resolved = False
         self.generation = 0
@@ -92,7 +111,7 @@ class SubChannelPool:
         added = [ep for ep in endpoints if ep not in current]
         removed = [ep for ep in current if ep not in endpoints]
         for endpoint in added:
-            current[endpoint] = SubChannel(endpoint, self._factory(endpoint))
+            current[endpoint] = SubChannel(endpoint, self._factory(endpoint), self._clock)
         for endpoint in removed:
             self._retire(current.pop(endpoint))
         self._ring = tuple(sorted(current.values(), key=lambda s: s.endpoint.address))
@@ -104,15 +123,6 @@ class SubChannelPool:
                 f", added {', '.join(e.address for e in added)}" if added else "",
                 f", removed {', '.join(e.address for e in removed)}" if removed else "",
             )
-
-    def pick(self) -> SubChannel | None:
-        """The next sub-channel in round-robin order, or None when there is none."""
-        ring = self._ring
-        if not ring:
-            return None
-        index = self._next % len(ring)
-        self._next = index + 1
-        return ring[index]
 
     def _retire(self, sub: SubChannel, grace: float | None = None) -> None:
         grace = self._close_grace if grace is None else grace

@@ -16,6 +16,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
+from mesh.faults import FaultPolicy
+from mesh.policy import POLICY_ENV, MeshPolicy, PolicyError, load_policy, load_policy_from_env
 from mesh.server import ServerConfig
 from services.datadir import default_data_dir
 
@@ -87,6 +91,44 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
         default=10.0,
         help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
     )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help=f"TOML file of the mesh policies for the calls this service makes "
+        f"(default: ${POLICY_ENV} if set, else built-in defaults)",
+    )
+    faults = parser.add_argument_group(
+        "fault injection", "make this instance slow or failing, to test how callers cope"
+    )
+    faults.add_argument(
+        "--fault-delay",
+        type=_non_negative_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="delay added to a share of the calls",
+    )
+    faults.add_argument(
+        "--fault-delay-percent",
+        type=_percent,
+        default=0.0,
+        metavar="P",
+        help="share of the calls delayed, 0..100 (default: %(default)s)",
+    )
+    faults.add_argument(
+        "--fault-abort",
+        type=_status_code,
+        default=None,
+        metavar="CODE",
+        help="gRPC status code (e.g. UNAVAILABLE) a share of the calls fail with",
+    )
+    faults.add_argument(
+        "--fault-abort-percent",
+        type=_percent,
+        default=0.0,
+        metavar="P",
+        help="share of the calls aborted, 0..100 (default: %(default)s)",
+    )
     parser.set_defaults(service_name=service_name)
     return parser.parse_args(argv)
 
@@ -103,7 +145,23 @@ def server_config(args: argparse.Namespace, *, version: str) -> ServerConfig:
         check_interval=args.check_interval,
         drain_delay=args.drain_delay,
         grace_period=args.grace_period,
+        fault=FaultPolicy(
+            delay_seconds=args.fault_delay,
+            delay_percent=args.fault_delay_percent,
+            abort_code=args.fault_abort,
+            abort_percent=args.fault_abort_percent,
+        ),
     )
+
+
+def mesh_policy(args: argparse.Namespace) -> MeshPolicy:
+    """The policy file the flags or FOODMESH_POLICY name (defaults without one); a bad file
+    ends the process with exit code 2 and a message naming the key."""
+    try:
+        return load_policy(args.policy) if args.policy else load_policy_from_env()
+    except (OSError, PolicyError) as exc:
+        print(f"python -m services.{args.service_name}: policy: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
 
 
 def project_version() -> str:
@@ -119,6 +177,21 @@ def _positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
     return value
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 0..100, got {text}")
+    return value
+
+
+def _status_code(text: str) -> grpc.StatusCode:
+    try:
+        return grpc.StatusCode[text.upper()]
+    except KeyError:
+        names = ", ".join(code.name for code in grpc.StatusCode if code.name != "OK")
+        raise argparse.ArgumentTypeError(f"unknown status code {text!r} (one of {names})") from None
 
 
 def _non_negative_seconds(text: str) -> float:

@@ -9,7 +9,13 @@ from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from mesh.server import MeshServer
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
-from services.cli import configure_logging, parse_args, project_version, server_config
+from services.cli import (
+    configure_logging,
+    mesh_policy,
+    parse_args,
+    project_version,
+    server_config,
+)
 from services.datadir import database_path
 
 SERVICE = "catalog"
@@ -18,6 +24,7 @@ SERVICE = "catalog"
 async def main(argv: list[str]) -> int:
     args = parse_args(SERVICE, argv)
     configure_logging(args.log_level, SERVICE)
+    mesh_policy(args)  # catalog calls no one yet, but a bad policy file must not pass silently
     store = await CatalogStore.open(database_path(args.data_dir, SERVICE))
     server = MeshServer(server_config(args, version=project_version()))
     server.add_service(

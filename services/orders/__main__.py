@@ -10,7 +10,13 @@ import mesh
 from foodmesh.catalog.v1 import catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.server import MeshServer
-from services.cli import configure_logging, parse_args, project_version, server_config
+from services.cli import (
+    configure_logging,
+    mesh_policy,
+    parse_args,
+    project_version,
+    server_config,
+)
 from services.datadir import database_path
 from services.orders.servicer import OrderServicer
 from services.orders.store import OrdersStore
@@ -22,7 +28,7 @@ async def main(argv: list[str]) -> int:
     args = parse_args(SERVICE, argv)
     configure_logging(args.log_level, SERVICE)
     store = await OrdersStore.open(database_path(args.data_dir, SERVICE))
-    catalog = mesh.channel("catalog")
+    catalog = mesh.channel("catalog", policy=mesh_policy(args))
     server = MeshServer(server_config(args, version=project_version()))
     server.add_service(
         orders_pb2.DESCRIPTOR.services_by_name["OrderService"],

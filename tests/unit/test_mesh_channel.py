@@ -11,7 +11,8 @@ import pytest
 from grpc import aio
 
 from discovery import StaticResolver
-from mesh import ChannelConfig, MeshChannel
+from mesh import MeshChannel
+from mesh.policy import MethodPolicy, ServicePolicy
 
 SERVICE = "echo"
 
@@ -81,13 +82,20 @@ async def servers() -> AsyncIterator[list[EchoServer]]:
         await s.server.stop(None)
 
 
+ROUND_ROBIN = ServicePolicy(balancer="round_robin")  # these tests are about endpoints, not P2C
+
+
+def timeout_policy(seconds: float) -> ServicePolicy:
+    return ServicePolicy(defaults=MethodPolicy(timeout=seconds))
+
+
 def unary(channel: aio.Channel) -> aio.UnaryUnaryMultiCallable:
     return channel.unary_unary("/test.Echo/Unary")
 
 
 async def test_round_robin_over_endpoints(servers: list[EchoServer]) -> None:
     resolver = StaticResolver({SERVICE: [s.address for s in servers]})
-    async with MeshChannel(SERVICE, resolver) as channel:
+    async with MeshChannel(SERVICE, resolver, policy=ROUND_ROBIN) as channel:
         replies = [await unary(channel)(b"x") for _ in range(6)]
     assert sorted(replies) == [b"a:x"] * 3 + [b"b:x"] * 3
     assert replies[0] != replies[1], "consecutive calls go to different endpoints"
@@ -98,7 +106,7 @@ async def test_removed_endpoint_gets_no_new_calls_and_in_flight_call_finishes(
 ) -> None:
     a, b = servers
     resolver = StaticResolver({SERVICE: [a.address, b.address]})
-    async with MeshChannel(SERVICE, resolver) as channel:
+    async with MeshChannel(SERVICE, resolver, policy=ROUND_ROBIN) as channel:
         assert await channel.wait_for_endpoints(5)
         a.hold = asyncio.Event()
         b.hold = asyncio.Event()
@@ -118,7 +126,7 @@ async def test_removed_endpoint_gets_no_new_calls_and_in_flight_call_finishes(
 async def test_added_endpoint_gets_calls(servers: list[EchoServer]) -> None:
     a, b = servers
     resolver = StaticResolver({SERVICE: [a.address]})
-    async with MeshChannel(SERVICE, resolver) as channel:
+    async with MeshChannel(SERVICE, resolver, policy=ROUND_ROBIN) as channel:
         assert await unary(channel)(b"1") == b"a:1"
         await resolver.set(SERVICE, [a.address, b.address])
         await _until(lambda: len(channel.endpoints) == 2)
@@ -128,7 +136,7 @@ async def test_added_endpoint_gets_calls(servers: list[EchoServer]) -> None:
 
 async def test_no_healthy_endpoint_fails_fast_naming_the_service() -> None:
     resolver = StaticResolver({SERVICE: []})
-    async with MeshChannel(SERVICE, resolver, config=ChannelConfig(default_timeout=30)) as ch:
+    async with MeshChannel(SERVICE, resolver, policy=timeout_policy(30)) as ch:
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(aio.AioRpcError) as first:
@@ -163,7 +171,7 @@ async def test_unresolved_service_fails_with_unavailable_within_deadline() -> No
 
 async def test_default_deadline_applies_when_caller_gives_none(servers: list[EchoServer]) -> None:
     resolver = StaticResolver({SERVICE: [servers[0].address]})
-    async with MeshChannel(SERVICE, resolver, config=ChannelConfig(default_timeout=3.0)) as ch:
+    async with MeshChannel(SERVICE, resolver, policy=timeout_policy(3.0)) as ch:
         remaining = float(await unary(ch)(b"deadline"))
         explicit = float(await unary(ch)(b"deadline", timeout=60))
     # the wire encoding of grpc-timeout rounds up a little

@@ -1,0 +1,85 @@
+"""One attempt: picking its endpoint, starting it, and what the breaker learns from a call.
+
+Shared by the plain attempt loop (mesh/unary_call.py), hedging (mesh/hedging.py) and the
+streaming calls (mesh/stream_call.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from grpc import aio
+
+from mesh.errors import NoHealthyEndpoints, NotResolved, RefusedByMesh
+from mesh.outcome import Outcome, classify, classify_error
+from mesh.retry.pushback import Pushback, parse_pushback
+from mesh.subchannels import CallableKey, SubChannel
+from mesh.upstream import Upstream
+
+PREVIOUS_ATTEMPTS = "previous-rpc-attempts"
+"""Metadata that tells the server how many attempts came before this one. gRPC's retry design
+(A6) names it grpc-previous-rpc-attempts, but grpc-* keys are reserved and grpcio's core
+drops them from application metadata, so a Python server could never see it; the mesh sends
+the same value without the reserved prefix."""
+OK = classify(grpc.StatusCode.OK)
+CANCELLED = classify(grpc.StatusCode.CANCELLED)
+
+WaitResolved = Callable[[float], Awaitable[bool]]
+"""Waits (until an absolute loop time) for discovery's first answer; False on timeout."""
+
+
+async def pick_endpoint(
+    upstream: Upstream, exclude: SubChannel | None, deadline: float, wait_resolved: WaitResolved
+) -> SubChannel:
+    """An endpoint for the next attempt, waiting for discovery's first answer if need be."""
+    sub = upstream.pick(exclude)
+    if sub is not None:
+        return sub
+    if not upstream.pool.resolved:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if not await wait_resolved(deadline):
+            raise NotResolved(upstream.service, loop.time() - started).to_rpc_error()
+        sub = upstream.pick(exclude)
+        if sub is not None:
+            return sub
+    raise NoHealthyEndpoints(upstream.service).to_rpc_error()
+
+
+def start_attempt(
+    sub: SubChannel,
+    key: CallableKey,
+    request: Any,
+    timeout: float,
+    kwargs: dict[str, Any],
+    previous: int,
+) -> Any:
+    """Start one attempt on `sub`; retries tell the server how many came before."""
+    sub.attempts += 1
+    if previous:
+        kwargs = {
+            **kwargs,
+            "metadata": (*(kwargs["metadata"] or ()), (PREVIOUS_ATTEMPTS, str(previous))),
+        }
+    return sub.multicallable(key)(request, timeout=timeout, **kwargs)
+
+
+def record_call(upstream: Upstream, error: aio.AioRpcError) -> None:
+    """Tell the breaker how a call it admitted failed. It counts calls (by their last
+    attempt), not attempts; a call the mesh refused itself, or that says nothing about the
+    service (cancelled), only gives back its half-open probe slot."""
+    outcome = Outcome.NEUTRAL if isinstance(error, RefusedByMesh) else classify_error(error).outcome
+    if outcome is Outcome.FAILURE:
+        upstream.breaker.record(False)
+    elif outcome is Outcome.NEUTRAL:
+        upstream.breaker.record_neutral()
+    else:
+        upstream.breaker.record(True)
+
+
+def pushback_of(error: aio.AioRpcError) -> Pushback:
+    """The server's retry pushback (grpc-retry-pushback-ms) in a failed attempt's trailers."""
+    return parse_pushback(cast(aio.Metadata, error.trailing_metadata()))

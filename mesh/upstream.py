@@ -1,0 +1,125 @@
+"""Everything the call path keeps per service (an Envoy "cluster"): the retry budget, the
+circuit breaker, the concurrency limit, outlier ejection, the balancer and recent latencies,
+and the per-method plans compiled from the policy.
+
+The policies are values (mesh/policy.py) and the state machines are small objects of their
+own (mesh/retry, mesh/breaker.py, mesh/ejection.py, mesh/balance); this module only holds
+one of each per service and offers the two things every attempt needs: `pick()` an endpoint
+and `record()` how the attempt ended. The attempt loops live in mesh/unary_call.py and
+mesh/stream_call.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from mesh.balance.latency import RecentLatencies
+from mesh.balance.p2c import PowerOfTwoChoices
+from mesh.balance.round_robin import RoundRobin
+from mesh.breaker import CircuitBreaker
+from mesh.bulkhead import ConcurrencyLimit
+from mesh.ejection import OutlierDetector
+from mesh.faults import FaultInjector
+from mesh.outcome import Classified, Outcome
+from mesh.policy import HedgePolicy, MethodPolicy, ServicePolicy
+from mesh.retry.budget import RetryBudget
+from mesh.retry.policy import RetryPolicy, method_is_idempotent
+from mesh.subchannels import SubChannel, SubChannelPool
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Rng = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodPlan:
+    """What the call path needs to know about one method, resolved once per method."""
+
+    full_method: str
+    timeout: float
+    retry: RetryPolicy
+    idempotent: bool
+    hedge: HedgePolicy | None
+    faults: FaultInjector | None
+
+    @classmethod
+    def compile(cls, full_method: str, policy: MethodPolicy, rng: Rng) -> MethodPlan:
+        idempotent = method_is_idempotent(full_method, policy.idempotent)
+        hedge = policy.hedge if idempotent else None
+        if policy.hedge is not None and not idempotent:
+            log.warning("hedging of %s ignored: the method is not safe to repeat", full_method)
+        faults = FaultInjector(policy.fault, rng) if policy.fault.active else None
+        return cls(full_method, policy.timeout, policy.retry, idempotent, hedge, faults)
+
+
+class Upstream:
+    """One service as the call path sees it."""
+
+    def __init__(
+        self,
+        service: str,
+        policy: ServicePolicy,
+        pool: SubChannelPool,
+        *,
+        clock: Clock = time.monotonic,
+        rng: Rng = random.random,
+    ) -> None:
+        self.service = service
+        self.policy = policy
+        self.pool = pool
+        self.clock = clock
+        self.rng = rng
+        self.budget = RetryBudget(policy.budget, clock=clock)
+        self.breaker = CircuitBreaker(service, policy.breaker, clock=clock)
+        self.bulkhead = ConcurrencyLimit(policy.bulkhead.max_concurrent)
+        self.ejection = OutlierDetector(policy.ejection, clock=clock, rng=rng)
+        self.balancer = RoundRobin() if policy.balancer == "round_robin" else PowerOfTwoChoices(rng)
+        self.latencies = RecentLatencies(clock=clock)
+        self._plans: dict[str, MethodPlan] = {}
+
+    def plan(self, full_method: str) -> MethodPlan:
+        """The compiled plan of `full_method` ("/pkg.Service/Method")."""
+        plan = self._plans.get(full_method)
+        if plan is None:
+            name = full_method.rsplit("/", 1)[-1]
+            plan = MethodPlan.compile(full_method, self.policy.for_method(name), self.rng)
+            self._plans[full_method] = plan
+        return plan
+
+    def pick(self, exclude: SubChannel | None = None) -> SubChannel | None:
+        """An endpoint for the next attempt: not ejected, chosen by the balancer, avoiding
+        `exclude` (where the previous attempt failed) when there is another."""
+        candidates = self.ejection.available(self.pool.subchannels())
+        sub = self.balancer.pick(candidates, self.clock(), exclude)
+        if sub is not None:
+            self.ejection.on_picked(sub.ejection)
+        return sub
+
+    def record(self, sub: SubChannel, started: float, classified: Classified) -> None:
+        """How an attempt on `sub` ended: feeds its load, its ejection state and latencies."""
+        outcome = classified.outcome
+        sub.load.finish(started, penalty=classified.code is grpc.StatusCode.RESOURCE_EXHAUSTED)
+        if outcome is Outcome.FAILURE:
+            sub.failures += 1
+            if classified.connection_lost:
+                self.ejection.eject_now(sub.ejection)
+            else:
+                self.ejection.on_failure(sub.ejection)
+        elif outcome is Outcome.NEUTRAL:
+            self.ejection.on_neutral(sub.ejection)
+        else:
+            self.ejection.on_success(sub.ejection)
+            self.latencies.add(self.clock() - started)
+
+    def hedge_delay(self, hedge: HedgePolicy) -> float | None:
+        """Seconds before a hedge is sent: the policy's, or the recent p95 latency."""
+        if hedge.delay is not None:
+            return hedge.delay
+        return self.latencies.quantile(0.95)
