@@ -9,7 +9,6 @@ ready polls a condition against a deadline instead of sleeping a fixed time and 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import inspect
 import os
 import signal
@@ -23,9 +22,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_ON_LINUX = sys.platform.startswith("linux")
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -36,18 +33,14 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (None elsewhere)."""
-    if _libc is None:
-        return None
-    libc, parent_pid = _libc, os.getpid()
+_LAUNCHER = Path(__file__).with_name("die_with_parent.py")
 
-    def die_with_parent() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
 
-    return die_with_parent
+def _die_with_parent(args: list[str]) -> list[str]:
+    """On Linux, `args` run through the launcher that asks for SIGTERM when we die."""
+    if not _ON_LINUX:
+        return args
+    return [sys.executable, str(_LAUNCHER), str(os.getpid()), *args]
 
 
 def spawn(
@@ -66,14 +59,13 @@ def spawn(
     log = open(Path(log_path), "ab") if log_path is not None else None
     try:
         return subprocess.Popen(
-            [os.fspath(arg) for arg in args],
+            _die_with_parent([os.fspath(arg) for arg in args]),
             env=dict(env) if env is not None else None,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent_hook(),
         )
     finally:
         if log is not None:
