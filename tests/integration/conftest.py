@@ -32,12 +32,14 @@ class ServiceProcess:
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    stopped: bool = False
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        self.stopped = True
         return stop_process(self.proc, sig=sig, timeout=timeout)
 
     def log(self) -> str:
@@ -94,7 +96,7 @@ class Stack:
 
         def done() -> bool:
             for proc in self.processes:
-                if proc.proc.poll() is not None:
+                if not proc.stopped and proc.proc.poll() is not None:
                     raise RuntimeError(f"{proc.name} on {proc.port} exited:\n{proc.log()[-3000:]}")
             found = self.passing_ports(name)
             return found == ports if isinstance(ports, set) else len(found) == ports

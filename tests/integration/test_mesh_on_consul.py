@@ -147,6 +147,7 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
     stack.wait_passing("catalog", 2)
     stack.wait_passing("orders", 1)
     failures: list[aio.AioRpcError] = []
+    placed: list[int] = []
     succeeded = 0
     stop = asyncio.Event()
 
@@ -165,6 +166,7 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
                 try:
                     if worker % 2:
                         await orders_stub.PlaceOrder(order(f"w{worker}-{n}"), timeout=10)
+                        placed.append(n)
                     else:
                         await catalog_stub.GetItem(
                             catalog_pb2.GetItemRequest(item_id="roma-carbonara"), timeout=10
@@ -174,7 +176,12 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
                     failures.append(exc)
 
         workers = [asyncio.create_task(steady(i)) for i in range(4)]
-        await wait_until_async(lambda: succeeded >= 40, timeout=30, message="no traffic")
+        # orders must be pricing through both catalogs before one of them goes
+        await wait_until_async(
+            lambda: succeeded >= 40 and len(placed) >= 20 and "2 endpoint(s)" in orders.log(),
+            timeout=30,
+            message="no traffic through orders to both catalogs",
+        )
         victim = catalogs[0]
         code = await asyncio.to_thread(victim.stop, signal.SIGTERM)
         await wait_until_async(
