@@ -3,6 +3,7 @@ invalid or unknown key refused at start-up with the full key in the message."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
@@ -414,3 +415,14 @@ def test_policies_are_immutable() -> None:
         service.methods["ListItems"] = MethodPolicy()  # type: ignore[index]
     with pytest.raises(AttributeError):
         service.balancer = "round_robin"  # type: ignore[misc]
+
+
+def test_the_readme_example_is_a_valid_policy() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks, "the README shows a policy file"
+    policy = MeshPolicy.from_toml(blocks[0])
+    catalog = policy.for_service("catalog")
+    assert catalog.for_method("GetItem").timeout == 0.5
+    assert catalog.for_method("ListItems").timeout == 2.0
+    assert catalog.for_method("GetItem").hedge is not None
