@@ -6,7 +6,6 @@ streaming calls (mesh/stream_call.py).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -39,10 +38,9 @@ async def pick_endpoint(
     if sub is not None:
         return sub
     if not upstream.pool.resolved:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = upstream.clock()
         if not await wait_resolved(deadline):
-            raise NotResolved(upstream.service, loop.time() - started).to_rpc_error()
+            raise NotResolved(upstream.service, upstream.clock() - started).to_rpc_error()
         sub = upstream.pick(exclude)
         if sub is not None:
             return sub

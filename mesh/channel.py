@@ -65,6 +65,7 @@ class MeshChannel(aio.Channel):
         self._resolver = resolver
         self._owns_resolver = owns_resolver
         self._pool = SubChannelPool(service, channel_factory, close_grace=close_grace, clock=clock)
+        self._clock = clock
         self.upstream = Upstream(service, self.policy, self._pool, clock=clock, rng=rng)
         self._follower: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
@@ -107,8 +108,7 @@ class MeshChannel(aio.Channel):
     async def wait_for_endpoints(self, timeout: float | None = None) -> bool:
         """Wait until discovery has answered and at least one endpoint is known."""
         self._follow_discovery()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else self._clock() + timeout
         while not self._pool.endpoints:
             if not await self._wait_change(deadline):
                 return False
@@ -119,7 +119,7 @@ class MeshChannel(aio.Channel):
         changed = self._changed
         if changed is None or self._closed:
             return False
-        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        remaining = None if deadline is None else deadline - self._clock()
         if remaining is not None and remaining <= 0:
             return False
         try:
@@ -135,9 +135,10 @@ class MeshChannel(aio.Channel):
     ) -> Any:
         plan = self.upstream.plan(key[1])
         timeout = outbound_timeout(timeout, plan.timeout)
-        if self._closed:
-            return DeferredCall(failed(ChannelClosed(self.service).to_rpc_error()), None)
-        self._follow_discovery()
+        if self._follower is None:
+            if self._closed:
+                return DeferredCall(failed(ChannelClosed(self.service).to_rpc_error()), None)
+            self._follow_discovery()
         if key[0] == "unary_unary":
             return UnaryUnaryCall(
                 self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved

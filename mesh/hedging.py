@@ -36,6 +36,7 @@ async def run_hedged(
     """Attempts raced after the hedge delay; the first success wins, the rest are cancelled."""
     assert plan.hedge is not None
     loop = asyncio.get_running_loop()
+    clock = upstream.clock
     state = plan.retry.start(idempotent=True)
     hedges_left = plan.hedge.max_hedges
     running: dict[asyncio.Task[Any], SubChannel] = {}
@@ -45,7 +46,7 @@ async def run_hedged(
 
     def launch(sub: SubChannel) -> None:
         nonlocal started_attempts, last_sub
-        remaining = deadline - loop.time()
+        remaining = deadline - clock()
         task = loop.create_task(
             _attempt(
                 upstream,
@@ -64,7 +65,7 @@ async def run_hedged(
     launch(await pick_endpoint(upstream, None, deadline, wait_resolved))
     try:
         while True:
-            remaining = deadline - loop.time()
+            remaining = deadline - clock()
             if remaining <= 0:
                 raise last_error or NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
             delay = upstream.hedge_delay(plan.hedge) if hedges_left else None
@@ -94,7 +95,7 @@ async def run_hedged(
             if not state.may_retry:
                 raise last_error
             backoff = state.delay_for_next(upstream.rng)
-            if loop.time() + backoff >= deadline or not upstream.budget.try_withdraw():
+            if clock() + backoff >= deadline or not upstream.budget.try_withdraw():
                 raise last_error
             if backoff > 0:
                 await asyncio.sleep(backoff)

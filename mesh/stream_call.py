@@ -105,7 +105,7 @@ class StreamingCall(
         self._replay = _Replay(request) if self._request_streaming else None
         self._writer_api = self._request_streaming and request is None
         loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + timeout
+        self._deadline = upstream.clock() + timeout
         self._state = plan.retry.start(idempotent=plan.idempotent)
         self._attempt: Any = None
         self._sub: SubChannel | None = None
@@ -134,9 +134,8 @@ class StreamingCall(
         await self._start_attempt(None)
 
     async def _start_attempt(self, exclude: SubChannel | None) -> None:
-        loop = asyncio.get_running_loop()
         sub = await pick_endpoint(self._upstream, exclude, self._deadline, self._wait_resolved)
-        remaining = self._deadline - loop.time()
+        remaining = self._deadline - self._upstream.clock()
         if remaining <= 0:
             raise NoTimeLeft(self._upstream.service, self._plan.full_method).to_rpc_error()
         if self._replay is not None and not self._writer_api:
@@ -182,7 +181,10 @@ class StreamingCall(
             raise error
         loop = asyncio.get_running_loop()
         delay = self._state.delay_for_next(self._upstream.rng)
-        if loop.time() + delay >= self._deadline or not self._upstream.budget.try_withdraw():
+        if (
+            self._upstream.clock() + delay >= self._deadline
+            or not self._upstream.budget.try_withdraw()
+        ):
             self._end(error)
             raise error
         if delay > 0:
@@ -299,7 +301,7 @@ class StreamingCall(
         return self._finished
 
     def time_remaining(self) -> float | None:
-        return max(self._deadline - asyncio.get_running_loop().time(), 0.0)
+        return max(self._deadline - self._upstream.clock(), 0.0)
 
     def cancel(self) -> bool:
         if self._finished:

@@ -22,7 +22,7 @@ task for it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import grpc
@@ -54,28 +54,19 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
     when the call is awaited, inside the awaiting task.
     """
 
-    __slots__ = (
-        "_admitted",
-        "_attempt",
-        "_callbacks",
-        "_deadline",
-        "_detached",
-        "_done",
-        "_error",
-        "_first",
-        "_key",
-        "_kwargs",
-        "_plan",
-        "_refused",
-        "_request",
-        "_response",
-        "_state",
-        "_task",
-        "_upstream",
-        "_wait_resolved",
-    )
-
     _NEW, _RUNNING, _DONE = 0, 1, 2
+
+    # Rarely changed from these; class attributes spare every call their assignment.
+    _task: asyncio.Task[Any] | None = None
+    _done: asyncio.Future[None] | None = None
+    _attempt: Any = None
+    _first: tuple[SubChannel, float] | None = None
+    _response: Any = None
+    _error: BaseException | None = None
+    _refused: aio.AioRpcError | None = None
+    _admitted = False
+    _detached = False
+    _callbacks: tuple[Callable[[Any], None], ...] | list[Callable[[Any], None]] = ()
 
     def __init__(
         self,
@@ -93,30 +84,28 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._request = request
         self._kwargs = kwargs
         self._wait_resolved = wait_resolved
-        self._deadline = asyncio.get_running_loop().time() + timeout
+        now = upstream.clock()
+        self._deadline = now + timeout
         self._state = self._NEW
-        self._task: asyncio.Task[Any] | None = None
-        self._done: asyncio.Future[None] | None = None
-        self._attempt: Any = None
-        self._first: tuple[SubChannel, float] | None = None
-        self._response: Any = None
-        self._error: BaseException | None = None
-        self._refused: aio.AioRpcError | None = None
-        self._admitted = False
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._detached = False
         if timeout <= 0:
             self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
-        elif plan.faults is None:
-            self._admit()
-            if self._admitted and plan.hedge is None:
-                sub = upstream.pick(None)
-                if sub is not None:
-                    self._first = (sub, sub.load.start())
-                    self._attempt = start_attempt(
-                        sub, key, request, self._attempt_timeout(), kwargs, 0
-                    )
-                    self._attempt.add_done_callback(self._first_attempt_done)
+            return
+        if plan.faults is not None:
+            return  # the fault's delay comes first: the call starts when awaited
+        self._admit()
+        if not self._admitted or plan.hedge is not None:
+            return
+        sub = upstream.pick(None)
+        if sub is None:
+            return  # discovery has not answered yet: the call waits for it when awaited
+        self._first = (sub, sub.load.start())
+        limit = plan.retry.per_attempt_timeout
+        sub.attempts += 1
+        attempt = sub.multicallable(key)(
+            request, timeout=timeout if limit is None or timeout < limit else limit, **kwargs
+        )
+        attempt.add_done_callback(self._first_attempt_done)
+        self._attempt = attempt
 
     def _first_attempt_done(self, attempt: Any) -> None:
         """A call nobody awaited still gives back its bulkhead slot (and endpoint load) when
@@ -135,7 +124,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._detached = True
 
     def _attempt_timeout(self) -> float:
-        remaining = self._deadline - asyncio.get_running_loop().time()
+        remaining = self._deadline - self._upstream.clock()
         limit = self._plan.retry.per_attempt_timeout
         return remaining if limit is None or remaining < limit else limit
 
@@ -152,16 +141,55 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
             self._admitted = True
             upstream.budget.deposit()
 
-    async def _run(self) -> Any:
+    async def _execute(self) -> Any:
+        """The whole call. The common case (admitted, first attempt started, no hedge, it
+        succeeds) runs here without further coroutines; the rest is in `_slow_path`."""
+        self._state = self._RUNNING
+        upstream = self._upstream
+        try:
+            first = self._first
+            if first is None:
+                response = await self._slow_path()
+            else:
+                self._first = None
+                sub, started = first
+                try:
+                    response = await self._attempt
+                except aio.AioRpcError as exc:
+                    response = await self._settle(self._attempts((exc, sub, started)))
+                except BaseException:
+                    upstream.record(sub, started, CANCELLED)
+                    upstream.breaker.record_neutral()
+                    upstream.bulkhead.release()
+                    raise
+                else:
+                    upstream.record(sub, started, OK)
+                    upstream.bulkhead.release()
+                    upstream.breaker.record(True)
+            self._response = response
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._state = self._DONE
+            if self._done is not None and not self._done.done():
+                self._done.set_result(None)
+            for callback in self._callbacks:
+                callback(self)
+        return response
+
+    async def _slow_path(self) -> Any:
+        """Calls that start late: fault injection first, a refusal, hedging, or waiting for
+        discovery's first answer."""
         upstream, plan = self._upstream, self._plan
         if not self._admitted and self._refused is None:
-            await _inject_fault(plan, self._deadline)
+            await _inject_fault(plan, self._deadline, upstream.clock)
             self._admit()
         if self._refused is not None:
             raise self._refused
-        try:
-            if plan.hedge is not None:
-                response = await run_hedged(
+        if plan.hedge is not None:
+            return await self._settle(
+                run_hedged(
                     upstream,
                     plan,
                     self._key,
@@ -170,8 +198,14 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                     self._kwargs,
                     self._wait_resolved,
                 )
-            else:
-                response = await self._attempts()
+            )
+        return await self._settle(self._attempts(None))
+
+    async def _settle(self, attempts: Coroutine[Any, Any, Any]) -> Any:
+        """Run an admitted call's attempts; tell the breaker and the bulkhead how it ended."""
+        upstream = self._upstream
+        try:
+            response = await attempts
         except aio.AioRpcError as exc:
             record_call(upstream, exc)
             raise
@@ -183,19 +217,17 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         upstream.breaker.record(True)
         return response
 
-    async def _attempts(self) -> Any:
+    async def _attempts(self, failed: tuple[aio.AioRpcError, SubChannel, float] | None) -> Any:
+        """Attempts until one succeeds or the policy, budget or deadline says stop;
+        `failed` is the first attempt when it has already failed."""
         upstream, plan = self._upstream, self._plan
-        loop = asyncio.get_running_loop()
+        clock = upstream.clock
         state = plan.retry.start(idempotent=plan.idempotent)
-        first, self._first = self._first, None
         exclude: SubChannel | None = None
         while True:
-            if first is not None:
-                sub, started = first
-                first = None
-            else:
+            if failed is None:
                 sub = await pick_endpoint(upstream, exclude, self._deadline, self._wait_resolved)
-                if self._deadline - loop.time() <= 0:
+                if self._deadline - clock() <= 0:
                     raise NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
                 started = sub.load.start()
                 self._attempt = start_attempt(
@@ -206,41 +238,29 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                     self._kwargs,
                     state.attempts,
                 )
-            try:
-                response = await self._attempt
-            except aio.AioRpcError as exc:
-                classified = classify_error(exc)
-                upstream.record(sub, started, classified)
-                state = state.increment(classified, pushback_of(exc))
-                if not state.may_retry:
+                try:
+                    response = await self._attempt
+                except aio.AioRpcError as attempt_error:
+                    failed = (attempt_error, sub, started)
+                except asyncio.CancelledError:
+                    upstream.record(sub, started, CANCELLED)
                     raise
-                delay = state.delay_for_next(upstream.rng)
-                if loop.time() + delay >= self._deadline or not upstream.budget.try_withdraw():
-                    raise
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                exclude = sub
-                continue
-            except asyncio.CancelledError:
-                upstream.record(sub, started, CANCELLED)
-                raise
-            upstream.record(sub, started, OK)
-            return response
-
-    async def _execute(self) -> Any:
-        self._state = self._RUNNING
-        try:
-            self._response = await self._run()
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            self._state = self._DONE
-            if self._done is not None and not self._done.done():
-                self._done.set_result(None)
-            for callback in self._callbacks:
-                callback(self)
-        return self._response
+                else:
+                    upstream.record(sub, started, OK)
+                    return response
+            error, sub, started = failed
+            failed = None
+            classified = classify_error(error)
+            upstream.record(sub, started, classified)
+            state = state.increment(classified, pushback_of(error))
+            if not state.may_retry:
+                raise error
+            delay = state.delay_for_next(upstream.rng)
+            if clock() + delay >= self._deadline or not upstream.budget.try_withdraw():
+                raise error
+            if delay > 0:
+                await asyncio.sleep(delay)
+            exclude = sub
 
     def _result(self) -> Any:
         if self._error is not None:
@@ -275,7 +295,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         return self._state == self._DONE
 
     def time_remaining(self) -> float | None:
-        return max(self._deadline - asyncio.get_running_loop().time(), 0.0)
+        return max(self._deadline - self._upstream.clock(), 0.0)
 
     def cancel(self) -> bool:
         if self._state == self._DONE:
@@ -290,7 +310,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         if self._state == self._DONE:
             callback(self)
         else:
-            self._callbacks.append(callback)
+            self._callbacks = [*self._callbacks, callback]
 
     # -- Call ---------------------------------------------------------------------------
 
@@ -332,12 +352,10 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         await self._wait()
 
 
-async def _inject_fault(plan: MethodPlan, deadline: float) -> None:
+async def _inject_fault(plan: MethodPlan, deadline: float, clock: Callable[[], float]) -> None:
     assert plan.faults is not None
     decision = plan.faults.decide()
     if decision.delay > 0:
-        await asyncio.sleep(
-            min(decision.delay, max(deadline - asyncio.get_running_loop().time(), 0.0))
-        )
+        await asyncio.sleep(min(decision.delay, max(deadline - clock(), 0.0)))
     if decision.abort is not None:
         raise RefusedByMesh(decision.abort, fault_message(decision.abort, plan.full_method))

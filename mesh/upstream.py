@@ -82,6 +82,10 @@ class Upstream:
         self.ejection = OutlierDetector(policy.ejection, clock=clock, rng=rng)
         self.balancer = RoundRobin() if policy.balancer == "round_robin" else PowerOfTwoChoices(rng)
         self.latencies = RecentLatencies(clock=clock)
+        self.hedging = policy.defaults.hedge is not None or any(
+            method.hedge is not None for method in policy.methods.values()
+        )
+        """Some method hedges: only then are recent latencies (the hedge delay) kept."""
         self._plans: dict[str, MethodPlan] = {}
 
     def plan(self, full_method: str) -> MethodPlan:
@@ -116,7 +120,8 @@ class Upstream:
             self.ejection.on_neutral(sub.ejection)
         else:
             self.ejection.on_success(sub.ejection)
-            self.latencies.add(self.clock() - started)
+            if self.hedging:
+                self.latencies.add(self.clock() - started)
 
     def hedge_delay(self, hedge: HedgePolicy) -> float | None:
         """Seconds before a hedge is sent: the policy's, or the recent p95 latency."""
