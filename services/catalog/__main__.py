@@ -25,15 +25,18 @@ async def main(argv: list[str]) -> int:
     args = parse_args(SERVICE, argv)
     configure_logging(args.log_level, SERVICE)
     mesh_policy(args)  # catalog calls no one yet, but a bad policy file must not pass silently
+    config = server_config(args, version=project_version())
     store = await CatalogStore.open(database_path(args.data_dir, SERVICE))
-    server = MeshServer(server_config(args, version=project_version()))
-    server.add_service(
-        catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],
-        catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-        CatalogServicer(store),
-    )
-    server.on_shutdown(store.close)
-    return await server.run()
+    try:
+        server = MeshServer(config)
+        server.add_service(
+            catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],
+            catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
+            CatalogServicer(store),
+        )
+        return await server.run()
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

@@ -27,17 +27,21 @@ SERVICE = "orders"
 async def main(argv: list[str]) -> int:
     args = parse_args(SERVICE, argv)
     configure_logging(args.log_level, SERVICE)
+    policy = mesh_policy(args)
+    config = server_config(args, version=project_version())
     store = await OrdersStore.open(database_path(args.data_dir, SERVICE))
-    catalog = mesh.channel("catalog", policy=mesh_policy(args))
-    server = MeshServer(server_config(args, version=project_version()))
-    server.add_service(
-        orders_pb2.DESCRIPTOR.services_by_name["OrderService"],
-        orders_pb2_grpc.add_OrderServiceServicer_to_server,
-        OrderServicer(catalog_pb2_grpc.CatalogServiceStub(catalog), store),
-    )
-    server.on_shutdown(catalog.close)
-    server.on_shutdown(store.close)
-    return await server.run()
+    catalog = mesh.channel("catalog", policy=policy)
+    try:
+        server = MeshServer(config)
+        server.add_service(
+            orders_pb2.DESCRIPTOR.services_by_name["OrderService"],
+            orders_pb2_grpc.add_OrderServiceServicer_to_server,
+            OrderServicer(catalog_pb2_grpc.CatalogServiceStub(catalog), store),
+        )
+        return await server.run()
+    finally:
+        await catalog.close()
+        await store.close()
 
 
 if __name__ == "__main__":
