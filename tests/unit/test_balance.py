@@ -13,14 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from mesh.balance import Balancer, EndpointLoad, PowerOfTwoChoices, RecentLatencies, RoundRobin
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 class ScriptedRng:
@@ -95,19 +88,19 @@ class Simulation:
 
 
 def test_first_sample_replaces_the_initial_estimate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     n = served(clock, node(clock, "a", initial_latency=0.5), 0.02)
     assert n.load.cost(clock.now) == pytest.approx(0.02)
 
 
 def test_a_slower_sample_replaces_the_average_at_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     n = served(clock, node(clock, "a"), 0.01, 0.01, 0.3)
     assert n.load.cost(clock.now) == pytest.approx(0.3)
 
 
 def test_a_faster_sample_is_blended_in_by_the_time_since_the_last() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     n = served(clock, node(clock, "a", decay=10.0), 0.1)
     clock.now += 9.95
     served(clock, n, 0.05)  # 10 s after the previous sample: the old one weighs e^-1
@@ -116,7 +109,7 @@ def test_a_faster_sample_is_blended_in_by_the_time_since_the_last() -> None:
 
 
 def test_cost_grows_with_outstanding_calls_and_does_not_decay_meanwhile() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     n = served(clock, node(clock, "a"), 0.02)
     n.load.start()
     n.load.start()
@@ -126,13 +119,13 @@ def test_cost_grows_with_outstanding_calls_and_does_not_decay_meanwhile() -> Non
 
 
 def test_an_idle_endpoints_cost_decays_towards_zero() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     n = served(clock, node(clock, "a", decay=10.0), 0.5)
     assert n.load.cost(clock.now + 10) == pytest.approx(0.5 * math.exp(-1))
 
 
 def test_penalty_records_at_least_the_penalty_latency() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     n = served(clock, node(clock, "a", penalty=1.0), 0.01)
     started = n.load.start()
     clock.now += 0.001
@@ -146,7 +139,7 @@ def test_penalty_records_at_least_the_penalty_latency() -> None:
 
 
 def test_first_answer_measures_a_new_endpoint_before_it_gets_a_second_call() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     busy = served(clock, node(clock, "busy"), 5.0)
     new = node(clock, "new", initial_latency=0.001)
     for _ in range(50):
@@ -160,7 +153,7 @@ def test_first_answer_measures_a_new_endpoint_before_it_gets_a_second_call() -> 
 
 
 def test_warmup_counts_outstanding_calls_one_over_weight_times() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     load = served(clock, node(clock, "a", warmup=5.0, min_weight=0.1), 0.02).load
     appeared = clock.now - 0.02
     load.start()
@@ -172,7 +165,7 @@ def test_warmup_counts_outstanding_calls_one_over_weight_times() -> None:
 
 
 def test_finish_without_start_raises() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     load = EndpointLoad(clock)
     with pytest.raises(RuntimeError):
         load.finish(clock.now)
@@ -184,14 +177,14 @@ def test_finish_without_start_raises() -> None:
 )
 def test_load_rejects_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
-        EndpointLoad(FakeClock(), **kwargs)
+        EndpointLoad(FakeClock(100.0), **kwargs)
 
 
 # -- PowerOfTwoChoices --------------------------------------------------------------------
 
 
 def test_p2c_returns_the_cheaper_of_the_two_it_draws() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     a = served(clock, node(clock, "a"), 0.05)
     b = served(clock, node(clock, "b"), 0.001)  # the cheapest, but never drawn below
     c = served(clock, node(clock, "c"), 0.02)
@@ -201,7 +194,7 @@ def test_p2c_returns_the_cheaper_of_the_two_it_draws() -> None:
 
 
 def test_p2c_draws_two_distinct_candidates_uniformly() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     nodes = [served(clock, node(clock, f"n{i}"), 0.01 * (i + 1)) for i in range(4)]
     p2c = PowerOfTwoChoices(random.Random(7).random)
     picked = Counter(p2c.pick(nodes, clock.now).name for _ in range(12_000))  # type: ignore[union-attr]
@@ -214,7 +207,7 @@ def test_p2c_draws_two_distinct_candidates_uniformly() -> None:
 
 
 def test_p2c_with_zero_or_one_candidate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     p2c = PowerOfTwoChoices(ScriptedRng([]))
     only = node(clock, "only")
     assert p2c.pick([], clock.now) is None
@@ -223,17 +216,17 @@ def test_p2c_with_zero_or_one_candidate() -> None:
 
 
 def test_p2c_sends_far_less_to_an_endpoint_ten_times_slower() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     nodes = [node(clock, "fast1", 0.01), node(clock, "fast2", 0.01), node(clock, "slow", 0.1)]
     sim = Simulation(clock, PowerOfTwoChoices(random.Random(1).random), nodes)
     picked = sim.run(10_000)
     assert picked["slow"] / 10_000 < 0.05
-    rr = Simulation(FakeClock(), RoundRobin(), nodes).run(9_999)
+    rr = Simulation(FakeClock(100.0), RoundRobin(), nodes).run(9_999)
     assert rr["slow"] == 3_333  # what round robin would have sent it
 
 
 def test_p2c_avoids_the_endpoint_with_calls_piling_up() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     a = served(clock, node(clock, "a"), 0.01)
     b = served(clock, node(clock, "b"), 0.01)
     for _ in range(3):
@@ -243,7 +236,7 @@ def test_p2c_avoids_the_endpoint_with_calls_piling_up() -> None:
 
 
 def test_a_fast_shedding_endpoint_is_penalised_not_rewarded() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     nodes = [node(clock, "shedder", 0.02), node(clock, "b", 0.02), node(clock, "c", 0.02)]
     nodes[0].sheds = True  # answers RESOURCE_EXHAUSTED in 1 ms
     picked = Simulation(clock, PowerOfTwoChoices(random.Random(5).random), nodes).run(10_000)
@@ -251,7 +244,7 @@ def test_a_fast_shedding_endpoint_is_penalised_not_rewarded() -> None:
 
 
 def test_without_the_penalty_a_fast_failing_endpoint_would_win() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     shedder = served(clock, node(clock, "shedder"), 0.02, 0.001)
     healthy = served(clock, node(clock, "b"), 0.02)
     assert PowerOfTwoChoices(random.Random(0).random).pick([shedder, healthy], clock.now) is shedder
@@ -266,7 +259,7 @@ def test_without_the_penalty_a_fast_failing_endpoint_would_win() -> None:
 
 def share_of_newcomer_per_second(warmup: float) -> list[float]:
     """Three endpoints with ~7 calls in flight each; a fourth appears; its share per second."""
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     nodes = [node(clock, f"old{i}", 0.01) for i in range(3)]
     sim = Simulation(clock, PowerOfTwoChoices(random.Random(11).random), nodes, interval=0.0005)
     sim.run_for(6.0)
@@ -286,7 +279,7 @@ def test_a_new_endpoints_share_grows_over_its_warmup() -> None:
 
 
 def test_p2c_avoids_the_excluded_endpoint() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     nodes = [served(clock, node(clock, f"n{i}"), 0.01 * (i + 1)) for i in range(4)]
     p2c = PowerOfTwoChoices(random.Random(9).random)
     for excluded in nodes:
@@ -346,7 +339,7 @@ def test_recent_latencies_keep_only_the_last_capacity_samples() -> None:
 
 
 def test_recent_latencies_resort_lazily() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     recent = RecentLatencies(capacity=256, clock=clock, resort_every=32, max_age=1.0)
     for _ in range(64):
         recent.add(0.01)

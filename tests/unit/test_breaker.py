@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from mesh.breaker import BreakerState, CircuitBreaker, RollingWindow
+from mesh.policy import BreakerPolicy
+from tests.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The shape of mesh.policy.BreakerPolicy, with its defaults."""
-
-    failure_rate_threshold: float = 0.5
-    minimum_calls: int = 20
-    window: float = 10.0
-    open_time: float = 5.0
-    half_open_calls: int = 3
-
-
 def breaker(clock: FakeClock, **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker("catalog", Policy(**policy), clock)
+    return CircuitBreaker("catalog", BreakerPolicy(**policy), clock)
 
 
 def record(b: CircuitBreaker, successes: int = 0, failures: int = 0) -> None:
@@ -51,14 +33,14 @@ def opened(clock: FakeClock, **policy: Any) -> CircuitBreaker:
 
 
 def test_stays_closed_under_minimum_calls_even_if_all_fail() -> None:
-    b = breaker(FakeClock())
+    b = breaker(FakeClock(1000.0))
     record(b, failures=19)
     assert b.state is CLOSED
     assert b.allow()
 
 
 def test_opens_when_the_failure_rate_reaches_the_threshold() -> None:
-    b = breaker(FakeClock())
+    b = breaker(FakeClock(1000.0))
     record(b, successes=10, failures=9)
     assert b.state is CLOSED
     b.record(False)  # 10 of 20
@@ -66,7 +48,7 @@ def test_opens_when_the_failure_rate_reaches_the_threshold() -> None:
 
 
 def test_stays_closed_just_below_the_threshold() -> None:
-    b = breaker(FakeClock())
+    b = breaker(FakeClock(1000.0))
     record(b, successes=11, failures=9)  # 45 %
     assert b.state is CLOSED
     record(b, successes=100, failures=99)
@@ -74,7 +56,7 @@ def test_stays_closed_just_below_the_threshold() -> None:
 
 
 def test_refuses_calls_while_open_and_ignores_late_results() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock)
     assert not b.allow()
     record(b, successes=50)  # calls admitted before it opened
@@ -84,7 +66,7 @@ def test_refuses_calls_while_open_and_ignores_late_results() -> None:
 
 
 def test_half_open_admits_exactly_the_probe_calls() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock)
     clock.now += 5.0
     assert [b.allow() for _ in range(5)] == [True, True, True, False, False]
@@ -92,7 +74,7 @@ def test_half_open_admits_exactly_the_probe_calls() -> None:
 
 
 def test_closes_with_a_fresh_window_when_all_probes_succeed() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock)
     clock.now += 5.0
     for _ in range(3):
@@ -106,7 +88,7 @@ def test_closes_with_a_fresh_window_when_all_probes_succeed() -> None:
 
 
 def test_a_failed_probe_opens_it_again_for_the_open_time() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock)
     clock.now += 5.0
     assert b.allow()
@@ -121,7 +103,7 @@ def test_a_failed_probe_opens_it_again_for_the_open_time() -> None:
 
 
 def test_a_probe_without_verdict_gives_its_slot_back() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock, half_open_calls=1)
     clock.now += 5.0
     assert b.allow()
@@ -133,7 +115,7 @@ def test_a_probe_without_verdict_gives_its_slot_back() -> None:
 
 
 def test_unreported_probes_give_way_to_a_new_round_after_the_open_time() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock)
     clock.now += 5.0
     assert [b.allow() for _ in range(4)] == [True, True, True, False]
@@ -142,7 +124,7 @@ def test_unreported_probes_give_way_to_a_new_round_after_the_open_time() -> None
 
 
 def test_the_window_forgets_old_failures() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = breaker(clock)
     record(b, failures=15)
     clock.now += 5.0
@@ -156,7 +138,7 @@ def test_the_window_forgets_old_failures() -> None:
 
 
 def test_listeners_see_every_change_in_order() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = breaker(clock)
     seen: list[tuple[str, BreakerState, BreakerState]] = []
     b.add_listener(lambda service, old, new: seen.append((service, old, new)))
@@ -178,7 +160,7 @@ def test_listeners_see_every_change_in_order() -> None:
 
 
 def test_a_failing_listener_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
-    b = breaker(FakeClock())
+    b = breaker(FakeClock(1000.0))
     seen: list[BreakerState] = []
 
     def broken(service: str, old: BreakerState, new: BreakerState) -> None:
@@ -193,7 +175,7 @@ def test_a_failing_listener_does_not_stop_the_others(caplog: pytest.LogCaptureFi
 
 def test_state_changes_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mesh.breaker")
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = opened(clock)
     clock.now += 5.0
     for _ in range(3):

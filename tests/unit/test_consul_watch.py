@@ -9,20 +9,7 @@ from typing import Any
 import pytest
 
 from discovery import ConsulWatch, Endpoint, ExponentialBackoff, next_index, parse_health_entries
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
+from tests.fakes import FakeClock
 
 
 def entry(port: int, host: str = "127.0.0.1", node: str = "10.0.0.1") -> dict[str, Any]:

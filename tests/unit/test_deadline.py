@@ -24,14 +24,7 @@ from mesh.deadline import (
     outbound_timeout,
 )
 from mesh.reflection import enable_reflection
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 class TickingClock:
@@ -67,12 +60,12 @@ def test_deadline_arithmetic() -> None:
 
 
 def test_no_inbound_no_caller_gets_the_default() -> None:
-    assert outbound_timeout(None, 10.0, clock=FakeClock()) == 10.0
+    assert outbound_timeout(None, 10.0, clock=FakeClock(100.0)) == 10.0
 
 
 def test_no_inbound_caller_timeout_wins_over_default() -> None:
-    assert outbound_timeout(30.0, 10.0, clock=FakeClock()) == 30.0
-    assert outbound_timeout(-1.0, 10.0, clock=FakeClock()) == 0.0
+    assert outbound_timeout(30.0, 10.0, clock=FakeClock(100.0)) == 30.0
+    assert outbound_timeout(-1.0, 10.0, clock=FakeClock(100.0)) == 0.0
 
 
 def test_inbound_remaining_less_margin() -> None:

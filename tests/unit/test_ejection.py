@@ -9,25 +9,8 @@ from typing import Any
 import pytest
 
 from mesh.ejection import EjectionState, OutlierDetector
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The shape of mesh.policy.EjectionPolicy, with its defaults."""
-
-    consecutive_failures: int = 5
-    base_time: float = 30.0
-    max_time: float = 300.0
-    max_ejection_percent: float = 50.0
-    jitter: float = 0.1
+from mesh.policy import EjectionPolicy
+from tests.fakes import FakeClock
 
 
 @dataclass(eq=False)
@@ -45,7 +28,7 @@ def endpoints(n: int) -> list[Endpoint]:
 
 def detector(clock: FakeClock, rng: float = 0.5, **policy: Any) -> OutlierDetector:
     """rng 0.5 means no jitter: the factor is 1 + jitter * (2 * rng - 1)."""
-    return OutlierDetector(Policy(**policy), clock, lambda: rng, service="catalog")
+    return OutlierDetector(EjectionPolicy(**policy), clock, lambda: rng, service="catalog")
 
 
 def ejection_end(state: EjectionState) -> float:
@@ -63,7 +46,7 @@ def names(available: Sequence[Endpoint]) -> list[str]:
 
 
 def test_nothing_ejected_returns_the_candidates_themselves() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     d.on_success(eps[0].ejection)
@@ -72,7 +55,7 @@ def test_nothing_ejected_returns_the_candidates_themselves() -> None:
 
 
 def test_ejected_after_n_consecutive_failures_at_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(4)
     fail(d, eps[1], 4)
@@ -83,7 +66,7 @@ def test_ejected_after_n_consecutive_failures_at_once() -> None:
 
 
 def test_a_success_in_between_resets_the_count() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(4)
     fail(d, eps[0], 4)
@@ -112,7 +95,7 @@ def eject_and_fail_probes(
 
 @pytest.mark.parametrize(("rng", "factor"), [(0.5, 1.0), (0.0, 0.9), (0.75, 1.05)])
 def test_ejection_times_grow_then_cap_with_jitter(rng: float, factor: float) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock, rng=rng)
     durations = eject_and_fail_probes(d, clock, EjectionState("a"))
     expected = [min(30.0 * n, 300.0) * factor for n in range(1, 13)]
@@ -120,7 +103,7 @@ def test_ejection_times_grow_then_cap_with_jitter(rng: float, factor: float) -> 
 
 
 def test_times_ejected_decays_by_one_per_base_time_of_health() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     state = EjectionState("a")
     for _ in range(5):
@@ -141,7 +124,7 @@ def test_times_ejected_decays_by_one_per_base_time_of_health() -> None:
 
 
 def test_at_most_max_percent_ejected_the_soonest_back_are_let_back() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(4)
     fail(d, eps[0])
@@ -155,7 +138,7 @@ def test_at_most_max_percent_ejected_the_soonest_back_are_let_back() -> None:
 
 
 def test_a_small_percent_still_ejects_one_and_zero_ejects_none() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     eps = endpoints(4)
     d = detector(clock, max_ejection_percent=10.0)
     fail(d, eps[0])
@@ -166,7 +149,7 @@ def test_a_small_percent_still_ejects_one_and_zero_ejects_none() -> None:
 
 
 def test_at_least_one_endpoint_is_always_available() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock, max_ejection_percent=100.0)
     eps = endpoints(2)
     fail(d, eps[0])
@@ -179,7 +162,7 @@ def test_at_least_one_endpoint_is_always_available() -> None:
 
 
 def test_half_open_admits_a_single_probe() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     fail(d, eps[0])
@@ -193,7 +176,7 @@ def test_half_open_admits_a_single_probe() -> None:
 
 
 def test_a_successful_probe_brings_the_endpoint_back() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     fail(d, eps[0])
@@ -205,7 +188,7 @@ def test_a_successful_probe_brings_the_endpoint_back() -> None:
 
 
 def test_a_failed_probe_ejects_again_for_longer() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     fail(d, eps[0])
@@ -217,7 +200,7 @@ def test_a_failed_probe_ejects_again_for_longer() -> None:
 
 
 def test_a_probe_without_verdict_frees_the_endpoint_for_another() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     fail(d, eps[0])
@@ -229,8 +212,8 @@ def test_a_probe_without_verdict_frees_the_endpoint_for_another() -> None:
 
 
 def test_an_unreported_probe_is_presumed_lost_after_the_probe_timeout() -> None:
-    clock = FakeClock()
-    d = OutlierDetector(Policy(), clock, lambda: 0.5, probe_timeout=10.0)
+    clock = FakeClock(1000.0)
+    d = OutlierDetector(EjectionPolicy(), clock, lambda: 0.5, probe_timeout=10.0)
     eps = endpoints(3)
     fail(d, eps[0])
     clock.now = ejection_end(eps[0].ejection)
@@ -243,7 +226,7 @@ def test_an_unreported_probe_is_presumed_lost_after_the_probe_timeout() -> None:
 
 
 def test_results_of_calls_from_before_the_ejection_are_ignored() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     fail(d, eps[0])
@@ -256,11 +239,11 @@ def test_results_of_calls_from_before_the_ejection_are_ignored() -> None:
 
 def test_probe_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        OutlierDetector(Policy(), FakeClock(), lambda: 0.5, probe_timeout=0)
+        OutlierDetector(EjectionPolicy(), FakeClock(1000.0), lambda: 0.5, probe_timeout=0)
 
 
 def test_a_lost_connection_ejects_at_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     d = detector(clock)
     eps = endpoints(3)
     d.eject_now(eps[0].ejection)

@@ -7,14 +7,7 @@ import pytest
 
 from mesh.policy import BudgetPolicy
 from mesh.retry import RetryBudget
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def drain(budget: RetryBudget) -> int:
@@ -25,7 +18,7 @@ def drain(budget: RetryBudget) -> int:
 
 
 def test_floor_alone_allows_min_retries_per_second_times_ttl() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=0.2, min_retries_per_second=10, ttl=10.0), clock=clock)
     assert budget.balance == 100
     assert drain(budget) == 100
@@ -36,7 +29,7 @@ def test_floor_alone_allows_min_retries_per_second_times_ttl() -> None:
 
 
 def test_steady_rate_allows_the_ratio_plus_the_floor() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=0.2, min_retries_per_second=10, ttl=10.0), clock=clock)
     for _ in range(1000):  # 100 requests/s for 10 s
         budget.deposit()
@@ -48,7 +41,7 @@ def test_steady_rate_allows_the_ratio_plus_the_floor() -> None:
 
 def test_retry_storm_is_capped_at_ratio_plus_floor_per_second() -> None:
     """Every request fails and wants a retry: retries settle at 20% + 10/s."""
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=0.2, min_retries_per_second=10, ttl=10.0), clock=clock)
     retried_per_second = []
     for _ in range(60):
@@ -65,7 +58,7 @@ def test_retry_storm_is_capped_at_ratio_plus_floor_per_second() -> None:
 
 
 def test_empty_budget_refuses_and_refusals_cost_nothing() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=0.5, min_retries_per_second=0, ttl=10.0), clock=clock)
     assert not budget.try_withdraw()
     budget.deposit()
@@ -81,7 +74,7 @@ def test_empty_budget_refuses_and_refusals_cost_nothing() -> None:
 
 
 def test_window_slides_old_deposits_expire() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=1.0, min_retries_per_second=0, ttl=10.0), clock=clock)
     for _ in range(50):
         budget.deposit()
@@ -100,7 +93,7 @@ def test_window_slides_old_deposits_expire() -> None:
 
 
 def test_withdrawals_expire_with_the_window() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=1.0, min_retries_per_second=0, ttl=10.0), clock=clock)
     for _ in range(10):
         budget.deposit()
@@ -113,7 +106,7 @@ def test_withdrawals_expire_with_the_window() -> None:
 
 def test_bucket_granularity() -> None:
     """A count expires between ttl - ttl/buckets and ttl seconds after it was made."""
-    clock = FakeClock()  # 1000.0: the start of a 1 s bucket
+    clock = FakeClock(1000.0)  # 1000.0: the start of a 1 s bucket
     budget = RetryBudget(BudgetPolicy(ratio=1.0, min_retries_per_second=0, ttl=10.0), clock=clock)
     clock.now = 1000.5
     budget.deposit()
@@ -124,7 +117,7 @@ def test_bucket_granularity() -> None:
 
 
 def test_zero_ratio_leaves_only_the_floor() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     budget = RetryBudget(BudgetPolicy(ratio=0.0, min_retries_per_second=1, ttl=5.0), clock=clock)
     for _ in range(1000):
         budget.deposit()
@@ -134,4 +127,4 @@ def test_zero_ratio_leaves_only_the_floor() -> None:
 def test_bucket_count_is_validated() -> None:
     with pytest.raises(ValueError, match="buckets"):
         RetryBudget(BudgetPolicy(), buckets=0)
-    assert "balance=100.0" in repr(RetryBudget(BudgetPolicy(), clock=FakeClock()))
+    assert "balance=100.0" in repr(RetryBudget(BudgetPolicy(), clock=FakeClock(1000.0)))
