@@ -32,6 +32,7 @@ SERVICE = "echo"
 UNARY = "/test.Echo/Call"
 SERVER_STREAM = "/test.Echo/Stream"
 CLIENT_STREAM = "/test.Echo/Collect"
+BIDI = "/test.Echo/Chat"
 
 
 class Scripted:
@@ -52,6 +53,7 @@ class Scripted:
                         "Call": grpc.unary_unary_rpc_method_handler(self.call),
                         "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
                         "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
+                        "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
                     },
                 ),
             )
@@ -89,6 +91,15 @@ class Scripted:
             yield f"{self.name}:{i}".encode()
             if self.mode == "partial":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} broke mid-stream")
+
+    async def chat(
+        self, requests: AsyncIterator[bytes], context: aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        self._note(context)
+        async for request in requests:
+            if self.mode == "fail":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is failing")
+            yield self.name.encode() + b":" + request
 
     async def collect(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> bytes:
         self._note(context)
@@ -293,3 +304,21 @@ async def test_full_bulkhead_refuses_with_resource_exhausted(servers: dict[str, 
             await first
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "'echo'" in (err.value.details() or "")
+
+
+async def test_bidi_stream_written_before_its_first_answer_is_replayed(
+    servers: dict[str, Scripted],
+) -> None:
+    a, b = servers["a"], servers["b"]
+    a.mode = "fail"
+    async with channel([a.address, b.address], policy()) as ch:
+        for _ in range(2):  # one of the two starts on the failing endpoint
+            chat = ch.stream_stream(BIDI)()
+            await chat.write(b"hello")
+            await chat.write(b"again")
+            assert await chat.read() == b"b:hello"
+            assert await chat.read() == b"b:again"
+            await chat.done_writing()
+            assert [m async for m in chat] == []
+            assert await chat.code() == grpc.StatusCode.OK
+    assert a.calls >= 1
