@@ -20,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from mesh.errors import ChannelClosed
 from mesh.policy import ServicePolicy
 from mesh.stream_call import StreamingCall
 from mesh.subchannels import CallableKey, ChannelFactory, SubChannelPool, insecure_subchannel
+from mesh.telemetry.tracing import Tracing
 from mesh.unary_call import UnaryUnaryCall
 from mesh.upstream import Upstream
 
@@ -55,6 +57,7 @@ class MeshChannel(aio.Channel):
         owns_resolver: bool = False,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        tracing: Tracing | None = None,
     ) -> None:
         if not service:
             raise ValueError("service name must not be empty")
@@ -64,9 +67,19 @@ class MeshChannel(aio.Channel):
         self.policy = policy if policy is not None else ServicePolicy()
         self._resolver = resolver
         self._owns_resolver = owns_resolver
+        if tracing is not None and channel_factory is insecure_subchannel:
+            interceptors = tracing.client_interceptors()
+            channel_factory = partial(insecure_subchannel, interceptors=interceptors)
         self._pool = SubChannelPool(service, channel_factory, close_grace=close_grace, clock=clock)
         self._clock = clock
-        self.upstream = Upstream(service, self.policy, self._pool, clock=clock, rng=rng)
+        self.upstream = Upstream(
+            service,
+            self.policy,
+            self._pool,
+            clock=clock,
+            rng=rng,
+            tracer=tracing.tracer if tracing is not None else None,
+        )
         self._follower: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
         self._closed = False

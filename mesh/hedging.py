@@ -21,6 +21,7 @@ from mesh.attempt import CANCELLED, OK, WaitResolved, pick_endpoint, pushback_of
 from mesh.errors import NoTimeLeft
 from mesh.outcome import classify_error
 from mesh.subchannels import CallableKey, SubChannel
+from mesh.telemetry.call_spans import CallSpans
 from mesh.upstream import MethodPlan, Upstream
 
 
@@ -32,6 +33,7 @@ async def run_hedged(
     deadline: float,
     kwargs: dict[str, Any],
     wait_resolved: WaitResolved,
+    spans: CallSpans | None = None,
 ) -> Any:
     """Attempts raced after the hedge delay; the first success wins, the rest are cancelled."""
     assert plan.hedge is not None
@@ -44,7 +46,7 @@ async def run_hedged(
     last_sub: SubChannel | None = None
     last_error: aio.AioRpcError | None = None
 
-    def launch(sub: SubChannel) -> None:
+    def launch(sub: SubChannel, hedge: bool = False) -> None:
         nonlocal started_attempts, last_sub
         remaining = deadline - clock()
         task = loop.create_task(
@@ -56,6 +58,8 @@ async def run_hedged(
                 state.attempt_timeout(remaining),
                 kwargs,
                 started_attempts,
+                spans,
+                hedge,
             )
         )
         running[task] = sub
@@ -85,7 +89,7 @@ async def run_hedged(
                     hedges_left -= 1
                     sub = upstream.pick(exclude=last_sub)
                     if sub is not None and sub not in running.values():
-                        launch(sub)
+                        launch(sub, hedge=True)
                 else:
                     hedges_left = 0
                 continue
@@ -115,17 +119,37 @@ async def _attempt(
     timeout: float,
     kwargs: dict[str, Any],
     previous: int,
+    spans: CallSpans | None,
+    hedge: bool,
 ) -> Any:
     started = sub.load.start()
-    attempt = start_attempt(sub, key, request, timeout, kwargs, previous)
+    span = None
+    if spans is None:
+        attempt = start_attempt(sub, key, request, timeout, kwargs, previous)
+    else:
+        span = spans.attempt(
+            sub.endpoint.host,
+            sub.endpoint.port,
+            previous + 1,
+            hedge=hedge,
+            breaker_state=str(upstream.breaker.state),
+        )
+        with CallSpans.current(span):
+            attempt = start_attempt(sub, key, request, timeout, kwargs, previous)
     try:
         response = await attempt
     except aio.AioRpcError as exc:
         upstream.record(sub, started, classify_error(exc))
+        if span is not None:
+            CallSpans.attempt_ended(span, exc)
         raise
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as cancelled:
         attempt.cancel()
         upstream.record(sub, started, CANCELLED)
+        if span is not None:
+            CallSpans.attempt_ended(span, cancelled)
         raise
     upstream.record(sub, started, OK)
+    if span is not None:
+        CallSpans.attempt_ended(span, None)
     return response

@@ -38,6 +38,7 @@ from mesh import keepalive
 from mesh.deadline import DeadlineInterceptor
 from mesh.faults import FaultInterceptor, FaultPolicy
 from mesh.reflection import enable_reflection
+from mesh.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,21 @@ class ServerConfig:
 class MeshServer:
     """A grpc.aio server with health, reflection, Consul registration and graceful stop."""
 
-    def __init__(self, config: ServerConfig, *, consul: ConsulSettings | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        consul: ConsulSettings | None = None,
+        tracing: Tracing | None = None,
+        instance_id: str | None = None,
+    ) -> None:
         self.config = config
         self._consul = consul
-        interceptors: list[Any] = [DeadlineInterceptor()]
+        self.instance_id = instance_id or new_instance_id(config.service_name)
+        interceptors: list[Any] = []
+        if tracing is not None:
+            interceptors.append(tracing.server_interceptor())
+        interceptors.append(DeadlineInterceptor())
         if config.fault.active:
             interceptors.append(FaultInterceptor(config.fault))
             log.warning("%s injects faults into every call: %s", config.service_name, config.fault)
@@ -96,7 +108,6 @@ class MeshServer:
         self._stop_requested = asyncio.Event()
         self._skip_drain = asyncio.Event()
         self.port = 0
-        self.instance_id = ""
 
     def add_service(
         self, descriptor: ServiceDescriptor, add_to_server: AddServicer, servicer: Any
@@ -134,7 +145,6 @@ class MeshServer:
         await self._server.start()
         for name in ("", *self._service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.instance_id = f"{self.config.service_name}-{self.port}-{uuid.uuid4().hex[:8]}"
         log.info(
             "%s serving %s on %s",
             self.config.service_name,
@@ -211,6 +221,11 @@ class MeshServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def new_instance_id(service: str) -> str:
+    """A unique id for one instance of `service` (what Consul, logs and traces call it)."""
+    return f"{service}-{uuid.uuid4().hex[:12]}"
 
 
 def _primary_address() -> str:

@@ -42,6 +42,7 @@ from mesh.faults import fault_message
 from mesh.hedging import run_hedged
 from mesh.outcome import classify_error
 from mesh.subchannels import CallableKey, SubChannel
+from mesh.telemetry.call_spans import CallSpans
 from mesh.upstream import MethodPlan, Upstream
 
 
@@ -67,6 +68,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
     _admitted = False
     _detached = False
     _callbacks: tuple[Callable[[Any], None], ...] | list[Callable[[Any], None]] = ()
+    _spans: CallSpans | None = None
 
     def __init__(
         self,
@@ -87,6 +89,12 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         now = upstream.clock()
         self._deadline = now + timeout
         self._state = self._NEW
+        if upstream.tracer is not None:
+            # Traced calls start when awaited, inside their call span.
+            self._spans = CallSpans(upstream.tracer, upstream.service, plan.full_method)
+            if timeout <= 0:
+                self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
+            return
         if timeout <= 0:
             self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
             return
@@ -180,10 +188,26 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
 
     async def _slow_path(self) -> Any:
         """Calls that start late: fault injection first, a refusal, hedging, or waiting for
-        discovery's first answer."""
+        discovery's first answer; and every traced call, inside its call span."""
+        spans = self._spans
+        if spans is None:
+            return await self._late_start()
+        with CallSpans.current(spans.span):
+            try:
+                response = await self._late_start()
+            except BaseException as exc:
+                if isinstance(self._refused, RefusedByMesh) and exc is self._refused:
+                    spans.event("refused by the mesh", reason=self._refused.details() or "")
+                spans.ended(exc)
+                raise
+        spans.ended(None)
+        return response
+
+    async def _late_start(self) -> Any:
         upstream, plan = self._upstream, self._plan
         if not self._admitted and self._refused is None:
-            await _inject_fault(plan, self._deadline, upstream.clock)
+            if plan.faults is not None:
+                await _inject_fault(plan, self._deadline, upstream.clock)
             self._admit()
         if self._refused is not None:
             raise self._refused
@@ -197,6 +221,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                     self._deadline,
                     self._kwargs,
                     self._wait_resolved,
+                    self._spans,
                 )
             )
         return await self._settle(self._attempts(None))
@@ -224,29 +249,42 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         clock = upstream.clock
         state = plan.retry.start(idempotent=plan.idempotent)
         exclude: SubChannel | None = None
+        spans = self._spans
+        span = None
+        backoff = 0.0
         while True:
             if failed is None:
                 sub = await pick_endpoint(upstream, exclude, self._deadline, self._wait_resolved)
                 if self._deadline - clock() <= 0:
                     raise NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
                 started = sub.load.start()
-                self._attempt = start_attempt(
-                    sub,
-                    self._key,
-                    self._request,
-                    self._attempt_timeout(),
-                    self._kwargs,
-                    state.attempts,
-                )
+                if spans is not None:
+                    span = spans.attempt(
+                        sub.endpoint.host,
+                        sub.endpoint.port,
+                        state.attempts + 1,
+                        backoff=backoff,
+                        breaker_state=str(upstream.breaker.state),
+                    )
+                    with CallSpans.current(span):
+                        self._attempt = self._start(sub, state.attempts)
+                else:
+                    self._attempt = self._start(sub, state.attempts)
                 try:
                     response = await self._attempt
                 except aio.AioRpcError as attempt_error:
                     failed = (attempt_error, sub, started)
-                except asyncio.CancelledError:
+                    if span is not None:
+                        CallSpans.attempt_ended(span, attempt_error)
+                except asyncio.CancelledError as cancelled:
                     upstream.record(sub, started, CANCELLED)
+                    if span is not None:
+                        CallSpans.attempt_ended(span, cancelled)
                     raise
                 else:
                     upstream.record(sub, started, OK)
+                    if span is not None:
+                        CallSpans.attempt_ended(span, None)
                     return response
             error, sub, started = failed
             failed = None
@@ -256,11 +294,21 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
             if not state.may_retry:
                 raise error
             delay = state.delay_for_next(upstream.rng)
-            if clock() + delay >= self._deadline or not upstream.budget.try_withdraw():
+            if clock() + delay >= self._deadline:
+                raise error
+            if not upstream.budget.try_withdraw():
+                if spans is not None:
+                    spans.event("retry budget exhausted", service=upstream.service)
                 raise error
             if delay > 0:
                 await asyncio.sleep(delay)
+            backoff = delay
             exclude = sub
+
+    def _start(self, sub: SubChannel, previous: int) -> Any:
+        return start_attempt(
+            sub, self._key, self._request, self._attempt_timeout(), self._kwargs, previous
+        )
 
     def _result(self) -> Any:
         if self._error is not None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from mesh.balance.latency import RecentLatencies
 from mesh.balance.p2c import PowerOfTwoChoices
@@ -70,8 +71,11 @@ class Upstream:
         *,
         clock: Clock = time.monotonic,
         rng: Rng = random.random,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.service = service
+        self.tracer = tracer
+        """Set when tracing is on: the mesh's call and attempt spans come from it."""
         self.policy = policy
         self.pool = pool
         self.clock = clock

@@ -6,7 +6,8 @@ import asyncio
 import sys
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from mesh.server import MeshServer
+from mesh.server import MeshServer, new_instance_id
+from mesh.telemetry.tracing import tracing_from_env
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
 from services.cli import (
@@ -26,9 +27,11 @@ async def main(argv: list[str]) -> int:
     configure_logging(args.log_level, SERVICE)
     mesh_policy(args)  # catalog calls no one yet, but a bad policy file must not pass silently
     config = server_config(args, version=project_version())
+    instance_id = new_instance_id(SERVICE)
+    tracing = tracing_from_env(SERVICE, instance_id=instance_id)
     store = await CatalogStore.open(database_path(args.data_dir, SERVICE))
     try:
-        server = MeshServer(config)
+        server = MeshServer(config, tracing=tracing, instance_id=instance_id)
         server.add_service(
             catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],
             catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
@@ -37,6 +40,8 @@ async def main(argv: list[str]) -> int:
         return await server.run()
     finally:
         await store.close()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
 
 
 if __name__ == "__main__":

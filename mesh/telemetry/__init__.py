@@ -1,0 +1,1 @@
+"""Observability: traces the mesh exports over OTLP, and local tools to receive and read them."""
