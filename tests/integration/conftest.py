@@ -60,11 +60,18 @@ class Stack:
         return ConsulSettings.parse(self.agent.http_addr)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, CONSUL_HTTP_ADDR=self.agent.http_addr)
-        env.pop("CONSUL_HTTP_TOKEN", None)
+        # A developer's own Consul token, policy file or OpenTelemetry exporter stays out.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OTEL_", "CONSUL_HTTP_", "FOODMESH_"))
+        }
+        env["CONSUL_HTTP_ADDR"] = self.agent.http_addr
         return env
 
-    def start(self, name: str, *args: str, port: int | None = None) -> ServiceProcess:
+    def start(
+        self, name: str, *args: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> ServiceProcess:
         port = free_tcp_port() if port is None else port
         log_path = self.log_dir / f"{name}-{len(self.processes)}.log"
         command = [
@@ -79,7 +86,9 @@ class Stack:
             "1",
             *args,
         ]
-        proc = spawn(command, env=self.env(), log_path=log_path, cwd=PROJECT_ROOT)
+        proc = spawn(
+            command, env={**self.env(), **(env or {})}, log_path=log_path, cwd=PROJECT_ROOT
+        )
         service = ServiceProcess(name, port, proc, log_path)
         self.processes.append(service)
         return service
