@@ -1,0 +1,351 @@
+"""Prometheus metrics of the mesh: what a scraper needs to see a service's calls and resilience.
+
+A sidecar mesh's proxy exports calls, latencies, retries, breaker and outlier state for free;
+a proxyless mesh must export them itself, from the process, or the operator is blind. Each
+process serves its own `/metrics` endpoint (its port goes into the Consul service meta, so a
+scraper finds it the way callers find the service).
+
+Why a registry per `MeshMetrics` and not prometheus_client's global one: a test (or a process
+hosting two meshes) makes a fresh instance and reads exact values back, with nothing left over
+from an earlier test. `default_metrics()` is the one process-wide instance the services use;
+`reset_default_metrics()` forgets it.
+
+Names follow Prometheus' conventions: a `mesh_` prefix, counters end in `_total`, durations are
+histograms in seconds, states are a gauge per state (the OpenMetrics StateSet pattern: 1 for the
+current state, 0 for the others). `method` is the full gRPC method name ("/pkg.Service/Method")
+and `code` the status code's name ("OK", "UNAVAILABLE"), as grpc-ecosystem's interceptors do.
+
+The call path calls these methods on every call, so they are cheap: `labels()` (which validates
+and hashes its arguments under a lock) runs once per label tuple, and its children are cached
+in a dict; a call costs a dict lookup and the child's own increment/observe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import prometheus_client
+from grpc import aio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mesh.breaker import BreakerState
+from mesh.faults import DEFAULT_EXEMPT
+from mesh.servicer_hooks import BehaviorInterceptor, Exit, Hook
+
+AttemptKind = Literal["first", "retry", "hedge"]
+
+RPC_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Histogram bounds in seconds: from a sub-millisecond local call to a 10 s timeout."""
+
+BREAKER_STATES = tuple(state.value for state in BreakerState)
+
+
+class _ChildCache:
+    """The children of one labelled metric, made once per label tuple."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[Hashable, Any] = {}
+
+    def get(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+class _CallMetrics:
+    """A calls counter by (service, method, code) and a duration histogram by (service, method),
+    for one side of a call; the children of both are cached under one key."""
+
+    __slots__ = ("_children", "calls", "duration")
+
+    def __init__(self, calls: Counter, duration: Histogram) -> None:
+        self.calls = calls
+        self.duration = duration
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
+
+    def finished(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        key = (service, method, code)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.calls.labels(service, method, code.name),
+                self.duration.labels(service, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+class MeshMetrics:
+    """The mesh's instruments, in a registry of their own (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._client = _CallMetrics(
+            Counter(
+                "mesh_client_calls_total",
+                "Calls made through mesh channels, by service, method and final status code.",
+                ("service", "method", "code"),
+                registry=r,
+            ),
+            Histogram(
+                "mesh_client_call_duration_seconds",
+                "Duration of calls made through mesh channels, retries and hedges included.",
+                ("service", "method"),
+                buckets=RPC_BUCKETS,
+                registry=r,
+            ),
+        )
+        self._server = _CallMetrics(
+            Counter(
+                "mesh_server_calls_total",
+                "Calls served, by service, method and status code.",
+                ("service", "method", "code"),
+                registry=r,
+            ),
+            Histogram(
+                "mesh_server_call_duration_seconds",
+                "Time the server spent on calls, from the behavior's start to its end.",
+                ("service", "method"),
+                buckets=RPC_BUCKETS,
+                registry=r,
+            ),
+        )
+        self._attempts = _ChildCache(
+            Counter(
+                "mesh_client_attempts_total",
+                "Attempts sent to endpoints: the first of each call, retries and hedges.",
+                ("service", "method", "kind"),
+                registry=r,
+            )
+        )
+        self._budget_exhausted = _ChildCache(
+            Counter(
+                "mesh_retry_budget_exhausted_total",
+                "Retries or hedges not sent because the service's retry budget was empty.",
+                ("service",),
+                registry=r,
+            )
+        )
+        self._breaker_state = _ChildCache(
+            Gauge(
+                "mesh_circuit_breaker_state",
+                "1 for the current state of the service's circuit breaker, 0 for the others.",
+                ("service", "state"),
+                registry=r,
+            )
+        )
+        self._breaker_transitions = _ChildCache(
+            Counter(
+                "mesh_circuit_breaker_transitions_total",
+                "Changes of state of the service's circuit breaker.",
+                ("service", "from_state", "to_state"),
+                registry=r,
+            )
+        )
+        self._ejected = _ChildCache(
+            Gauge(
+                "mesh_ejected_endpoints",
+                "Endpoints of the service currently ejected by outlier detection.",
+                ("service",),
+                registry=r,
+            )
+        )
+        self._ejections = _ChildCache(
+            Counter(
+                "mesh_ejections_total",
+                "Ejections of endpoints of the service by outlier detection.",
+                ("service",),
+                registry=r,
+            )
+        )
+        self._healthy = _ChildCache(
+            Gauge(
+                "mesh_healthy_endpoints",
+                "Endpoints of the service that discovery reports healthy.",
+                ("service",),
+                registry=r,
+            )
+        )
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def client_call_finished(
+        self, service: str, method: str, code: grpc.StatusCode, seconds: float
+    ) -> None:
+        """A call through a mesh channel ended with `code` after `seconds` in all."""
+        self._client.finished(service, method, code, seconds)
+
+    def client_attempt(self, service: str, method: str, kind: AttemptKind) -> None:
+        """An attempt of a call was sent: its first, a retry or a hedge."""
+        self._attempts.get(service, method, kind).inc()
+
+    def budget_exhausted(self, service: str) -> None:
+        """A retry or hedge was wanted but the service's retry budget had no token."""
+        self._budget_exhausted.get(service).inc()
+
+    def breaker_state(self, service: str, state: str) -> None:
+        """Show `state` as the current state of the service's breaker (call it when a breaker
+        is created: a new breaker is closed without a transition to announce it)."""
+        for name in BREAKER_STATES:
+            self._breaker_state.get(service, name).set(1 if name == state else 0)
+
+    def breaker_changed(self, service: str, old_state: str, new_state: str) -> None:
+        """A listener for `CircuitBreaker.add_listener`: counts the transition and moves the
+        state gauge. Takes BreakerState values (a StrEnum) or their strings."""
+        self._breaker_transitions.get(service, str(old_state), str(new_state)).inc()
+        self.breaker_state(service, str(new_state))
+
+    def ejections_changed(self, service: str, ejected: int) -> None:
+        """`ejected` endpoints of the service are ejected now."""
+        self._ejected.get(service).set(ejected)
+
+    def ejected(self, service: str) -> None:
+        """An endpoint of the service was ejected (once per ejection, re-ejections included)."""
+        self._ejections.get(service).inc()
+
+    def healthy_endpoints(self, service: str, n: int) -> None:
+        """Discovery reports `n` healthy endpoints for the service."""
+        self._healthy.get(service).set(n)
+
+    def server_call_finished(
+        self, service: str, method: str, code: grpc.StatusCode, seconds: float
+    ) -> None:
+        """A call this process served ended with `code` after `seconds`."""
+        self._server.finished(service, method, code, seconds)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format."""
+        return prometheus_client.generate_latest(self.registry)
+
+    def start_http_server(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve the registry at http://host:port/metrics on a daemon thread; return the port
+        bound (port 0 takes a free one). `stop()` stops it."""
+        if self._http is not None:
+            raise RuntimeError("the metrics HTTP server is already running")
+        self._http = prometheus_client.start_http_server(port, host, self.registry)
+        return self._http[0].server_port
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of the metrics HTTP server, or None when it is not running."""
+        return None if self._http is None else self._http[0].server_port
+
+    def stop(self) -> None:
+        """Stop the metrics HTTP server, if it runs, and close its socket."""
+        if self._http is None:
+            return
+        server, thread = self._http
+        self._http = None
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+_default: MeshMetrics | None = None
+_default_lock = threading.Lock()
+
+
+def default_metrics() -> MeshMetrics:
+    """The process-wide MeshMetrics the services use, made on first use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = MeshMetrics()
+    return _default
+
+
+def reset_default_metrics() -> None:
+    """Forget the process-wide MeshMetrics (stopping its HTTP server); for tests."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, None
+    if previous is not None:
+        previous.stop()
+
+
+def final_code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status code a call ends with, asked from the `finally` of its behavior.
+
+    A code the behavior set (`context.abort()` or `context.set_code()`, even before raising)
+    is the one grpc.aio sends. Otherwise the exception being raised through the `finally`
+    (`sys.exception()`) tells it: none is OK; a cancellation is the client's, or the deadline's
+    when no time is left; any other exception is sent as UNKNOWN.
+    """
+    code: grpc.StatusCode | None = context.code()
+    if code is not None:
+        return code
+    error = sys.exception()
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class MetricsServerInterceptor(BehaviorInterceptor):
+    """Counts the calls a grpc.aio server serves and times them, per method and status code.
+
+    All four call shapes; a streaming response is timed until its stream ends. Health checks
+    and reflection are left out (`exempt`), as they are from tracing. Put it first in the
+    server's interceptors, so that calls refused by later interceptors (an expired deadline,
+    an injected fault) are counted too. Sync behaviors (run on a thread pool) are not seen.
+    """
+
+    def __init__(
+        self,
+        metrics: MeshMetrics,
+        service: str,
+        *,
+        exempt: tuple[str, ...] = DEFAULT_EXEMPT,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._service = service
+        self._exempt = exempt
+        self._clock = clock
+
+    def hook_for(self, method: str) -> Hook | None:
+        if method.startswith(self._exempt):
+            return None
+        finished, service, clock = self._metrics.server_call_finished, self._service, self._clock
+
+        async def measure(context: aio.ServicerContext[Any, Any]) -> Exit:
+            started = clock()
+
+            def done() -> None:
+                finished(service, method, final_code(context), clock() - started)
+
+            return done
+
+        return measure
