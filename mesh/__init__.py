@@ -17,6 +17,7 @@ from discovery.resolver import Resolver
 from mesh.channel import MeshChannel
 from mesh.errors import ChannelClosed, MeshError, NoHealthyEndpoints, NotResolved
 from mesh.policy import MeshPolicy, ServicePolicy, load_policy, load_policy_from_env
+from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.tracing import Tracing
 
 
@@ -27,6 +28,7 @@ def channel(
     consul: ConsulSettings | None = None,
     policy: MeshPolicy | ServicePolicy | None = None,
     tracing: Tracing | None = None,
+    metrics: MeshMetrics | None = None,
 ) -> MeshChannel:
     """A MeshChannel to `service`, discovered through Consul unless `resolver` is given.
 
@@ -35,7 +37,8 @@ def channel(
     passed in is shared (several channels may use one) and left open. The policy is the one
     given (a whole MeshPolicy or this service's ServicePolicy), else the file that
     FOODMESH_POLICY names, else the defaults. With `tracing` (see
-    mesh.telemetry.tracing.tracing_from_env), calls make spans and carry the trace onward.
+    mesh.telemetry.tracing.tracing_from_env), calls make spans and carry the trace onward;
+    with `metrics` (mesh.telemetry.metrics), they are counted.
     """
     if policy is None:
         policy = load_policy_from_env()
@@ -43,13 +46,16 @@ def channel(
     if resolver is not None:
         if consul is not None:
             raise ValueError("give either a resolver or Consul settings, not both")
-        return MeshChannel(service, resolver, policy=service_policy, tracing=tracing)
+        return MeshChannel(
+            service, resolver, policy=service_policy, tracing=tracing, metrics=metrics
+        )
     return MeshChannel(
         service,
         ConsulResolver(consul),
         policy=service_policy,
         owns_resolver=True,
         tracing=tracing,
+        metrics=metrics,
     )
 
 

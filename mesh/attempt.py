@@ -48,15 +48,19 @@ async def pick_endpoint(
 
 
 def start_attempt(
+    upstream: Upstream,
     sub: SubChannel,
     key: CallableKey,
     request: Any,
     timeout: float,
     kwargs: dict[str, Any],
     previous: int,
+    *,
+    hedge: bool = False,
 ) -> Any:
     """Start one attempt on `sub`; retries tell the server how many came before."""
     sub.attempts += 1
+    upstream.attempt_started(key[1], previous, hedge)
     if previous:
         kwargs = {
             **kwargs,

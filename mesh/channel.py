@@ -33,6 +33,7 @@ from mesh.errors import ChannelClosed
 from mesh.policy import ServicePolicy
 from mesh.stream_call import StreamingCall
 from mesh.subchannels import CallableKey, ChannelFactory, SubChannelPool, insecure_subchannel
+from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.tracing import Tracing
 from mesh.unary_call import UnaryUnaryCall
 from mesh.upstream import Upstream
@@ -58,6 +59,7 @@ class MeshChannel(aio.Channel):
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         tracing: Tracing | None = None,
+        metrics: MeshMetrics | None = None,
     ) -> None:
         if not service:
             raise ValueError("service name must not be empty")
@@ -79,6 +81,7 @@ class MeshChannel(aio.Channel):
             clock=clock,
             rng=rng,
             tracer=tracing.tracer if tracing is not None else None,
+            metrics=metrics,
         )
         self._follower: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
@@ -97,6 +100,8 @@ class MeshChannel(aio.Channel):
         try:
             async for endpoints in self._resolver.watch(self.service):
                 self._pool.update(endpoints)
+                if metrics := self.upstream.metrics:
+                    metrics.healthy_endpoints(self.service, len(endpoints))
                 self._signal_change()
         except asyncio.CancelledError:
             raise

@@ -99,7 +99,10 @@ async def run_hedged(
             if not state.may_retry:
                 raise last_error
             backoff = state.delay_for_next(upstream.rng)
-            if clock() + backoff >= deadline or not upstream.budget.try_withdraw():
+            if clock() + backoff >= deadline:
+                raise last_error
+            if not upstream.budget.try_withdraw():
+                upstream.budget_exhausted()
                 raise last_error
             if backoff > 0:
                 await asyncio.sleep(backoff)
@@ -125,7 +128,7 @@ async def _attempt(
     started = sub.load.start()
     span = None
     if spans is None:
-        attempt = start_attempt(sub, key, request, timeout, kwargs, previous)
+        attempt = start_attempt(upstream, sub, key, request, timeout, kwargs, previous, hedge=hedge)
     else:
         span = spans.attempt(
             sub.endpoint.host,
@@ -135,7 +138,9 @@ async def _attempt(
             breaker_state=str(upstream.breaker.state),
         )
         with CallSpans.current(span):
-            attempt = start_attempt(sub, key, request, timeout, kwargs, previous)
+            attempt = start_attempt(
+                upstream, sub, key, request, timeout, kwargs, previous, hedge=hedge
+            )
     try:
         response = await attempt
     except aio.AioRpcError as exc:

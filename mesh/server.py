@@ -38,6 +38,7 @@ from mesh import keepalive
 from mesh.deadline import DeadlineInterceptor
 from mesh.faults import FaultInterceptor, FaultPolicy
 from mesh.reflection import enable_reflection
+from mesh.telemetry.metrics import MeshMetrics, MetricsServerInterceptor
 from mesh.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,17 @@ class MeshServer:
         *,
         consul: ConsulSettings | None = None,
         tracing: Tracing | None = None,
+        metrics: MeshMetrics | None = None,
+        metrics_port: int | None = None,
         instance_id: str | None = None,
     ) -> None:
         self.config = config
         self._consul = consul
         self.instance_id = instance_id or new_instance_id(config.service_name)
+        self._metrics_port = metrics_port
         interceptors: list[Any] = []
+        if metrics is not None:  # first: it also counts what later interceptors refuse
+            interceptors.append(MetricsServerInterceptor(metrics, config.service_name))
         if tracing is not None:
             interceptors.append(tracing.server_interceptor())
         interceptors.append(DeadlineInterceptor())
@@ -168,6 +174,7 @@ class MeshServer:
                 "version": cfg.version,
                 "grpc_services": ",".join(self._service_names),
                 "pid": str(os.getpid()),
+                **({"metrics_port": str(self._metrics_port)} if self._metrics_port else {}),
             },
             check_interval=cfg.check_interval,
         )

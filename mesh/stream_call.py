@@ -105,7 +105,8 @@ class StreamingCall(
         self._replay = _Replay(request) if self._request_streaming else None
         self._writer_api = self._request_streaming and request is None
         loop = asyncio.get_running_loop()
-        self._deadline = upstream.clock() + timeout
+        self._started_at = upstream.clock()
+        self._deadline = self._started_at + timeout
         self._state = plan.retry.start(idempotent=plan.idempotent)
         self._attempt: Any = None
         self._sub: SubChannel | None = None
@@ -145,6 +146,7 @@ class StreamingCall(
         self._started = sub.load.start()
         self._sub = sub
         self._attempt = start_attempt(
+            self._upstream,
             sub,
             self._key,
             request,
@@ -181,10 +183,11 @@ class StreamingCall(
             raise error
         loop = asyncio.get_running_loop()
         delay = self._state.delay_for_next(self._upstream.rng)
-        if (
-            self._upstream.clock() + delay >= self._deadline
-            or not self._upstream.budget.try_withdraw()
-        ):
+        if self._upstream.clock() + delay >= self._deadline:
+            self._end(error)
+            raise error
+        if not self._upstream.budget.try_withdraw():
+            self._upstream.budget_exhausted()
             self._end(error)
             raise error
         if delay > 0:
@@ -210,6 +213,11 @@ class StreamingCall(
             return
         self._finished = True
         self._error = error
+        upstream = self._upstream
+        if upstream.metrics is not None:
+            upstream.call_finished(
+                self._plan.full_method, error, upstream.clock() - self._started_at
+            )
         if error is None and self._sub is not None:
             self._upstream.record(self._sub, self._started, OK)
             self._upstream.breaker.record(True)

@@ -87,6 +87,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._kwargs = kwargs
         self._wait_resolved = wait_resolved
         now = upstream.clock()
+        self._started_at = now
         self._deadline = now + timeout
         self._state = self._NEW
         if upstream.tracer is not None:
@@ -109,6 +110,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._first = (sub, sub.load.start())
         limit = plan.retry.per_attempt_timeout
         sub.attempts += 1
+        upstream.attempt_started(plan.full_method, 0)
         attempt = sub.multicallable(key)(
             request, timeout=timeout if limit is None or timeout < limit else limit, **kwargs
         )
@@ -180,6 +182,10 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
             raise
         finally:
             self._state = self._DONE
+            if upstream.metrics is not None:
+                upstream.call_finished(
+                    self._plan.full_method, self._error, upstream.clock() - self._started_at
+                )
             if self._done is not None and not self._done.done():
                 self._done.set_result(None)
             for callback in self._callbacks:
@@ -297,6 +303,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
             if clock() + delay >= self._deadline:
                 raise error
             if not upstream.budget.try_withdraw():
+                upstream.budget_exhausted()
                 if spans is not None:
                     spans.event("retry budget exhausted", service=upstream.service)
                 raise error
@@ -307,7 +314,13 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
 
     def _start(self, sub: SubChannel, previous: int) -> Any:
         return start_attempt(
-            sub, self._key, self._request, self._attempt_timeout(), self._kwargs, previous
+            self._upstream,
+            sub,
+            self._key,
+            self._request,
+            self._attempt_timeout(),
+            self._kwargs,
+            previous,
         )
 
     def _result(self) -> Any:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from grpc import aio
 from opentelemetry import trace
 
 from mesh.balance.latency import RecentLatencies
@@ -32,6 +33,7 @@ from mesh.policy import HedgePolicy, MethodPolicy, ServicePolicy
 from mesh.retry.budget import RetryBudget
 from mesh.retry.policy import RetryPolicy, method_is_idempotent
 from mesh.subchannels import SubChannel, SubChannelPool
+from mesh.telemetry.metrics import AttemptKind, MeshMetrics
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,12 @@ class Upstream:
         clock: Clock = time.monotonic,
         rng: Rng = random.random,
         tracer: trace.Tracer | None = None,
+        metrics: MeshMetrics | None = None,
     ) -> None:
         self.service = service
         self.tracer = tracer
+        self.metrics = metrics
+        """Set when the process exports metrics: calls, attempts, breaker, ejections."""
         """Set when tracing is on: the mesh's call and attempt spans come from it."""
         self.policy = policy
         self.pool = pool
@@ -91,6 +96,9 @@ class Upstream:
         )
         """Some method hedges: only then are recent latencies (the hedge delay) kept."""
         self._plans: dict[str, MethodPlan] = {}
+        if metrics is not None:
+            metrics.breaker_state(service, str(self.breaker.state))
+            self.breaker.add_listener(metrics.breaker_changed)
 
     def plan(self, full_method: str) -> MethodPlan:
         """The compiled plan of `full_method` ("/pkg.Service/Method")."""
@@ -116,16 +124,50 @@ class Upstream:
         sub.load.finish(started, penalty=classified.code is grpc.StatusCode.RESOURCE_EXHAUSTED)
         if outcome is Outcome.FAILURE:
             sub.failures += 1
+            was_ejected = sub.ejection.ejected_until is not None
             if classified.connection_lost:
                 self.ejection.eject_now(sub.ejection)
             else:
                 self.ejection.on_failure(sub.ejection)
+            if self.metrics is not None and not was_ejected and sub.ejection.ejected_until:
+                self.metrics.ejected(self.service)
+                self._count_ejected()
         elif outcome is Outcome.NEUTRAL:
             self.ejection.on_neutral(sub.ejection)
         else:
+            was_ejected = sub.ejection.ejected_until is not None
             self.ejection.on_success(sub.ejection)
+            if was_ejected and self.metrics is not None:
+                self._count_ejected()
             if self.hedging:
                 self.latencies.add(self.clock() - started)
+
+    def _count_ejected(self) -> None:
+        assert self.metrics is not None
+        ejected = sum(1 for s in self.pool.subchannels() if s.ejection.ejected_until is not None)
+        self.metrics.ejections_changed(self.service, ejected)
+
+    def attempt_started(self, method: str, previous: int, hedge: bool = False) -> None:
+        """Count an attempt (first, retry or hedge) when metrics are on."""
+        if self.metrics is not None:
+            kind: AttemptKind = "hedge" if hedge else ("retry" if previous else "first")
+            self.metrics.client_attempt(self.service, method, kind)
+
+    def budget_exhausted(self) -> None:
+        if self.metrics is not None:
+            self.metrics.budget_exhausted(self.service)
+
+    def call_finished(self, method: str, error: BaseException | None, seconds: float) -> None:
+        """Count a finished call by its final status when metrics are on."""
+        if self.metrics is None:
+            return
+        if error is None:
+            code = grpc.StatusCode.OK
+        elif isinstance(error, aio.AioRpcError):
+            code = error.code()
+        else:
+            code = grpc.StatusCode.CANCELLED
+        self.metrics.client_call_finished(self.service, method, code, seconds)
 
     def hedge_delay(self, hedge: HedgePolicy) -> float | None:
         """Seconds before a hedge is sent: the policy's, or the recent p95 latency."""

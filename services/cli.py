@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from mesh.server import ServerConfig
 from services.datadir import default_data_dir
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMAT = "%(asctime)s %(levelname)s {service} %(name)s: %(message)s"
 
 
 def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -90,6 +87,24 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
         type=_non_negative_seconds,
         default=10.0,
         help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log JSON lines instead of text lines (both carry the trace and span ids)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port_number,
+        default=0,
+        help="port of the Prometheus endpoint (/metrics) on --host; 0 takes any free port; "
+        "registered in Consul as meta metrics_port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="serve no Prometheus endpoint",
     )
     parser.add_argument(
         "--policy",
@@ -199,27 +214,6 @@ def _non_negative_seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
     return value
-
-
-def configure_logging(level: str | int, service_name: str) -> None:
-    """Send every log record to stderr as one line: UTC time, level, service, logger, message.
-
-    Replaces handlers configured earlier, so calling it twice does not double the lines.
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(LOG_FORMAT.format(service=service_name)))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-
-
-class OneLineFormatter(logging.Formatter):
-    """A formatter with ISO-8601 UTC times that escapes line breaks, so one event is one line."""
-
-    converter = staticmethod(time.gmtime)
-    default_time_format = "%Y-%m-%dT%H:%M:%S"
-    default_msec_format = "%s.%03dZ"
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _port_number(text: str) -> int:

@@ -45,7 +45,7 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
     export = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     failing = stack.start("catalog", *FAILING, env=export)
     healthy = stack.start("catalog", env=export)
-    stack.start("orders", "--policy", str(_round_robin(stack)), env=export)
+    orders = stack.start("orders", "--policy", str(_round_robin(stack)), env=export)
     stack.wait_passing("catalog", 2)
     stack.wait_passing("orders", 1)
 
@@ -115,6 +115,11 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
             assert second.attributes["server.port"] == healthy.port
             assert second.status_code != "ERROR"
     assert retried >= 1, "a retry shows as two attempt spans under one call span"
+    placed = [line for line in orders.log().splitlines() if "placed order" in line]
+    assert len(placed) == 4
+    assert {c.trace_id for c in shop_calls} == {
+        line.split(" trace=")[1].split()[0] for line in placed
+    }, "a log line written while serving a call carries that call's trace id"
     assert not [s for s in spans if "grpc.health" in s.name], "health checks make no spans"
 
 

@@ -1,0 +1,124 @@
+"""Prometheus metrics from real processes: the endpoint is found through Consul's service
+meta, and after a known sequence of calls it reports the matching counts."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
+
+import mesh
+from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from mesh.policy import BreakerPolicy, ServicePolicy
+from tests.integration.conftest import Stack
+from tests.integration.test_mesh_on_consul import order
+
+PLACE_ORDER = "/foodmesh.orders.v1.OrderService/PlaceOrder"
+GET_ITEM = "/foodmesh.catalog.v1.CatalogService/GetItem"
+FAILING = ("--fault-abort", "UNAVAILABLE", "--fault-abort-percent", "100")
+
+
+def scrape(stack: Stack, service: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    (entry,) = stack.passing(service)
+    port = int(entry["Service"]["Meta"]["metrics_port"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
+    stack.start("catalog")
+    stack.start("orders")
+    stack.wait_passing("catalog", 1)
+    stack.wait_passing("orders", 1)
+    async with mesh.channel("orders", consul=stack.settings) as channel:
+        stub = orders_pb2_grpc.OrderServiceStub(channel)
+        for n in range(3):
+            await stub.PlaceOrder(order(f"metrics-{n}"), timeout=10)
+        with pytest.raises(aio.AioRpcError):
+            await stub.PlaceOrder(orders_pb2.PlaceOrderRequest(customer_id=""), timeout=10)
+
+    orders = scrape(stack, "orders")
+    assert (
+        value(orders, "mesh_server_calls_total", service="orders", method=PLACE_ORDER, code="OK")
+        == 3
+    )
+    assert (
+        value(
+            orders,
+            "mesh_server_calls_total",
+            service="orders",
+            method=PLACE_ORDER,
+            code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
+    assert (
+        value(orders, "mesh_client_calls_total", service="catalog", method=GET_ITEM, code="OK") == 3
+    )
+    assert (
+        value(
+            orders, "mesh_client_attempts_total", service="catalog", method=GET_ITEM, kind="first"
+        )
+        == 3
+    )
+    assert (
+        value(orders, "mesh_client_call_duration_seconds_count", service="catalog", method=GET_ITEM)
+        == 3
+    )
+    assert value(orders, "mesh_healthy_endpoints", service="catalog") == 1
+    assert value(orders, "mesh_circuit_breaker_state", service="catalog", state="closed") == 1
+    catalog = scrape(stack, "catalog")
+    assert (
+        value(catalog, "mesh_server_calls_total", service="catalog", method=GET_ITEM, code="OK")
+        == 3
+    )
+    assert not [k for k in catalog if "grpc.health" in str(k)], "health checks not counted"
+
+
+async def test_breaker_state_metric_says_open(stack: Stack) -> None:
+    stack.start("catalog", *FAILING)
+    stack.start("orders")
+    stack.wait_passing("catalog", 1)
+    stack.wait_passing("orders", 1)
+    patient = ServicePolicy(breaker=BreakerPolicy(minimum_calls=1_000_000))
+    async with mesh.channel("orders", consul=stack.settings, policy=patient) as channel:
+        stub = orders_pb2_grpc.OrderServiceStub(channel)
+        for n in range(60):
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.PlaceOrder(order(f"open-{n}"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            if "circuit for service 'catalog' is open" in (err.value.details() or ""):
+                break
+    orders = scrape(stack, "orders")
+    assert value(orders, "mesh_circuit_breaker_state", service="catalog", state="open") == 1
+    assert value(orders, "mesh_circuit_breaker_state", service="catalog", state="closed") == 0
+    assert (
+        value(
+            orders,
+            "mesh_circuit_breaker_transitions_total",
+            service="catalog",
+            from_state="closed",
+            to_state="open",
+        )
+        == 1
+    )
+    assert (
+        value(
+            orders, "mesh_client_attempts_total", service="catalog", method=GET_ITEM, kind="retry"
+        )
+        > 0
+    )
