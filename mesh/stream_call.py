@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Generator
+from functools import partial
 from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import Span
 
 from mesh.attempt import (
     CANCELLED,
@@ -33,6 +35,7 @@ from mesh.attempt import (
 from mesh.errors import BulkheadFull, CircuitOpen, NoTimeLeft
 from mesh.outcome import classify_error
 from mesh.subchannels import CallableKey, SubChannel
+from mesh.telemetry.call_spans import CallSpans
 from mesh.upstream import MethodPlan, Upstream
 
 MAX_BUFFERED = 64
@@ -115,6 +118,12 @@ class StreamingCall(
         self._finished = False
         self._error: BaseException | None = None
         self._admitted = False
+        self._spans = (
+            CallSpans(upstream.tracer, upstream.service, plan.full_method)
+            if upstream.tracer is not None
+            else None
+        )
+        self._attempt_span: Span | None = None
         self._ready = loop.create_task(self._begin(timeout))
 
     # -- attempts -----------------------------------------------------------------------
@@ -145,7 +154,8 @@ class StreamingCall(
             request = self._request
         self._started = sub.load.start()
         self._sub = sub
-        self._attempt = start_attempt(
+        start = partial(
+            start_attempt,
             self._upstream,
             sub,
             self._key,
@@ -154,6 +164,17 @@ class StreamingCall(
             self._kwargs,
             self._state.attempts,
         )
+        if self._spans is None:
+            self._attempt = start()
+        else:
+            self._attempt_span = self._spans.attempt(
+                sub.endpoint.host,
+                sub.endpoint.port,
+                self._state.attempts + 1,
+                breaker_state=str(self._upstream.breaker.state),
+            )
+            with CallSpans.current(self._attempt_span):
+                self._attempt = start()
         self._attempt.add_done_callback(self._attempt_done)
         if self._writer_api and self._replay is not None:
             for message in self._replay.sent:
@@ -174,6 +195,7 @@ class StreamingCall(
         policy, the budget, the buffer and the deadline all allow it; else fail the call."""
         sub = self._sub
         assert sub is not None
+        self._end_attempt_span(error)
         classified = classify_error(error)
         self._upstream.record(sub, self._started, classified)
         self._state = self._state.increment(classified, pushback_of(error))
@@ -208,11 +230,19 @@ class StreamingCall(
         else:
             self._end(_error_of(code, await attempt.details()))
 
+    def _end_attempt_span(self, error: BaseException | None) -> None:
+        span, self._attempt_span = self._attempt_span, None
+        if span is not None:
+            CallSpans.attempt_ended(span, error)
+
     def _end(self, error: BaseException | None) -> None:
         if self._finished:
             return
         self._finished = True
         self._error = error
+        self._end_attempt_span(error)
+        if self._spans is not None:
+            self._spans.ended(error)
         upstream = self._upstream
         if upstream.metrics is not None:
             upstream.call_finished(
@@ -320,6 +350,9 @@ class StreamingCall(
             self._upstream.record(self._sub, self._started, CANCELLED)
             self._sub = None
         self._finished = True
+        self._end_attempt_span(asyncio.CancelledError())
+        if self._spans is not None:
+            self._spans.ended(asyncio.CancelledError())
         if self._admitted:
             self._upstream.breaker.record_neutral()
             self._upstream.bulkhead.release()

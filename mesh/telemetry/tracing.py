@@ -31,6 +31,7 @@ from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_p
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import Sampler
 
 UNTRACED_SERVICES = ("grpc.health.v1", "grpc.reflection")
 
@@ -83,11 +84,12 @@ def tracing_from_env(
     return tracing_to(endpoint, Resource.create(attributes))
 
 
-def tracing_to(endpoint: str, resource: Resource) -> Tracing:
-    """Tracing that exports to the OTLP/gRPC `endpoint` ("http://host:port" is plaintext)."""
+def tracing_to(endpoint: str, resource: Resource, sampler: Sampler | None = None) -> Tracing:
+    """Tracing that exports to the OTLP/gRPC `endpoint` ("http://host:port" is plaintext);
+    the sampler is the one given, else the one OTEL_TRACES_SAMPLER(_ARG) name."""
     insecure = endpoint.startswith("http://") or "://" not in endpoint
     target = endpoint.split("://", 1)[-1]
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(
         BatchSpanProcessor(OTLPSpanExporter(endpoint=target, insecure=insecure))
     )

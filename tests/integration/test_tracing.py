@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
 
 import mesh
 from foodmesh.orders.v1 import orders_pb2_grpc
@@ -127,3 +128,45 @@ def _round_robin(stack: Stack) -> object:
     path = stack.data_dir / "round-robin.toml"
     path.write_text('[services.catalog]\nbalancer = "round_robin"\n')
     return path
+
+
+async def test_sampling_follows_the_environment_and_the_parent(
+    stack: Stack, receiver: TraceReceiver
+) -> None:
+    # ratio 0 for traces that start here; parent-based: a sampled caller's trace is kept
+    export = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0",
+    }
+    stack.start("catalog", env=export)
+    stack.start("orders", env=export)
+    stack.wait_passing("catalog", 1)
+    stack.wait_passing("orders", 1)
+
+    async def place(sampler: Sampler | None, key: str) -> str:
+        tracing = tracing_to(
+            receiver.endpoint, Resource.create({"service.name": "shop"}), sampler=sampler
+        )
+        try:
+            async with mesh.channel("orders", consul=stack.settings, tracing=tracing) as channel:
+                stub = orders_pb2_grpc.OrderServiceStub(channel)
+                with tracing.tracer.start_as_current_span("checkout") as span:
+                    await stub.PlaceOrder(order(key), timeout=10)
+                    return f"{span.get_span_context().trace_id:032x}"
+        finally:
+            await asyncio.to_thread(tracing.shutdown)
+
+    async with mesh.channel("orders", consul=stack.settings) as untraced:  # no trace at all
+        await orders_pb2_grpc.OrderServiceStub(untraced).PlaceOrder(order("plain"), timeout=10)
+    dropped = await place(ALWAYS_OFF, "unsampled")
+    kept = await place(ALWAYS_ON, "sampled")
+
+    def kept_from_both(spans: list[SpanRecord]) -> bool:
+        return {s.service_name for s in spans if s.trace_id == kept} >= {"orders", "catalog"}
+
+    spans = await receiver.wait_for(kept_from_both, timeout=30)
+    # each process exports in order, so anything of the earlier calls would be here by now
+    assert {s.trace_id for s in spans} == {kept}, "only the sampled caller's trace exists"
+    assert not [s for s in spans if s.trace_id == dropped]
