@@ -3,9 +3,13 @@ everything.
 
 Why: the dev stack is the first thing a new user runs, and its promises are all about real
 processes: four instances passing in Consul, a grpcurl command that can be pasted as printed,
-and after Ctrl-C (SIGINT to its process group, as a terminal sends it) exit code 0 with no
-consul agent or service left running. The stack's output goes to a file that is polled with a
-deadline, which also checks that the script flushes what it prints.
+a waterfall command that shows the demo order's trace across orders and catalog, metrics URLs
+that serve Prometheus text, and after Ctrl-C (SIGINT to its process group, as a terminal sends
+it) exit code 0 with no consul agent, service or trace receiver left running. Where an OTLP
+endpoint is already set (a Jaeger; here a receiver of the test's own stands in for it), the
+services and the demo order export there and no receiver is started. The stack's output goes
+to a file that is polled with a deadline, which also checks that the script flushes what it
+prints.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mesh.telemetry.receiver import read_store
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +39,13 @@ RESERVED_PORTS = {8500, 8502, 8600, 4317}
 READY_LINE = "dev stack ready; press Ctrl-C to stop"
 START_TIMEOUT_S = 90.0
 EXIT_TIMEOUT_S = 60.0
+SPANS_TIMEOUT_S = 30.0
+# A PlaceOrder counted by an orders instance's server metrics.
+SERVED_ORDER = re.compile(
+    r'^mesh_server_calls_total\{[^}]*method="/foodmesh\.orders\.v1\.OrderService/PlaceOrder"'
+    r"[^}]*\} [1-9]",
+    re.MULTILINE,
+)
 # The agent is on loopback: never route through an HTTP(S)_PROXY from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -103,7 +115,9 @@ class DevStackRun:
 def start_dev_stack(tmp_path: Path) -> Iterator[Any]:
     runs: list[DevStackRun] = []
 
-    def start(*extra: str) -> DevStackRun:
+    def start(*extra: str, environ: Mapping[str, str] | None = None) -> DevStackRun:
+        """Start the dev stack with ``extra`` flags, in our environment without Consul's and
+        OpenTelemetry's variables, plus ``environ``."""
         port = free_port()
         output_path = tmp_path / f"dev_stack-{len(runs)}.out"
         command = [
@@ -117,7 +131,8 @@ def start_dev_stack(tmp_path: Path) -> Iterator[Any]:
             str(tmp_path / "logs"),
             *extra,
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_HTTP_", "OTEL_"))}
+        env.update(environ or {})
         run = DevStackRun(
             spawn(command, env=env, log_path=output_path, cwd=PROJECT_ROOT), output_path, port
         )
@@ -130,8 +145,95 @@ def start_dev_stack(tmp_path: Path) -> Iterator[Any]:
 
 
 def printed_pids(output: str) -> set[int]:
-    """The agent's and the instances' pids, as the dev stack prints them."""
+    """The agent's, the instances' and the trace receiver's pids, as the dev stack prints them."""
     return {int(pid) for pid in re.findall(r"\bpid (\d+)", output)}
+
+
+def printed_trace_id(output: str) -> str:
+    """The demo order's trace id, as the dev stack prints it."""
+    found = re.search(r"^  trace ([0-9a-f]{32})$", output, re.MULTILINE)
+    assert found, output
+    return found.group(1)
+
+
+def printed_waterfall_command(output: str) -> list[str]:
+    """The waterfall command of the ready banner, to run as printed from the project root."""
+    line = next(
+        ln.strip()
+        for ln in output.splitlines()
+        if "-m mesh.telemetry.waterfall" in ln and "--trace" not in ln
+    )
+    args = shlex.split(line.split("#", 1)[0])
+    assert os.path.samefile(PROJECT_ROOT / args[0], sys.executable), line  # our python
+    return args
+
+
+def waterfall_of(command: list[str], trace_id: str) -> str:
+    """Run the waterfall command; the drawing of trace ``trace_id`` once it shows a span of
+    orders and one of catalog (spans arrive after the services' batch delay). The terminal is
+    wide, so that span names are not cut short whatever terminal runs the tests."""
+    env = dict(os.environ, COLUMNS="200")
+
+    def drawn() -> str:
+        result = subprocess.run(
+            command,
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        for block in result.stdout.split("\n\n"):
+            if block.startswith(f"trace {trace_id}") and all(
+                re.search(rf"^{service}\s", block, re.MULTILINE)
+                for service in ("orders", "catalog")
+            ):
+                return block
+        return ""
+
+    try:
+        return wait_until(drawn, timeout=SPANS_TIMEOUT_S, interval=0.25, message=trace_id)
+    except TimeoutError:
+        last = subprocess.run(
+            command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False
+        )
+        raise AssertionError(
+            f"no trace {trace_id} with orders and catalog in:\n{last.stdout}"
+        ) from None
+
+
+def prometheus_text(url: str) -> str:
+    with _OPENER.open(url, timeout=5.0) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def metrics_counting_an_order(urls: list[str]) -> list[str]:
+    """What each URL serves, once one of them counts a PlaceOrder served; else []."""
+    texts = [prometheus_text(url) for url in urls]
+    return texts if any(SERVED_ORDER.search(text) for text in texts) else []
+
+
+@pytest.fixture
+def stand_in_jaeger(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An OTLP/gRPC endpoint on a free port, as a Jaeger would be (the local receiver
+    in its own process): its endpoint, and the store where it puts what it receives."""
+    log_path, store = tmp_path / "jaeger.log", tmp_path / "jaeger.jsonl"
+    command = [sys.executable, "-m", "mesh.telemetry.receiver", "--port", str(free_port())]
+    proc = spawn([*command, "--store", str(store)], log_path=log_path, cwd=PROJECT_ROOT)
+    prefix = "OTEL_EXPORTER_OTLP_ENDPOINT="
+
+    def endpoint() -> str:
+        assert proc.poll() is None, log_path.read_text()
+        lines = log_path.read_text().splitlines()
+        return next((ln.removeprefix(prefix) for ln in lines if ln.startswith(prefix)), "")
+
+    try:
+        yield wait_until(endpoint, timeout=30.0, interval=0.1, message="receiver"), store
+    finally:
+        stop_process(proc)
 
 
 def printed_command(output: str, method: str) -> list[str]:
@@ -145,7 +247,8 @@ def printed_command(output: str, method: str) -> list[str]:
 
 
 def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stack: Any) -> None:
-    run = start_dev_stack()
+    otlp_port = free_port()
+    run = start_dev_stack("--otlp-port", str(otlp_port))
     output = run.wait_for_line(READY_LINE)
 
     pids: set[int] = set()
@@ -156,9 +259,26 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     agent_pid = re.search(r"agent pid (\d+)", output)
     assert agent_pid, output
     pids.add(int(agent_pid.group(1)))
-    assert len(pids) == 5
+    receiver = re.search(
+        rf"local OTLP receiver at http://127.0.0.1:{otlp_port}  \(pid (\d+)", output
+    )
+    assert receiver, output
+    pids.add(int(receiver.group(1)))
+    assert len(pids) == 6
     assert pids <= printed_pids(output)
     assert all(pid_exists(pid) for pid in pids)
+
+    waterfall = waterfall_of(printed_waterfall_command(output), printed_trace_id(output))
+    assert "foodmesh.orders.v1.OrderService/PlaceOrder" in waterfall, waterfall
+
+    metrics_urls = re.findall(r"http://127\.0\.0\.1:\d+/metrics", output)
+    assert len(metrics_urls) == 4, output
+    texts = wait_until(
+        lambda: metrics_counting_an_order(metrics_urls),
+        timeout=SPANS_TIMEOUT_S,
+        message="no PlaceOrder counted in mesh_server_calls_total",
+    )
+    assert all("# TYPE mesh_server_calls_total counter" in text for text in texts)
 
     list_items = subprocess.run(
         printed_command(output, "CatalogService/ListItems"),
@@ -192,8 +312,11 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
         consul_get(run.consul_port, "/v1/status/leader")
 
 
-def test_once_places_an_order_and_stops(start_dev_stack: Any) -> None:
-    run = start_dev_stack("--once")
+def test_once_places_an_order_exports_to_the_set_endpoint_and_stops(
+    start_dev_stack: Any, stand_in_jaeger: tuple[str, Path]
+) -> None:
+    endpoint, store = stand_in_jaeger
+    run = start_dev_stack("--once", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
     assert run.wait_for_exit(START_TIMEOUT_S) == 0, run.output()
 
     output = run.output()
@@ -201,6 +324,20 @@ def test_once_places_an_order_and_stops(start_dev_stack: Any) -> None:
     assert order, output
     assert "total 29.50 EUR" in output
     assert READY_LINE not in output
+    assert f"Traces: exporting to {endpoint}" in output
+    assert "local OTLP receiver" not in output
     pids = printed_pids(output)
-    assert len(pids) == 5, output
+    assert len(pids) == 5, output  # Consul and four instances: no receiver of its own
     assert [pid for pid in pids if pid_exists(pid)] == []
+
+    # The demo order's whole trace went where the environment said: our process, orders, catalog.
+    trace_id = printed_trace_id(output)
+    wait_until(
+        lambda: (
+            {s.service_name for s in read_store(store) if s.trace_id == trace_id}
+            >= {"dev-stack", "orders", "catalog"}
+        ),
+        timeout=SPANS_TIMEOUT_S,
+        message=f"trace {trace_id} incomplete at the endpoint in the environment",
+        ignore=(FileNotFoundError,),
+    )
