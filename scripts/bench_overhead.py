@@ -3,6 +3,7 @@
     python scripts/bench_overhead.py                      # 5 rounds x 3 s, concurrency 1 and 32
     python scripts/bench_overhead.py --duration 2 --rounds 4 --json
     python scripts/bench_overhead.py --only mesh --concurrency 32   # one side, for a profiler
+    python scripts/bench_overhead.py --tracing on --sample-ratio 0.01  # as above, traced
 
 Why: the mesh exists because a sidecar's two proxy hops cost too much per call, so its own cost
 per call must stay far below theirs (../shared/design.md). That cost is the Python work the
@@ -13,7 +14,8 @@ call on a bare `grpc.aio.insecure_channel` in the same process, against the same
 How: one echo server runs in a child process (a grpc.aio server with one unary-unary method,
 /bench.Echo/Call, that returns its request bytes), so client and server do not share an event
 loop. The client process opens a bare channel and a `mesh.channel("echo")` over a
-StaticResolver with the default ServicePolicy (every resilience layer on; there is no tracing).
+StaticResolver with the default ServicePolicy (every resilience layer on; no tracing unless
+--tracing on, below).
 Both send raw bytes, no serializers, on a registered method, with the same channel options, so
 only the call path differs. For each concurrency N, N tasks each make sequential calls for
 `--duration` seconds; after a warm-up of each side, rounds alternate bare and mesh (and which
@@ -32,22 +34,49 @@ ratios show how noisy the run was: a goal missed by less than their spread is no
 verdict. The exit code is 0 whether the goal is met
 or not (1 when a call failed or the server did not start); --json prints the same numbers for
 machines.
+
+With `--tracing on`, both sides are instrumented as in production, and the tracing pipeline
+is part of what is measured: a local OTLP/gRPC receiver (`python -m mesh.telemetry.receiver
+--no-store`) runs in a third child process; the echo server gets OpenTelemetry's server
+interceptor, and the client process one TracerProvider (mesh.telemetry.tracing.tracing_to),
+each batch-exporting (BatchSpanProcessor, OTLP/gRPC) to the receiver, sampler
+`parentbased_traceidratio` with `--sample-ratio` (set through OTEL_TRACES_SAMPLER and
+OTEL_TRACES_SAMPLER_ARG, which the SDK reads, for all three processes). The "bare" side is then
+grpc.aio with the stock client instrumentor (opentelemetry-instrumentation-grpc's interceptors,
+`Tracing.client_interceptors()`), the mesh side `mesh.channel(..., tracing=...)` (call and
+attempt spans, and the same interceptors on its sub-channels), and a third side, "plain", is
+grpc.aio without instrumentation (to the same instrumented server), so that bare/plain shows
+what the stock instrumentor alone costs. Rounds rotate over the three sides. The exporter's
+thread competes with the calls for the client's CPU (and the GIL), and the receiver with both
+processes for the machine's cores: that is part of the cost. The table then also shows the
+server's and the receiver's CPU time per call (from /proc, where there is one). The goal with
+tracing is a mesh/bare throughput ratio >= 0.85 at sample ratios above 0.01 and >= 0.95 at
+0.01 and below; there is no p50 goal with tracing. Spans dropped because an export queue was
+full (the exporter fell behind) are counted, per side for the client, at exit for the server,
+and shown when there are any: a run that drops spans understates the cost of tracing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import math
+import os
 import signal
+import socket
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from opentelemetry.sdk.resources import Resource
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, only scripts/ is on sys.path; the project is not.
@@ -61,15 +90,27 @@ import mesh  # noqa: E402
 from discovery import StaticResolver  # noqa: E402
 from mesh import keepalive  # noqa: E402
 from mesh.policy import ServicePolicy  # noqa: E402
-from scripts.processes import free_tcp_port, spawn, stop_process  # noqa: E402
+from mesh.telemetry.tracing import Tracing, tracing_to  # noqa: E402
+from scripts.processes import (  # noqa: E402
+    free_tcp_port,
+    log_tail,
+    spawn,
+    stop_process,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 SERVICE = "echo"
 METHOD = "/bench.Echo/Call"
 THROUGHPUT_GOAL = 0.95
-"""mesh/bare calls per second must be at least this."""
+"""mesh/bare calls per second must be at least this (without tracing)."""
 P50_GOAL = 1.05
-"""mesh/bare median latency must be at most this."""
+"""mesh/bare median latency must be at most this (without tracing)."""
+TRACED_THROUGHPUT_GOAL = 0.85
+"""mesh/bare calls per second with tracing, both sides instrumented, at sample ratios above
+LOW_SAMPLE_RATIO."""
+LOW_SAMPLE_RATIO = 0.01
+"""At or below this sample ratio, the goal with tracing is THROUGHPUT_GOAL."""
 
 Call = Callable[[bytes], Awaitable[bytes]]
 
@@ -86,9 +127,17 @@ async def _echo(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes
     return request
 
 
-async def serve(port: int) -> None:
-    """Serve /bench.Echo/Call on HOST:port until SIGTERM or SIGINT."""
-    server = aio.server(options=keepalive.server_options())
+async def serve(port: int, trace_endpoint: str | None = None) -> None:
+    """Serve /bench.Echo/Call on HOST:port until SIGTERM or SIGINT; with `trace_endpoint`,
+    traced as in production (OpenTelemetry's server interceptor, spans exported there)."""
+    tracing = None
+    interceptors = []
+    dropped = None
+    if trace_endpoint is not None:
+        dropped = DroppedSpans().install()
+        tracing = tracing_to(trace_endpoint, Resource.create({"service.name": SERVICE}))
+        interceptors.append(tracing.server_interceptor())
+    server = aio.server(options=keepalive.server_options(), interceptors=interceptors)
     handlers = {"Call": grpc.unary_unary_rpc_method_handler(_echo)}
     server.add_registered_method_handlers("bench.Echo", handlers)  # type: ignore[attr-defined]
     if server.add_insecure_port(f"{HOST}:{port}") != port:
@@ -100,17 +149,23 @@ async def serve(port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0)
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)  # flushes; blocking, so off the loop
+    if dropped is not None and dropped():
+        print(f"echo server: {dropped()} spans dropped (export queue full)", file=sys.stderr)
 
 
 class EchoServer:
     """The echo server in a child process (its own process group, dying with us)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace_endpoint: str | None = None) -> None:
         self.port = free_tcp_port(HOST)
         self.address = f"{HOST}:{self.port}"
-        self._proc = spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)]
-        )
+        args = [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)]
+        if trace_endpoint is not None:
+            args += ["--trace-endpoint", trace_endpoint]
+        self._proc = spawn(args)
+        self.pid = self._proc.pid
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
         """Wait until one echo call succeeds (fails early if the child exits)."""
@@ -132,6 +187,91 @@ class EchoServer:
         stop_process(self._proc, timeout=5.0)
 
 
+class ReceiverProcess:
+    """`python -m mesh.telemetry.receiver --no-store` in a child process, on a free port."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_tcp_port(HOST)
+        self.endpoint = f"http://{HOST}:{self.port}"
+        self._log = log_dir / "receiver.log"
+        command = [sys.executable, "-m", "mesh.telemetry.receiver", "--no-store"]
+        command += ["--host", HOST, "--port", str(self.port)]
+        self._proc = spawn(command, cwd=PROJECT_ROOT, log_path=self._log)
+        self.pid = self._proc.pid
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until the receiver accepts connections (fails early if it exits)."""
+
+        def listening() -> bool:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"trace receiver exited with {self._proc.returncode}:\n{log_tail(self._log)}"
+                )
+            with socket.create_connection((HOST, self.port), timeout=1.0):
+                return True
+
+        wait_until(
+            listening,
+            timeout=timeout,
+            message=f"trace receiver on {self.endpoint} did not listen",
+            ignore=(OSError,),
+        )
+
+    def stop(self) -> None:
+        stop_process(self._proc, timeout=5.0)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) process `pid` has used so far; None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class DroppedSpans(logging.Filter):
+    """Counts the spans this process's BatchSpanProcessors drop because their queue is full.
+
+    The SDK says so only in a log record per span ("Queue full, dropping Span."), behind a
+    filter that lets one through per 20 s; its own counter of drops (an internal metric)
+    would also turn on per-span metrics in every tracer, which would change what is
+    measured. So this filter goes first on that logger and counts every record."""
+
+    LOGGER = "opentelemetry.sdk._shared_internal"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Queue full, dropping"):
+            self.count += 1
+        return True
+
+    def install(self) -> DroppedSpans:
+        logging.getLogger(self.LOGGER).filters.insert(0, self)
+        return self
+
+    def __call__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What is measured alongside each side's calls, beyond the client's own CPU time."""
+
+    peers: Mapping[str, int] = field(default_factory=dict)
+    """Other processes (name: pid) whose CPU time counts."""
+    dropped_spans: Callable[[], int] | None = None
+    """Spans the client's tracing has dropped so far (see DroppedSpans)."""
+
+
 # -- measuring ------------------------------------------------------------------------------
 
 
@@ -144,6 +284,10 @@ class Sample:
     elapsed: float = 0.0
     cpu: float = 0.0
     """Client process CPU seconds (every thread: ours and gRPC's)."""
+    peer_cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of the other processes (server, receiver) meanwhile, where measurable."""
+    dropped_spans: int = 0
+    """Spans the client's tracing dropped meanwhile (its export queue was full)."""
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: Sample) -> None:
@@ -151,6 +295,9 @@ class Sample:
         self.errors += other.errors
         self.elapsed += other.elapsed
         self.cpu += other.cpu
+        self.dropped_spans += other.dropped_spans
+        for name, seconds in other.peer_cpu.items():
+            self.peer_cpu[name] = self.peer_cpu.get(name, 0.0) + seconds
         self.latencies.extend(other.latencies)
 
     @property
@@ -171,15 +318,32 @@ async def _worker(call: Call, payload: bytes, stop_at: float, sample: Sample) ->
         record(clock() - started)
 
 
-async def measure(call: Call, payload: bytes, concurrency: int, duration: float) -> Sample:
-    """`concurrency` tasks each calling `call` in sequence for `duration` seconds."""
+async def measure(
+    call: Call,
+    payload: bytes,
+    concurrency: int,
+    duration: float,
+    watch: Watch | None = None,
+) -> Sample:
+    """`concurrency` tasks each calling `call` in sequence for `duration` seconds; what
+    `watch` names is measured over the same time."""
     sample = Sample()
+    peers = watch.peers if watch is not None else {}
+    dropped = watch.dropped_spans if watch is not None else None
+    dropped_before = dropped() if dropped is not None else 0
+    peers_started = {name: process_cpu(pid) for name, pid in peers.items()}
     cpu_started = time.process_time()
     started = time.perf_counter()
     stop_at = started + duration
     await asyncio.gather(*(_worker(call, payload, stop_at, sample) for _ in range(concurrency)))
     sample.elapsed = time.perf_counter() - started
     sample.cpu = time.process_time() - cpu_started
+    for name, pid in peers.items():
+        before, after = peers_started[name], process_cpu(pid)
+        if before is not None and after is not None:
+            sample.peer_cpu[name] = after - before
+    if dropped is not None:
+        sample.dropped_spans = dropped() - dropped_before
     sample.calls = len(sample.latencies)
     return sample
 
@@ -194,14 +358,19 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 def summary(sample: Sample) -> dict[str, float]:
     ordered = sorted(sample.latencies)
-    return {
+    per_call = 1e6 / sample.calls if sample.calls else 0.0
+    result = {
         "calls": sample.calls,
         "errors": sample.errors,
         "calls_per_s": sample.rate,
         "p50_ms": percentile(ordered, 0.50) * 1e3,
         "p99_ms": percentile(ordered, 0.99) * 1e3,
-        "client_cpu_us_per_call": sample.cpu / sample.calls * 1e6 if sample.calls else 0.0,
+        "client_cpu_us_per_call": sample.cpu * per_call,
+        "dropped_spans": sample.dropped_spans,
     }
+    for name, seconds in sample.peer_cpu.items():
+        result[f"{name}_cpu_us_per_call"] = seconds * per_call
+    return result
 
 
 @dataclass
@@ -215,23 +384,43 @@ class Result:
     round_throughput_ratios: list[float]
     extra_time_per_call_us: float
     goal_met: bool
+    plain: dict[str, float] | None = None
+    """With tracing: grpc.aio without the client instrumentor."""
+    instrumentor_ratios: dict[str, float] | None = None
+    """With tracing: bare/plain, what the stock client instrumentor alone costs."""
 
 
-def compare(concurrency: int, bare: Sample, mesh_: Sample, rounds: list[float]) -> Result:
-    b, m = summary(bare), summary(mesh_)
-    ratios = {
-        "throughput": m["calls_per_s"] / b["calls_per_s"] if b["calls_per_s"] else 0.0,
-        "p50": m["p50_ms"] / b["p50_ms"] if b["p50_ms"] else 0.0,
-        "p99": m["p99_ms"] / b["p99_ms"] if b["p99_ms"] else 0.0,
-        "client_cpu": m["client_cpu_us_per_call"] / b["client_cpu_us_per_call"]
-        if b["client_cpu_us_per_call"]
-        else 0.0,
+def _ratios(side: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    def ratio(key: str) -> float:
+        return side[key] / base[key] if base[key] else 0.0
+
+    return {
+        "throughput": ratio("calls_per_s"),
+        "p50": ratio("p50_ms"),
+        "p99": ratio("p99_ms"),
+        "client_cpu": ratio("client_cpu_us_per_call"),
     }
+
+
+def compare(
+    concurrency: int,
+    totals: Mapping[str, Sample],
+    rounds: list[float],
+    goals: tuple[float, float | None],
+) -> Result:
+    """mesh against bare (and, when measured, bare against plain) at one concurrency."""
+    b, m = summary(totals["bare"]), summary(totals["mesh"])
+    ratios = _ratios(m, b)
     extra = (1 / m["calls_per_s"] - 1 / b["calls_per_s"]) * 1e6 if m["calls"] and b["calls"] else 0
-    met = ratios["throughput"] >= THROUGHPUT_GOAL and ratios["p50"] <= P50_GOAL
-    return Result(
-        concurrency, b, m, ratios, rounds, extra, met and not (b["errors"] or m["errors"])
+    throughput_goal, p50_goal = goals
+    met = ratios["throughput"] >= throughput_goal and (
+        p50_goal is None or ratios["p50"] <= p50_goal
     )
+    errors = b["errors"] or m["errors"]
+    plain = summary(totals["plain"]) if "plain" in totals else None
+    instrumentor = _ratios(b, plain) if plain is not None else None
+    errors = errors or (plain is not None and plain["errors"])
+    return Result(concurrency, b, m, ratios, rounds, extra, met and not errors, plain, instrumentor)
 
 
 @dataclass(frozen=True)
@@ -242,20 +431,47 @@ class Options:
     payload: int = 64
     warmup: float = 1.0
     only: str | None = None
+    tracing: bool = False
+    sample_ratio: float = 1.0
+
+    @property
+    def goals(self) -> tuple[float, float | None]:
+        """The throughput ratio's minimum and the p50 ratio's maximum (None: no p50 goal)."""
+        if not self.tracing:
+            return THROUGHPUT_GOAL, P50_GOAL
+        if self.sample_ratio <= LOW_SAMPLE_RATIO:
+            return THROUGHPUT_GOAL, None
+        return TRACED_THROUGHPUT_GOAL, None
 
 
-async def run(options: Options, server_address: str) -> list[Result] | dict[int, Sample]:
-    """Measure against a running echo server: Results, or with `only` that side's Samples."""
+async def run(
+    options: Options,
+    server_address: str,
+    tracing: Tracing | None = None,
+    watch: Watch | None = None,
+) -> list[Result] | dict[int, Sample]:
+    """Measure against a running echo server: Results, or with `only` that side's Samples.
+
+    With `tracing`, the bare side carries its client interceptors, the mesh side its spans,
+    and a third side, plain, is grpc.aio without instrumentation. `watch` says what else to
+    measure with each side."""
     payload = b"x" * options.payload
-    bare_channel = aio.insecure_channel(server_address, options=keepalive.client_options())
+    channel_options = keepalive.client_options()
+    interceptors = tracing.client_interceptors() if tracing is not None else None
+    channels = {
+        "bare": aio.insecure_channel(
+            server_address, options=channel_options, interceptors=interceptors
+        )
+    }
+    if tracing is not None:
+        channels["plain"] = aio.insecure_channel(server_address, options=channel_options)
     resolver = StaticResolver({SERVICE: [server_address]})
-    mesh_channel = mesh.channel(SERVICE, resolver=resolver, policy=ServicePolicy())
+    mesh_channel = mesh.channel(SERVICE, resolver=resolver, policy=ServicePolicy(), tracing=tracing)
     try:
-        sides: dict[str, Call] = {
-            "bare": _method(bare_channel),
-            "mesh": _method(mesh_channel),
-        }
-        await bare_channel.channel_ready()
+        sides: dict[str, Call] = {name: _method(channel) for name, channel in channels.items()}
+        sides["mesh"] = _method(mesh_channel)
+        for channel in channels.values():
+            await channel.channel_ready()
         if not await mesh_channel.wait_for_endpoints(timeout=10.0):
             raise RuntimeError("the mesh channel found no endpoint")
         for name, call in sides.items():
@@ -268,27 +484,32 @@ async def run(options: Options, server_address: str) -> list[Result] | dict[int,
                 await measure(call, payload, n, options.warmup)
                 total = Sample()
                 for _ in range(options.rounds):
-                    total.add(await measure(call, payload, n, options.duration))
+                    total.add(await measure(call, payload, n, options.duration, watch))
                 samples[n] = total
             return samples
         results = []
+        names = list(sides)
         for n in options.concurrency:
             for call in sides.values():
                 await measure(call, payload, n, options.warmup)
-            totals = {"bare": Sample(), "mesh": Sample()}
+            totals = {name: Sample() for name in names}
             round_ratios = []
             for index in range(options.rounds):
-                order = ("bare", "mesh") if index % 2 == 0 else ("mesh", "bare")
+                # Rotate which side goes first, so that each side runs in each position.
+                shift = index % len(names)
                 this_round = {}
-                for name in order:
-                    this_round[name] = await measure(sides[name], payload, n, options.duration)
+                for name in names[shift:] + names[:shift]:
+                    this_round[name] = await measure(
+                        sides[name], payload, n, options.duration, watch
+                    )
                     totals[name].add(this_round[name])
                 bare_rate = this_round["bare"].rate
                 round_ratios.append(this_round["mesh"].rate / bare_rate if bare_rate else 0.0)
-            results.append(compare(n, totals["bare"], totals["mesh"], round_ratios))
+            results.append(compare(n, totals, round_ratios, options.goals))
         return results
     finally:
-        await bare_channel.close(None)
+        for channel in channels.values():
+            await channel.close(None)
         await mesh_channel.close()
         await resolver.close()
 
@@ -306,28 +527,62 @@ def _describe_policy(policy: ServicePolicy) -> str:
     )
 
 
+def _describe_tracing(options: Options) -> list[str]:
+    if not options.tracing:
+        return ["tracing: off"]
+    throughput_goal, _ = options.goals
+    return [
+        f"tracing: on, sample ratio {options.sample_ratio:g} (parentbased_traceidratio), "
+        "batch export over OTLP/gRPC to a local receiver (child process); server instrumented",
+        "  plain = grpc.aio uninstrumented, bare = grpc.aio + stock client instrumentor, "
+        "mesh = MeshChannel with tracing",
+        f"  goal with tracing: mesh/bare throughput >= {throughput_goal} (no p50 goal); "
+        f"{TRACED_THROUGHPUT_GOAL} above sample ratio {LOW_SAMPLE_RATIO:g}, "
+        f"{THROUGHPUT_GOAL} at or below",
+    ]
+
+
+_PEERS = (("server", "server CPU"), ("receiver", "recv CPU"))
+"""Per-call CPU columns of the other processes, shown when measured."""
+
+
 def render(options: Options, results: list[Result]) -> str:
     lines = [
         f"mesh/bare overhead: {options.rounds} alternating rounds x {options.duration:g} s per "
         f"side, payload {options.payload} B, method {METHOD}",
         f"mesh policy: {_describe_policy(ServicePolicy())}",
+        *_describe_tracing(options),
     ]
     for r in results:
+        rows = (("plain", r.plain), ("bare", r.bare), ("mesh", r.mesh))
+        shown = [(name, s) for name, s in rows if s is not None]
+        peers = [(key, title) for key, title in _PEERS if f"{key}_cpu_us_per_call" in r.bare]
         lines += [
             "",
             f"concurrency {r.concurrency}",
-            f"  {'':10}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/call':>13}{'errors':>8}",
+            f"  {'':10}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/call':>13}{'errors':>8}"
+            + "".join(f"{title:>12}" for _, title in peers),
         ]
-        for name, s in (("bare", r.bare), ("mesh", r.mesh)):
+        for name, s in shown:
             lines.append(
                 f"  {name:10}{s['calls_per_s']:>10.0f}{s['p50_ms']:>10.3f}"
                 f"{s['p99_ms']:>10.3f}{s['client_cpu_us_per_call']:>13.0f}{s['errors']:>8}"
+                + "".join(f"{s.get(f'{key}_cpu_us_per_call', 0.0):>12.0f}" for key, _ in peers)
             )
         q = r.ratios
         lines.append(
             f"  {'mesh/bare':10}{q['throughput']:>10.3f}{q['p50']:>10.3f}{q['p99']:>10.3f}"
             f"{q['client_cpu']:>13.3f}"
         )
+        if r.instrumentor_ratios is not None:
+            i = r.instrumentor_ratios
+            lines.append(
+                f"  {'bare/plain':10}{i['throughput']:>10.3f}{i['p50']:>10.3f}{i['p99']:>10.3f}"
+                f"{i['client_cpu']:>13.3f}   <- the stock client instrumentor alone"
+            )
+        if any(s["dropped_spans"] for _, s in shown):
+            drops = ", ".join(f"{name} {s['dropped_spans']:.0f}" for name, s in shown)
+            lines.append(f"  spans dropped by the client (export queue full): {drops}")
         per_round = " ".join(f"{x:.3f}" for x in r.round_throughput_ratios)
         lines.append(f"  throughput ratio per round: {per_round}")
         p50_extra = (r.mesh["p50_ms"] - r.bare["p50_ms"]) * 1e3
@@ -336,12 +591,16 @@ def render(options: Options, results: list[Result]) -> str:
             f"  extra per call: p50 {p50_extra:+.0f} us, "
             f"1/throughput {r.extra_time_per_call_us:+.0f} us, client CPU {cpu_extra:+.0f} us"
         )
-        lines.append(
-            f"  goal: throughput {q['throughput']:.3f} >= {THROUGHPUT_GOAL} "
-            f"{'ok' if q['throughput'] >= THROUGHPUT_GOAL else 'MISSED'}, "
-            f"p50 {q['p50']:.3f} <= {P50_GOAL} {'ok' if q['p50'] <= P50_GOAL else 'MISSED'}"
-            f" -> {'MET' if r.goal_met else 'NOT MET'}"
+        throughput_goal, p50_goal = options.goals
+        goal = (
+            f"  goal: throughput {q['throughput']:.3f} >= {throughput_goal} "
+            f"{'ok' if q['throughput'] >= throughput_goal else 'MISSED'}"
         )
+        if p50_goal is not None:
+            goal += (
+                f", p50 {q['p50']:.3f} <= {p50_goal} {'ok' if q['p50'] <= p50_goal else 'MISSED'}"
+            )
+        lines.append(f"{goal} -> {'MET' if r.goal_met else 'NOT MET'}")
     return "\n".join(lines)
 
 
@@ -364,13 +623,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--payload", type=int, default=64, help="request (and reply) bytes")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds per side, unmeasured")
     parser.add_argument(
-        "--only", choices=("bare", "mesh"), help="run one side only (for profilers); no ratios"
+        "--only",
+        choices=("plain", "bare", "mesh"),
+        help="run one side only (for profilers); no ratios (plain: only with --tracing on)",
+    )
+    parser.add_argument(
+        "--tracing",
+        choices=("off", "on"),
+        default="off",
+        help="on: both sides and the server traced as in production, exporting to a local "
+        "receiver (see module doc)",
+    )
+    parser.add_argument(
+        "--sample-ratio",
+        type=float,
+        default=1.0,
+        help="with --tracing on: the share of traces sampled (parentbased_traceidratio)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.rounds < 1 or args.payload < 0 or args.warmup < 0:
         parser.error("--duration must be > 0, --rounds >= 1, --payload and --warmup >= 0")
+    if not 0.0 <= args.sample_ratio <= 1.0:
+        parser.error("--sample-ratio must be between 0 and 1")
+    if args.only == "plain" and args.tracing != "on":
+        parser.error("--only plain needs --tracing on (without tracing, plain is bare)")
     return args
 
 
@@ -378,30 +657,61 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # so that `finally` stops the server
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.serve is not None:
-        asyncio.run(serve(args.serve))
-        return 0
-    options = Options(
-        args.duration, args.rounds, args.concurrency, args.payload, args.warmup, args.only
-    )
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    server = EchoServer()
-    try:
+def _measure(options: Options) -> list[Result] | dict[int, Sample]:
+    """Start the echo server (and with tracing the receiver first), measure, stop them; the
+    client's and the server's spans are flushed to the receiver before it stops."""
+    with contextlib.ExitStack() as stack:
+        receiver = None
+        if options.tracing:
+            # The SDK reads the sampler from the environment when a TracerProvider is made:
+            # ours below, and the server's, which inherits the environment.
+            os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+            os.environ["OTEL_TRACES_SAMPLER_ARG"] = repr(options.sample_ratio)
+            log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-overhead-"))
+            receiver = ReceiverProcess(Path(log_dir))
+            stack.callback(receiver.stop)
+            receiver.wait_ready()
+        server = EchoServer(receiver.endpoint if receiver is not None else None)
+        stack.callback(server.stop)  # the server flushes its spans on the way out
+        tracing = watch = None
+        if receiver is not None:
+            dropped = DroppedSpans().install()
+            tracing = tracing_to(
+                receiver.endpoint, Resource.create({"service.name": "bench-client"})
+            )
+            stack.callback(tracing.shutdown)  # blocking: after the event loop has ended
+            watch = Watch({"server": server.pid, "receiver": receiver.pid}, dropped)
 
         async def bench() -> list[Result] | dict[int, Sample]:
             await server.wait_ready()
-            return await run(options, server.address)
+            return await run(options, server.address, tracing, watch)
 
-        outcome = asyncio.run(bench())
-    finally:
-        server.stop()
+        return asyncio.run(bench())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve is not None:
+        asyncio.run(serve(args.serve, args.trace_endpoint))
+        return 0
+    options = Options(
+        args.duration,
+        args.rounds,
+        args.concurrency,
+        args.payload,
+        args.warmup,
+        args.only,
+        args.tracing == "on",
+        args.sample_ratio,
+    )
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    outcome = _measure(options)
     if isinstance(outcome, dict):
         sides = {n: summary(s) for n, s in outcome.items()}
         if args.json:
             print(json.dumps({"side": options.only, "concurrency": sides}, indent=2))
         else:
+            print(_describe_tracing(options)[0])
             for n, s in sides.items():
                 print(
                     f"{options.only} concurrency {n}: {s['calls_per_s']:.0f} calls/s, "
@@ -409,16 +719,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         return 1 if any(s["errors"] for s in sides.values()) else 0
     if args.json:
+        throughput_goal, p50_goal = options.goals
         document = {
             "options": asdict(options),
-            "goal": {"throughput_ratio_min": THROUGHPUT_GOAL, "p50_ratio_max": P50_GOAL},
+            "goal": {"throughput_ratio_min": throughput_goal, "p50_ratio_max": p50_goal},
             "results": [asdict(r) for r in outcome],
             "goal_met": all(r.goal_met for r in outcome),
         }
         print(json.dumps(document, indent=2))
     else:
         print(render(options, outcome))
-    return 1 if any(r.bare["errors"] or r.mesh["errors"] for r in outcome) else 0
+    return (
+        1
+        if any(
+            r.bare["errors"] or r.mesh["errors"] or (r.plain or {}).get("errors") for r in outcome
+        )
+        else 0
+    )
 
 
 if __name__ == "__main__":
