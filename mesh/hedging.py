@@ -135,7 +135,7 @@ async def _attempt(
             sub.endpoint.port,
             previous + 1,
             hedge=hedge,
-            breaker_state=str(upstream.breaker.state),
+            breaker_state=upstream.breaker.state,
         )
         with CallSpans.current(span):
             attempt = start_attempt(

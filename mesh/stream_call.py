@@ -171,7 +171,7 @@ class StreamingCall(
                 sub.endpoint.host,
                 sub.endpoint.port,
                 self._state.attempts + 1,
-                breaker_state=str(self._upstream.breaker.state),
+                breaker_state=self._upstream.breaker.state,
             )
             with CallSpans.current(self._attempt_span):
                 self._attempt = start()

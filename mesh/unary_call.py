@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import Span
 
 from mesh.attempt import (
     CANCELLED,
@@ -69,6 +70,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
     _detached = False
     _callbacks: tuple[Callable[[Any], None], ...] | list[Callable[[Any], None]] = ()
     _spans: CallSpans | None = None
+    _first_span: Span | None = None
 
     def __init__(
         self,
@@ -91,11 +93,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._deadline = now + timeout
         self._state = self._NEW
         if upstream.tracer is not None:
-            # Traced calls start when awaited, inside their call span.
             self._spans = CallSpans(upstream.tracer, upstream.service, plan.full_method)
-            if timeout <= 0:
-                self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
-            return
         if timeout <= 0:
             self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
             return
@@ -111,9 +109,18 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         limit = plan.retry.per_attempt_timeout
         sub.attempts += 1
         upstream.attempt_started(plan.full_method, 0)
-        attempt = sub.multicallable(key)(
-            request, timeout=timeout if limit is None or timeout < limit else limit, **kwargs
-        )
+        multicallable = sub.multicallable(key)
+        attempt_timeout = timeout if limit is None or timeout < limit else limit
+        spans = self._spans
+        if spans is None:
+            attempt = multicallable(request, timeout=attempt_timeout, **kwargs)
+        else:
+            span = spans.attempt(
+                sub.endpoint.host, sub.endpoint.port, 1, breaker_state=upstream.breaker.state
+            )
+            self._first_span = span
+            with CallSpans.current(span):
+                attempt = multicallable(request, timeout=attempt_timeout, **kwargs)
         attempt.add_done_callback(self._first_attempt_done)
         self._attempt = attempt
 
@@ -126,6 +133,9 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         sub, started = self._first
         self._first = None
         self._upstream.record(sub, started, CANCELLED)
+        if self._spans is not None:
+            self._end_first_span(None)
+            self._spans.ended(None)
         self._upstream.bulkhead.release()
         self._upstream.breaker.record_neutral()
         self._admitted = False
@@ -166,13 +176,16 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                 try:
                     response = await self._attempt
                 except aio.AioRpcError as exc:
+                    self._end_first_span(exc)
                     response = await self._settle(self._attempts((exc, sub, started)))
-                except BaseException:
+                except BaseException as exc:
+                    self._end_first_span(exc)
                     upstream.record(sub, started, CANCELLED)
                     upstream.breaker.record_neutral()
                     upstream.bulkhead.release()
                     raise
                 else:
+                    self._end_first_span(None)
                     upstream.record(sub, started, OK)
                     upstream.bulkhead.release()
                     upstream.breaker.record(True)
@@ -182,6 +195,8 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
             raise
         finally:
             self._state = self._DONE
+            if self._spans is not None:
+                self._end_call_span()
             if upstream.metrics is not None:
                 upstream.call_finished(
                     self._plan.full_method, self._error, upstream.clock() - self._started_at
@@ -192,24 +207,21 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                 callback(self)
         return response
 
+    def _end_first_span(self, error: BaseException | None) -> None:
+        span, self._first_span = self._first_span, None
+        if span is not None:
+            CallSpans.attempt_ended(span, error)
+
+    def _end_call_span(self) -> None:
+        spans, error = self._spans, self._error
+        assert spans is not None
+        if error is not None and error is self._refused:
+            spans.event("refused by the mesh", reason=self._refused.details() or "")
+        spans.ended(error)
+
     async def _slow_path(self) -> Any:
         """Calls that start late: fault injection first, a refusal, hedging, or waiting for
-        discovery's first answer; and every traced call, inside its call span."""
-        spans = self._spans
-        if spans is None:
-            return await self._late_start()
-        with CallSpans.current(spans.span):
-            try:
-                response = await self._late_start()
-            except BaseException as exc:
-                if isinstance(self._refused, RefusedByMesh) and exc is self._refused:
-                    spans.event("refused by the mesh", reason=self._refused.details() or "")
-                spans.ended(exc)
-                raise
-        spans.ended(None)
-        return response
-
-    async def _late_start(self) -> Any:
+        discovery's first answer."""
         upstream, plan = self._upstream, self._plan
         if not self._admitted and self._refused is None:
             if plan.faults is not None:
@@ -270,7 +282,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                         sub.endpoint.port,
                         state.attempts + 1,
                         backoff=backoff,
-                        breaker_state=str(upstream.breaker.state),
+                        breaker_state=upstream.breaker.state,
                     )
                     with CallSpans.current(span):
                         self._attempt = self._start(sub, state.attempts)

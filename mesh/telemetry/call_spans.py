@@ -12,8 +12,6 @@ of the gRPC client span of that attempt, so `traceparent` carries the attempt to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -26,21 +24,24 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 class CallSpans:
     """The span of one call and the spans of its attempts."""
 
-    __slots__ = ("_tracer", "span")
+    __slots__ = ("_parent", "_tracer", "span")
 
     def __init__(self, tracer: trace.Tracer, service: str, full_method: str) -> None:
         rpc_service, _, rpc_method = full_method.lstrip("/").partition("/")
         self._tracer = tracer
-        self.span: Span = tracer.start_span(
-            f"{rpc_service}/{rpc_method}",
-            kind=SpanKind.INTERNAL,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": rpc_service,
-                "rpc.method": rpc_method,
-                "mesh.service": service,
-            },
-        )
+        # Attributes are set only on a span that is recorded: an unsampled call skips them.
+        span = tracer.start_span(f"{rpc_service}/{rpc_method}", kind=SpanKind.INTERNAL)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": rpc_service,
+                    "rpc.method": rpc_method,
+                    "mesh.service": service,
+                }
+            )
+        self.span: Span = span
+        self._parent = trace.set_span_in_context(span)
 
     def attempt(
         self,
@@ -50,33 +51,35 @@ class CallSpans:
         *,
         hedge: bool = False,
         backoff: float = 0.0,
-        breaker_state: str = "",
+        breaker_state: object = "closed",
     ) -> Span:
-        """Start the span of attempt `number` (1 is the first) to host:port."""
-        return self._tracer.start_span(
-            f"attempt {number}",
-            context=trace.set_span_in_context(self.span),
-            kind=SpanKind.INTERNAL,
-            attributes={
+        """Start the span of attempt `number` (1 is the first) to host:port. Hedge, backoff
+        and breaker state are recorded only when they say something (a hedge, a wait, a
+        breaker that is not closed): every attribute costs on each span and each export."""
+        span = self._tracer.start_span(
+            f"attempt {number}", context=self._parent, kind=SpanKind.INTERNAL
+        )
+        if span.is_recording():
+            attributes: dict[str, str | int | float | bool] = {
                 "server.address": host,
                 "server.port": port,
                 "mesh.attempt": number,
                 "mesh.retry": number > 1 and not hedge,
-                "mesh.hedge": hedge,
-                "mesh.backoff_ms": round(backoff * 1000, 3),
-                "mesh.breaker_state": breaker_state,
-            },
-        )
+            }
+            if hedge:
+                attributes["mesh.hedge"] = True
+            if backoff > 0:
+                attributes["mesh.backoff_ms"] = round(backoff * 1000, 3)
+            state = str(breaker_state)
+            if state != "closed":
+                attributes["mesh.breaker_state"] = state
+            span.set_attributes(attributes)
+        return span
 
     @staticmethod
-    @contextmanager
-    def current(span: Span) -> Iterator[None]:
+    def current(span: Span) -> _Current:
         """Make `span` the current one, so the gRPC call started inside is its child."""
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            yield
-        finally:
-            otel_context.detach(token)
+        return _Current(span)
 
     @staticmethod
     def attempt_ended(span: Span, error: BaseException | None) -> None:
@@ -99,3 +102,18 @@ def _finish(span: Span, error: BaseException | None) -> None:
     else:
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
     span.end()
+
+
+class _Current:
+    """`with CallSpans.current(span):` without a generator-based context manager's cost."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)
