@@ -1,9 +1,9 @@
 """The command line every service shares, so that `python -m services.<name>` reads the same
-flags and writes the same log lines whichever service it starts.
+flags whichever service it starts (services/runtime.py acts on them).
 
 Port 0 is the default because several instances of one service usually run on one machine:
-each takes a free port and registers the port it bound. Logs go to stderr, one line per event
-(a traceback is folded into its event's line), so that `grep` and log shippers see whole events.
+each takes a free port and registers the port it bound; the metrics port works the same way.
+Bad values end the process with exit code 2 and a message naming the flag or policy key.
 """
 
 from __future__ import annotations
