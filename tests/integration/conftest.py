@@ -22,6 +22,8 @@ from scripts.consul_agent import ConsulAgent
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+FAILING = ("--fault-abort", "UNAVAILABLE", "--fault-abort-percent", "100")
+"""Flags that make a service instance fail every call (its health checks still pass)."""
 
 
 @dataclass

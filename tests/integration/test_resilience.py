@@ -20,11 +20,10 @@ from mesh.policy import BreakerPolicy, EjectionPolicy, ServicePolicy
 from mesh.server import MeshServer, ServerConfig
 from mesh.subchannels import SubChannel
 from scripts.processes import wait_until_async
-from tests.integration.conftest import ServiceProcess, Stack
+from tests.integration.conftest import FAILING, ServiceProcess, Stack
 from tests.integration.test_mesh_on_consul import count_orders, order
 
 GET_ITEM = catalog_pb2.GetItemRequest(item_id="roma-carbonara")
-FAILING = ("--fault-abort", "UNAVAILABLE", "--fault-abort-percent", "100")
 
 
 def subchannel_of(channel: mesh.MeshChannel, process: ServiceProcess) -> SubChannel:
