@@ -28,7 +28,6 @@ from grpc import aio
 
 from discovery.resolver import Resolver
 from mesh.deadline import outbound_timeout
-from mesh.deferred_call import DeferredCall, failed
 from mesh.errors import ChannelClosed
 from mesh.policy import ServicePolicy
 from mesh.stream_call import StreamingCall
@@ -153,16 +152,15 @@ class MeshChannel(aio.Channel):
     ) -> Any:
         plan = self.upstream.plan(key[1])
         timeout = outbound_timeout(timeout, plan.timeout)
+        refused = None
         if self._follower is None:
             if self._closed:
-                return DeferredCall(failed(ChannelClosed(self.service).to_rpc_error()), None)
-            self._follow_discovery()
-        if key[0] == "unary_unary":
-            return UnaryUnaryCall(
-                self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved
-            )
-        return StreamingCall(
-            self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved
+                refused = ChannelClosed(self.service).to_rpc_error()
+            else:
+                self._follow_discovery()
+        call_type = UnaryUnaryCall if key[0] == "unary_unary" else StreamingCall
+        return call_type(
+            self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved, refused
         )
 
     async def _wait_resolved(self, deadline: float) -> bool:

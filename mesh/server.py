@@ -226,9 +226,6 @@ class MeshServer:
                 loop.remove_signal_handler(sig)
         return 0
 
-    async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
-
 
 def new_instance_id(service: str) -> str:
     """A unique id for one instance of `service` (what Consul, logs and traces call it)."""

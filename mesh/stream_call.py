@@ -96,6 +96,7 @@ class StreamingCall(
         timeout: float,
         kwargs: dict[str, Any],
         wait_resolved: WaitResolved,
+        refused: aio.AioRpcError | None = None,
     ) -> None:
         self._upstream = upstream
         self._plan = plan
@@ -124,12 +125,14 @@ class StreamingCall(
             else None
         )
         self._attempt_span: Span | None = None
-        self._ready = loop.create_task(self._begin(timeout))
+        self._ready = loop.create_task(self._begin(timeout, refused))
 
     # -- attempts -----------------------------------------------------------------------
 
-    async def _begin(self, timeout: float) -> None:
+    async def _begin(self, timeout: float, refused: aio.AioRpcError | None) -> None:
         upstream = self._upstream
+        if refused is not None:
+            raise refused
         if timeout <= 0:
             raise NoTimeLeft(upstream.service, self._plan.full_method).to_rpc_error()
         if not upstream.breaker.allow():

@@ -43,7 +43,7 @@ class SubChannel:
     """A sub-channel to one endpoint, the multi-callables made on it (made once), and the
     endpoint's state for the balancer (load) and outlier ejection."""
 
-    __slots__ = ("_callables", "attempts", "channel", "ejection", "endpoint", "failures", "load")
+    __slots__ = ("_callables", "attempts", "channel", "ejection", "endpoint", "load")
 
     def __init__(self, endpoint: Endpoint, channel: aio.Channel, clock: Clock) -> None:
         self.endpoint = endpoint
@@ -53,8 +53,6 @@ class SubChannel:
         self.ejection = EjectionState(endpoint.address)
         self.attempts = 0
         """Attempts sent to this endpoint."""
-        self.failures = 0
-        """Attempts that failed by the endpoint's fault."""
 
     def multicallable(self, key: CallableKey) -> Any:
         """The sub-channel's multi-callable for (shape, method, serializer, deserializer)."""

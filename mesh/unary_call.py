@@ -81,7 +81,9 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         timeout: float,
         kwargs: dict[str, Any],
         wait_resolved: WaitResolved,
+        refused: aio.AioRpcError | None = None,
     ) -> None:
+        """`refused`: fail the call with this error without sending anything."""
         self._upstream = upstream
         self._plan = plan
         self._key = key
@@ -94,6 +96,9 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._state = self._NEW
         if upstream.tracer is not None:
             self._spans = CallSpans(upstream.tracer, upstream.service, plan.full_method)
+        if refused is not None:
+            self._refused = refused
+            return
         if timeout <= 0:
             self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
             return

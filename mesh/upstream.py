@@ -123,7 +123,6 @@ class Upstream:
         outcome = classified.outcome
         sub.load.finish(started, penalty=classified.code is grpc.StatusCode.RESOURCE_EXHAUSTED)
         if outcome is Outcome.FAILURE:
-            sub.failures += 1
             was_ejected = sub.ejection.ejected_until is not None
             if classified.connection_lost:
                 self.ejection.eject_now(sub.ejection)

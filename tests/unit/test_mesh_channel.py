@@ -224,6 +224,10 @@ async def test_state_ready_and_closed(servers: list[EchoServer]) -> None:
         await unary(channel)(b"x")
     assert err.value.code() == grpc.StatusCode.CANCELLED
     assert "closed" in (err.value.details() or "")
+    with pytest.raises(aio.AioRpcError) as stream_err:
+        await channel.unary_stream("/test.Echo/ServerStream")(b"s").read()
+    assert stream_err.value.code() == grpc.StatusCode.CANCELLED
+    assert "closed" in (stream_err.value.details() or "")
 
 
 class _SilentResolver:
