@@ -113,7 +113,8 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._first = (sub, sub.load.start())
         limit = plan.retry.per_attempt_timeout
         sub.attempts += 1
-        upstream.attempt_started(plan.full_method, 0)
+        if upstream.metrics is not None:
+            upstream.attempt_started(plan.full_method, 0)
         multicallable = sub.multicallable(key)
         attempt_timeout = timeout if limit is None or timeout < limit else limit
         spans = self._spans
