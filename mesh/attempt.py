@@ -11,11 +11,13 @@ from typing import Any, cast
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import Span
 
 from mesh.errors import NoHealthyEndpoints, NotResolved, RefusedByMesh
 from mesh.outcome import Outcome, classify, classify_error
 from mesh.retry.pushback import Pushback, parse_pushback
 from mesh.subchannels import CallableKey, SubChannel
+from mesh.telemetry.call_spans import CallSpans
 from mesh.upstream import Upstream
 
 PREVIOUS_ATTEMPTS = "previous-rpc-attempts"
@@ -55,10 +57,13 @@ def start_attempt(
     timeout: float,
     kwargs: dict[str, Any],
     previous: int,
+    spans: CallSpans | None,
     *,
     hedge: bool = False,
-) -> Any:
-    """Start one attempt on `sub`; retries tell the server how many came before."""
+    backoff: float = 0.0,
+) -> tuple[Any, Span | None]:
+    """Start one attempt on `sub`, and its span when the call is traced (None otherwise, or
+    when it is not sampled); retries tell the server how many came before."""
     sub.attempts += 1
     upstream.attempt_started(key[1], previous, hedge)
     if previous:
@@ -66,7 +71,18 @@ def start_attempt(
             **kwargs,
             "metadata": (*(kwargs["metadata"] or ()), (PREVIOUS_ATTEMPTS, str(previous))),
         }
-    return sub.multicallable(key)(request, timeout=timeout, **kwargs)
+    span = None
+    if spans is not None:
+        span = spans.attempt(
+            sub.endpoint.host,
+            sub.endpoint.port,
+            previous + 1,
+            hedge=hedge,
+            backoff=backoff,
+            breaker_state=upstream.breaker.state,
+        )
+        kwargs = spans.carried(span, kwargs)
+    return sub.multicallable(key)(request, timeout=timeout, **kwargs), span
 
 
 def record_call(upstream: Upstream, error: aio.AioRpcError) -> None:

@@ -20,7 +20,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import grpc
@@ -68,9 +67,6 @@ class MeshChannel(aio.Channel):
         self.policy = policy if policy is not None else ServicePolicy()
         self._resolver = resolver
         self._owns_resolver = owns_resolver
-        if tracing is not None and channel_factory is insecure_subchannel:
-            interceptors = tracing.client_interceptors()
-            channel_factory = partial(insecure_subchannel, interceptors=interceptors)
         self._pool = SubChannelPool(service, channel_factory, close_grace=close_grace, clock=clock)
         self._clock = clock
         self.upstream = Upstream(

@@ -126,35 +126,20 @@ async def _attempt(
     hedge: bool,
 ) -> Any:
     started = sub.load.start()
-    span = None
-    if spans is None:
-        attempt = start_attempt(upstream, sub, key, request, timeout, kwargs, previous, hedge=hedge)
-    else:
-        span = spans.attempt(
-            sub.endpoint.host,
-            sub.endpoint.port,
-            previous + 1,
-            hedge=hedge,
-            breaker_state=upstream.breaker.state,
-        )
-        with CallSpans.current(span):
-            attempt = start_attempt(
-                upstream, sub, key, request, timeout, kwargs, previous, hedge=hedge
-            )
+    attempt, span = start_attempt(
+        upstream, sub, key, request, timeout, kwargs, previous, spans, hedge=hedge
+    )
     try:
         response = await attempt
     except aio.AioRpcError as exc:
         upstream.record(sub, started, classify_error(exc))
-        if span is not None:
-            CallSpans.attempt_ended(span, exc)
+        CallSpans.attempt_ended(span, exc)
         raise
     except asyncio.CancelledError as cancelled:
         attempt.cancel()
         upstream.record(sub, started, CANCELLED)
-        if span is not None:
-            CallSpans.attempt_ended(span, cancelled)
+        CallSpans.attempt_ended(span, cancelled)
         raise
     upstream.record(sub, started, OK)
-    if span is not None:
-        CallSpans.attempt_ended(span, None)
+    CallSpans.attempt_ended(span, None)
     return response

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Generator
-from functools import partial
 from typing import Any
 
 import grpc
@@ -157,8 +156,7 @@ class StreamingCall(
             request = self._request
         self._started = sub.load.start()
         self._sub = sub
-        start = partial(
-            start_attempt,
+        self._attempt, self._attempt_span = start_attempt(
             self._upstream,
             sub,
             self._key,
@@ -166,18 +164,8 @@ class StreamingCall(
             self._state.attempt_timeout(remaining),
             self._kwargs,
             self._state.attempts,
+            self._spans,
         )
-        if self._spans is None:
-            self._attempt = start()
-        else:
-            self._attempt_span = self._spans.attempt(
-                sub.endpoint.host,
-                sub.endpoint.port,
-                self._state.attempts + 1,
-                breaker_state=self._upstream.breaker.state,
-            )
-            with CallSpans.current(self._attempt_span):
-                self._attempt = start()
         self._attempt.add_done_callback(self._attempt_done)
         if self._writer_api and self._replay is not None:
             for message in self._replay.sent:
@@ -235,8 +223,7 @@ class StreamingCall(
 
     def _end_attempt_span(self, error: BaseException | None) -> None:
         span, self._attempt_span = self._attempt_span, None
-        if span is not None:
-            CallSpans.attempt_ended(span, error)
+        CallSpans.attempt_ended(span, error)
 
     def _end(self, error: BaseException | None) -> None:
         if self._finished:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -31,12 +31,10 @@ Clock = Callable[[], float]
 CallableKey = tuple[str, str, Any, Any]  # (shape, method, request serializer, deserializer)
 
 
-def insecure_subchannel(endpoint: Endpoint, interceptors: Sequence[Any] = ()) -> aio.Channel:
-    """The default sub-channel: plaintext, with the mesh's keepalive settings (and the
-    tracing interceptors when tracing is on)."""
-    return aio.insecure_channel(
-        endpoint.address, options=keepalive.client_options(), interceptors=list(interceptors)
-    )
+def insecure_subchannel(endpoint: Endpoint) -> aio.Channel:
+    """The default sub-channel: plaintext, with the mesh's keepalive settings. It has no
+    interceptors: tracing happens a layer above, in the attempt spans."""
+    return aio.insecure_channel(endpoint.address, options=keepalive.client_options())
 
 
 class SubChannel:

@@ -118,15 +118,13 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         multicallable = sub.multicallable(key)
         attempt_timeout = timeout if limit is None or timeout < limit else limit
         spans = self._spans
-        if spans is None:
-            attempt = multicallable(request, timeout=attempt_timeout, **kwargs)
-        else:
+        if spans is not None:
             span = spans.attempt(
                 sub.endpoint.host, sub.endpoint.port, 1, breaker_state=upstream.breaker.state
             )
             self._first_span = span
-            with CallSpans.current(span):
-                attempt = multicallable(request, timeout=attempt_timeout, **kwargs)
+            kwargs = spans.carried(span, kwargs)
+        attempt = multicallable(request, timeout=attempt_timeout, **kwargs)
         attempt.add_done_callback(self._first_attempt_done)
         self._attempt = attempt
 
@@ -215,8 +213,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
 
     def _end_first_span(self, error: BaseException | None) -> None:
         span, self._first_span = self._first_span, None
-        if span is not None:
-            CallSpans.attempt_ended(span, error)
+        CallSpans.attempt_ended(span, error)
 
     def _end_call_span(self) -> None:
         spans, error = self._spans, self._error
@@ -274,7 +271,6 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         state = plan.retry.start(idempotent=plan.idempotent)
         exclude: SubChannel | None = None
         spans = self._spans
-        span = None
         backoff = 0.0
         while True:
             if failed is None:
@@ -282,33 +278,29 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                 if self._deadline - clock() <= 0:
                     raise NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
                 started = sub.load.start()
-                if spans is not None:
-                    span = spans.attempt(
-                        sub.endpoint.host,
-                        sub.endpoint.port,
-                        state.attempts + 1,
-                        backoff=backoff,
-                        breaker_state=upstream.breaker.state,
-                    )
-                    with CallSpans.current(span):
-                        self._attempt = self._start(sub, state.attempts)
-                else:
-                    self._attempt = self._start(sub, state.attempts)
+                self._attempt, span = start_attempt(
+                    upstream,
+                    sub,
+                    self._key,
+                    self._request,
+                    self._attempt_timeout(),
+                    self._kwargs,
+                    state.attempts,
+                    spans,
+                    backoff=backoff,
+                )
                 try:
                     response = await self._attempt
                 except aio.AioRpcError as attempt_error:
                     failed = (attempt_error, sub, started)
-                    if span is not None:
-                        CallSpans.attempt_ended(span, attempt_error)
+                    CallSpans.attempt_ended(span, attempt_error)
                 except asyncio.CancelledError as cancelled:
                     upstream.record(sub, started, CANCELLED)
-                    if span is not None:
-                        CallSpans.attempt_ended(span, cancelled)
+                    CallSpans.attempt_ended(span, cancelled)
                     raise
                 else:
                     upstream.record(sub, started, OK)
-                    if span is not None:
-                        CallSpans.attempt_ended(span, None)
+                    CallSpans.attempt_ended(span, None)
                     return response
             error, sub, started = failed
             failed = None
@@ -329,17 +321,6 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                 await asyncio.sleep(delay)
             backoff = delay
             exclude = sub
-
-    def _start(self, sub: SubChannel, previous: int) -> Any:
-        return start_attempt(
-            self._upstream,
-            sub,
-            self._key,
-            self._request,
-            self._attempt_timeout(),
-            self._kwargs,
-            previous,
-        )
 
     def _result(self) -> Any:
         if self._error is not None:

@@ -11,10 +11,10 @@ only the environment changed:
   parentbased_always_on, keeps or drops a trace whole);
 - spans leave through a BatchSpanProcessor to the OTLP/gRPC exporter.
 
-The provider is passed explicitly to the server interceptor, to the sub-channels' client
-interceptors (opentelemetry-instrumentation-grpc) and to the mesh's own call and attempt
-spans; nothing depends on the order of monkeypatching. Health checks and reflection produce
-no spans.
+The provider is passed explicitly to the server interceptor (opentelemetry-instrumentation-
+grpc) and to the mesh's own call and attempt spans, the attempt span being the gRPC client
+span (mesh/telemetry/call_spans.py says why); nothing depends on the order of monkeypatching.
+Health checks and reflection produce no spans.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class Tracing:
         )
 
     def client_interceptors(self) -> Sequence[Any]:
-        """Client spans (and traceparent propagation) for every call of a sub-channel."""
+        """Client spans (and traceparent propagation) for a plain grpc.aio channel: for
+        calls that do not go through a MeshChannel, whose attempt spans are the client
+        spans (mesh/telemetry/call_spans.py)."""
         interceptors = aio_client_interceptors(  # type: ignore[no-untyped-call]
             tracer_provider=self.provider, filter_=_traced()
         )

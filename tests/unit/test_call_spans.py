@@ -1,6 +1,7 @@
 """The mesh's call and attempt spans, with the SDK's in-memory exporter and real in-process
-servers: one call span per call, one attempt span per attempt, gRPC's client span under its
-attempt, the server span under that (traceparent crossed the wire), health checks untraced."""
+servers: one call span per call, one attempt span (the gRPC CLIENT span) per attempt, the
+server span under it (traceparent crossed the wire), health checks untraced, an unsampled call
+unsampled downstream too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from grpc import aio
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace import SpanKind, StatusCode
 
 from discovery import StaticResolver
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
@@ -91,8 +93,14 @@ async def test_retried_call_has_two_attempts_under_one_call_span(
         (s for s in spans if s.parent and s.parent.span_id == retried.context.span_id),
         key=lambda s: s.start_time or 0,
     )
-    assert [a.name for a in attempts] == ["attempt 1", "attempt 2"]
+    assert [a.attributes["mesh.attempt"] for a in attempts] == [1, 2]
+    for attempt in attempts:
+        assert attempt.kind is SpanKind.CLIENT
+        assert attempt.name == "foodmesh.catalog.v1.CatalogService/GetItem"
+        assert attempt.attributes["rpc.system"] == "grpc"
+        assert attempt.attributes["rpc.method"] == "GetItem"
     first, second = attempts
+    assert first.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert first.status.status_code == StatusCode.ERROR and "flaky is down" in (
         first.status.description or ""
     )
@@ -103,14 +111,10 @@ async def test_retried_call_has_two_attempts_under_one_call_span(
     assert {
         s.context.trace_id for s in spans if s.context.trace_id == retried.context.trace_id
     } and all(a.context.trace_id == retried.context.trace_id for a in attempts)
-    # gRPC's client span hangs under the attempt, the server's span under the client's
+    # the server's span hangs under the attempt that reached it: one per attempt
     for attempt in attempts:
-        clients = [s for s in spans if s.parent and s.parent.span_id == attempt.context.span_id]
-        assert len(clients) == 1, [s.name for s in clients]
-        servers_spans = [
-            s for s in spans if s.parent and s.parent.span_id == clients[0].context.span_id
-        ]
-        assert len(servers_spans) == 1
+        below = [s for s in spans if s.parent and s.parent.span_id == attempt.context.span_id]
+        assert [s.kind for s in below] == [SpanKind.SERVER], [s.name for s in below]
     assert not [s for s in spans if "grpc.health" in s.name], "health checks are not traced"
 
 
@@ -139,3 +143,25 @@ async def test_open_circuit_is_an_event_on_the_call_span(
     assert [e.name for e in refused.events] == ["refused by the mesh"]
     assert "circuit" in str(refused.events[0].attributes["reason"])
     assert refused.status.status_code == StatusCode.ERROR
+
+
+async def test_unsampled_call_has_no_attempt_spans_and_stays_unsampled_downstream(
+    servers: list[MeshServer], exported: tuple[Tracing, InMemorySpanExporter]
+) -> None:
+    """The caller drops the trace (its root sampler says no): the mesh makes no attempt
+    spans, and the server, parent-based, follows the sampled flag the call carried."""
+    _, exporter = exported
+    caller = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    caller.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(caller, caller.get_tracer("caller"))
+    resolver = StaticResolver({"catalog": [servers[1].address]})  # the healthy one
+    async with MeshChannel("catalog", resolver, tracing=tracing) as channel:
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        assert (await stub.GetItem(catalog_pb2.GetItemRequest(item_id="x"))).name == "ok"
+    assert exporter.get_finished_spans() == ()
+    # and the same server does trace a call that comes without a trace (root, always on)
+    async with aio.insecure_channel(servers[1].address) as plain:
+        await catalog_pb2_grpc.CatalogServiceStub(plain).GetItem(
+            catalog_pb2.GetItemRequest(item_id="x")
+        )
+    assert [s.kind for s in exporter.get_finished_spans()] == [SpanKind.SERVER]

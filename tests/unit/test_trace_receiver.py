@@ -57,7 +57,7 @@ def emit_place_order(provider: TracerProvider) -> None:
         with tracer.start_as_current_span(
             "catalog/GetItem",
             kind=SpanKind.CLIENT,
-            attributes={"mesh.attempt": 1, "mesh.retry": False, "net.peer.port": 5001},
+            attributes={"mesh.attempt": 1, "mesh.retry": False, "server.port": 5001},
         ) as first:
             first.set_status(Status(StatusCode.ERROR, "UNAVAILABLE: connection refused"))
             first.add_event("ejected", {"endpoint": "127.0.0.1:5001"})
@@ -97,7 +97,7 @@ async def test_spans_keep_links_service_kinds_attributes_and_status(
     assert (first.kind, second.kind) == ("CLIENT", "CLIENT")
     assert first.status_code == "ERROR"
     assert first.status_message == "UNAVAILABLE: connection refused"
-    assert first.attributes == {"mesh.attempt": 1, "mesh.retry": False, "net.peer.port": 5001}
+    assert first.attributes == {"mesh.attempt": 1, "mesh.retry": False, "server.port": 5001}
     assert second.attributes == {"mesh.attempt": 2, "mesh.retry": True, "mesh.backoff_ms": 12.5}
     assert first.events == [("ejected", {"endpoint": "127.0.0.1:5001"})]
     assert first.start_ns <= first.end_ns <= second.start_ns <= second.end_ns
