@@ -4,13 +4,37 @@ A Resolver turns a service name into a stream of endpoint sets (Consul blocking 
 or a static list); the mesh channel consumes that stream and never talks to Consul itself.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from discovery.backoff import ExponentialBackoff
-from discovery.consul_registration import ConsulRegistration, ServiceInstance
-from discovery.consul_resolver import ConsulResolver
 from discovery.consul_settings import ConsulSettings
 from discovery.consul_watch import ConsulWatch, next_index, parse_health_entries
 from discovery.endpoint import Endpoint
 from discovery.resolver import EndpointSet, Resolver, StaticResolver
+
+if TYPE_CHECKING:
+    from discovery.consul_registration import ConsulRegistration, ServiceInstance
+    from discovery.consul_resolver import ConsulResolver
+
+_LAZY = {
+    "ConsulRegistration": "discovery.consul_registration",
+    "ServiceInstance": "discovery.consul_registration",
+    "ConsulResolver": "discovery.consul_resolver",
+}
+"""What needs py-consul, imported on first use (PEP 562): see ConsulSettings.client."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'discovery' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "ConsulRegistration",

@@ -16,12 +16,13 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
-
-import consul.aio
+from typing import TYPE_CHECKING, Any
 
 from discovery.backoff import ExponentialBackoff
 from discovery.consul_settings import ConsulSettings
+
+if TYPE_CHECKING:
+    import consul.aio
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
-
-import consul.aio
+from typing import TYPE_CHECKING, Any
 
 from discovery.consul_settings import ConsulSettings
 from discovery.consul_watch import ConsulWatch
 from discovery.resolver import EndpointSet
+
+if TYPE_CHECKING:
+    import consul.aio
 
 
 class ConsulResolver:

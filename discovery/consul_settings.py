@@ -13,8 +13,10 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import consul.aio
+if TYPE_CHECKING:
+    import consul.aio
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 
@@ -67,7 +69,12 @@ class ConsulSettings:
         """A py-consul asyncio client; `timeout` bounds every HTTP request it makes.
 
         Must be called with an event loop running (aiohttp binds its session to it).
+        py-consul (and aiohttp under it) is imported here, not at module load: a process
+        that never talks to Consul (a StaticResolver, `meshctl load host:port`) does not
+        pay its import.
         """
+        import consul.aio
+
         client = consul.aio.Consul(
             host=self.host,
             port=self.port,

@@ -11,14 +11,17 @@ from one TOML file (mesh/policy.py), with defaults that are good without one.
 
 from __future__ import annotations
 
-from discovery.consul_resolver import ConsulResolver
+from typing import TYPE_CHECKING
+
 from discovery.consul_settings import ConsulSettings
 from discovery.resolver import Resolver
 from mesh.channel import MeshChannel
 from mesh.errors import ChannelClosed, MeshError, NoHealthyEndpoints, NotResolved
 from mesh.policy import MeshPolicy, ServicePolicy, load_policy, load_policy_from_env
 from mesh.telemetry.metrics import MeshMetrics
-from mesh.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from mesh.telemetry.tracing import Tracing
 
 
 def channel(
@@ -49,6 +52,9 @@ def channel(
         return MeshChannel(
             service, resolver, policy=service_policy, tracing=tracing, metrics=metrics
         )
+    # Imported here: py-consul and aiohttp load only for channels that use Consul.
+    from discovery.consul_resolver import ConsulResolver
+
     return MeshChannel(
         service,
         ConsulResolver(consul),

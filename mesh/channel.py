@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -32,9 +32,11 @@ from mesh.policy import ServicePolicy
 from mesh.stream_call import StreamingCall
 from mesh.subchannels import CallableKey, ChannelFactory, SubChannelPool, insecure_subchannel
 from mesh.telemetry.metrics import MeshMetrics
-from mesh.telemetry.tracing import Tracing
 from mesh.unary_call import UnaryUnaryCall
 from mesh.upstream import Upstream
+
+if TYPE_CHECKING:
+    from mesh.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
