@@ -10,7 +10,9 @@ comparison). The method and its messages come from server reflection, as with gh
 grpcurl, or from the installed foodmesh stubs. Latency of every call goes into an HDR
 histogram; worker processes merge their histograms exactly.
 
-Modules: request (method lookup, JSON request templates), stats (what a run records, and how
-workers' records merge), report (summary, JSON, CSV, plot), runner (the call loops, closed and
-open model, worker processes), cli (the command line).
+Modules: request (method lookup, JSON request templates), target (everything checked before
+the first call: target, method, body), runner (one worker's call loops, closed and open
+model), workers (running a plan in this process or in worker processes, merging their
+records), stats (what a run records, and how records merge), report (summary, JSON, CSV,
+plot), progress (the live line on a terminal), cli (the command line).
 """

@@ -31,24 +31,17 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
 from discovery.consul_settings import ConsulSettings
 from mesh.load.errors import BadInput
+from mesh.load.progress import ProgressLine, show_progress
 from mesh.load.report import FORMATS, RunInfo, build_report, plot, render
 from mesh.load.runner import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, DEFAULT_TOTAL, LoadPlan
 from mesh.load.target import SOURCES, CallSpec, Metadata, Target, prepare
-from mesh.load.workers import (
-    InProcessRun,
-    LoadRun,
-    Outcome,
-    Progress,
-    WorkerFailed,
-    WorkerPool,
-)
+from mesh.load.workers import InProcessRun, LoadRun, Outcome, WorkerFailed, WorkerPool
 
 PROG = "meshctl load"
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -307,41 +300,6 @@ def load_command(args: argparse.Namespace) -> LoadCommand:
     return LoadCommand(spec, plan, args.format, args.output, args.plot, args.fail_on_error)
 
 
-class ProgressLine:
-    """One status line on a terminal, rewritten in place: the rate is over the last interval."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._last = (0.0, 0)
-
-    def show(self, elapsed: float, progress: Progress | None) -> None:
-        if progress is None:  # starting workers, or warming up
-            self._last = (elapsed, 0)
-            text = f"{elapsed:6.1f}s  starting"
-        else:
-            since, before = self._last
-            rate = (progress.count - before) / (elapsed - since) if elapsed > since else 0.0
-            self._last = (elapsed, progress.count)
-            text = (
-                f"{elapsed:6.1f}s  {progress.count:>9,} calls  {rate:>8,.0f}/s  "
-                f"errors {progress.errors:,}  p50 {progress.p50 * 1e3:.2f} ms  "
-                f"p99 {progress.p99 * 1e3:.2f} ms"
-            )
-        self._stream.write(f"\r{text}\x1b[K")
-        self._stream.flush()
-
-    def clear(self) -> None:
-        self._stream.write("\r\x1b[K")
-        self._stream.flush()
-
-
-async def _show_progress(run: LoadRun, line: ProgressLine, interval: float = 1.0) -> None:
-    started = time.monotonic()
-    while True:
-        await asyncio.sleep(interval)
-        line.show(time.monotonic() - started, run.progress())
-
-
 async def execute(command: LoadCommand, progress: TextIO | None) -> tuple[Outcome, str, bool]:
     """Prepare (BadInput before any call), run with progress on `progress` (if given), and
     return the outcome, the method's full path and whether Ctrl-C ended the run."""
@@ -371,7 +329,7 @@ async def execute(command: LoadCommand, progress: TextIO | None) -> tuple[Outcom
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupt)
     line = ProgressLine(progress) if progress is not None else None
-    shower = asyncio.ensure_future(_show_progress(run, line)) if line is not None else None
+    shower = asyncio.ensure_future(show_progress(run, line)) if line is not None else None
     try:
         outcome = await run.run()
     finally:
@@ -396,6 +354,8 @@ def report(command: LoadCommand, outcome: Outcome, method_path: str) -> None:
         workers=plan.workers,
         rate=plan.rate,
         elapsed=outcome.elapsed,
+        max_lag=outcome.max_lag,
+        missed=outcome.missed,
     )
     result = build_report(info, outcome.run)
     text = render(result, command.format)
@@ -404,14 +364,12 @@ def report(command: LoadCommand, outcome: Outcome, method_path: str) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
-    if plan.rate is not None:
-        note = f"calls started up to {outcome.max_lag * 1e3:.1f} ms behind it"
-        if outcome.missed:
-            note += (
-                f"; {outcome.missed} calls due before the end were never started (the server"
-                " or --concurrency could not keep up: the tail is longer than reported)"
-            )
-        print(f"{PROG}: schedule: {note}", file=sys.stderr)
+    if outcome.missed:
+        print(
+            f"{PROG}: warning: {outcome.missed} calls due before the end were never started "
+            "(the server or --concurrency could not keep up: the tail is longer than reported)",
+            file=sys.stderr,
+        )
     if command.plot is not None:
         plot(result, outcome.run, command.plot)
 

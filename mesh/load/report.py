@@ -77,6 +77,11 @@ class RunInfo:
     """Calls per second started on schedule (open model), or None (closed model)."""
     elapsed: float
     """Seconds of the measured part of the run (warm-up excluded)."""
+    max_lag: float = 0.0
+    """Open model: the most a call started behind its schedule, seconds."""
+    missed: int = 0
+    """Open model: calls due before the end of the duration that were never started (the
+    server or the concurrency cap could not keep up; their latency is missing from the tail)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +167,19 @@ def render(report: Report, fmt: str) -> str:
 def _summary(report: Report) -> str:
     info = report.info
     rate = "unlimited (closed model)" if info.rate is None else f"{info.rate:g}/s (open model)"
-    lines = _aligned(
-        "",
-        [
-            ("Target:", info.target),
-            ("Method:", info.method),
-            ("Concurrency:", str(info.concurrency)),
-            ("Workers:", str(info.workers)),
-            ("Rate:", rate),
-        ],
-    )
+    header = [
+        ("Target:", info.target),
+        ("Method:", info.method),
+        ("Concurrency:", str(info.concurrency)),
+        ("Workers:", str(info.workers)),
+        ("Rate:", rate),
+    ]
+    if info.rate is not None:
+        header += [
+            ("Schedule:", f"calls started up to {_ms_text(info.max_lag)} behind it"),
+            ("Missed:", f"{info.missed} calls due but never started"),
+        ]
+    lines = _aligned("", header)
     summary = [
         ("Count:", str(report.count)),
         ("Total:", f"{report.total:.2f} s"),
@@ -237,6 +245,8 @@ def _fields(report: Report) -> dict[str, Any]:
         "concurrency": info.concurrency,
         "workers": info.workers,
         "rate_per_s": info.rate,
+        "max_lag_ms": _ms(info.max_lag),
+        "missed": info.missed,
         "count": report.count,
         "total_s": info.elapsed,
         "rps": round(report.rps, 3),

@@ -30,6 +30,7 @@ over it (one in k, for the smallest power of two k that fits).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
@@ -157,7 +158,12 @@ class CallRecorder:
 
     def percentile(self, q: float) -> float:
         """Latency in seconds at percentile `q` (0..100) of the calls so far (for progress)."""
-        return int(self._histogram.get_value_at_percentile(q)) / 1_000_000
+        return latency_at(self._histogram, q)
+
+    def encoded_histogram(self) -> bytes:
+        """The latency histogram alone, encoded: what a worker's progress report needs,
+        without the copy of the timeline that snapshot() makes."""
+        return bytes(self._histogram.encode())
 
     def snapshot(self) -> RecordedRun:
         """What has been recorded, as a picklable value."""
@@ -170,16 +176,27 @@ class CallRecorder:
         )
 
 
-def merge(runs: list[RecordedRun]) -> RecordedRun:
-    """The exact union of several workers' records."""
+def latency_at(histogram: HdrHistogram, q: float) -> float:
+    """Latency in seconds at percentile `q` (0..100) of `histogram`."""
+    return int(histogram.get_value_at_percentile(q)) / 1_000_000
+
+
+def merged_histogram(encoded: Iterable[bytes]) -> HdrHistogram:
+    """The sum of several encoded histograms: exact, not an average."""
     histogram = new_histogram()
-    statuses: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    for run in runs:
-        part = decode_histogram(run.histogram)
+    for part in map(decode_histogram, encoded):
         # hdrh's add() takes an empty histogram's minimum as 0: leave empty ones out.
         if part.get_total_count():
             histogram.add(part)
+    return histogram
+
+
+def merge(runs: list[RecordedRun]) -> RecordedRun:
+    """The exact union of several workers' records."""
+    histogram = merged_histogram(run.histogram for run in runs)
+    statuses: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for run in runs:
         for code, n in run.status_counts.items():
             statuses[code] = statuses.get(code, 0) + n
         for text, n in run.error_counts.items():

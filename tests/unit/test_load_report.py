@@ -171,12 +171,21 @@ def test_the_summary_names_the_open_model_rate_and_clamped_calls() -> None:
     recorder = CallRecorder(T0)
     recorder.record(T0, 0.0005, "OK")
     recorder.record(T0, 5 * 3600.0, "OK")
-    info = RunInfo("127.0.0.1:50051", METHOD, concurrency=8, workers=1, rate=250.0, elapsed=2.0)
-    text = render(build_report(info, recorder.snapshot()), "summary")
+    info = RunInfo(
+        "127.0.0.1:50051", METHOD, concurrency=8, workers=1, rate=250.0, elapsed=2.0,
+        max_lag=0.0123, missed=3,
+    )  # fmt: skip
+    report = build_report(info, recorder.snapshot())
+    text = render(report, "summary")
     assert "Rate:         250/s (open model)\n" in text
+    assert "Schedule:     calls started up to 12.30 ms behind it\n" in text
+    assert "Missed:       3 calls due but never started\n" in text
+    document = json.loads(render(report, "json"))
+    assert (document["max_lag_ms"], document["missed"]) == (12.3, 3)
     assert "  Clamped:       1 calls outside 0..1 h, counted at the bound\n" in text
     assert "  Fastest:       0.500 ms\n" in text
     assert "Error distribution" not in text
+    assert "Schedule:" not in render(build_report(CLOSED, recorder.snapshot()), "summary")
 
 
 def test_json_holds_every_figure_with_units_in_the_keys(report: Report) -> None:

@@ -26,7 +26,6 @@ from grpc import aio
 from discovery.consul_settings import ConsulSettings
 from foodmesh.catalog.v1 import catalog_pb2
 from mesh.load.cli import (
-    ProgressLine,
     build_parser,
     load_command,
     parse_duration,
@@ -34,6 +33,7 @@ from mesh.load.cli import (
     read_data,
 )
 from mesh.load.errors import BadInput
+from mesh.load.progress import Progress, ProgressLine
 from mesh.load.request import MethodInfo, RequestTemplate
 from mesh.load.runner import (
     RECORD_BATCH,
@@ -46,7 +46,6 @@ from mesh.load.runner import (
 )
 from mesh.load.stats import CallRecorder, RecordedRun
 from mesh.load.target import Target
-from mesh.load.workers import Progress
 
 T = TypeVar("T")
 GET_ITEM = MethodInfo(
