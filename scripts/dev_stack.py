@@ -6,15 +6,10 @@ orders instances, wired together through the mesh, and somewhere for their trace
 
 Why: trying the mesh by hand takes five terminals and the right environment in each. This
 starts everything, waits until Consul sees every instance passing its health check, prints
-where the Consul UI is and grpcurl commands to paste, and proves the stack works by placing
-one order through the mesh (our process -> Consul -> orders -> Consul -> catalog).
-
-Traces: the services export OTLP/gRPC wherever OTEL_EXPORTER_OTLP_ENDPOINT points (a Jaeger,
-a collector), passed through unchanged. When it is not set, the stack starts the local receiver
-(mesh/telemetry/receiver.py, on 4317 when free) with its store in the data dir, points the
-services at it, and prints the command that draws the most recent traces as waterfalls. The
-demo order is traced too, from our process on, and its trace id printed. Each instance's
-Prometheus endpoint (Consul meta ``metrics_port``) is printed with the instances.
+where the Consul UI, each instance's Prometheus endpoint (Consul meta ``metrics_port``) and the
+traces are, with grpcurl commands to paste, and proves the stack works by placing one order
+through the mesh (scripts/dev_demo.py). Traces go where OpenTelemetry's variables say, or to a
+local receiver the stack starts (scripts/dev_traces.py).
 
 It stops in the order that loses nothing: the services first, with SIGTERM, so that each goes
 NOT_SERVING and deregisters itself (orders before catalog, which it calls) and flushes its last
@@ -28,46 +23,67 @@ Exit code 0 after an orderly stop, also when an instance was killed on purpose w
 ran (it is reported at once, and Consul's entry for it is removed at the end); 1 when startup
 fails (everything started is stopped, and the tail of the failing process's log is printed),
 or when a running service did not stop cleanly on SIGTERM.
+
+This module holds the order of things (DevStack) and the command line; what the children have
+in common is in scripts/dev_processes.py, what is printed goes through scripts/dev_console.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import http.client
 import json
 import os
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, only scripts/ is on sys.path; the project and its generated stubs are not.
-IMPORT_ROOTS = (PROJECT_ROOT, PROJECT_ROOT / "protos")
+# Run as a script, only scripts/ is on sys.path: put the project there, so that scripts.* can be
+# imported, then the rest of dev_processes.IMPORT_ROOTS (the generated stubs).
+_PROJECT = str(Path(__file__).resolve().parent.parent)
+if _PROJECT not in sys.path:
+    sys.path.insert(0, _PROJECT)
+
+from scripts.dev_processes import (  # noqa: E402
+    IMPORT_ROOTS,
+    POLL_INTERVAL_S,
+    PROJECT_ROOT,
+    STOP_TIMEOUT_S,
+    ServiceProcess,
+    StartupFailed,
+    child_env,
+    fresh_log,
+    port_is_free,
+)
+
 for _root in reversed(IMPORT_ROOTS):
     if str(_root) not in sys.path:
         sys.path.insert(0, str(_root))
 
-import grpc  # noqa: E402
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.resources import Resource  # noqa: E402
-
-import mesh  # noqa: E402
-from discovery import ConsulResolver, ConsulSettings  # noqa: E402
-from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc  # noqa: E402
-from mesh.telemetry.tracing import tracing_to  # noqa: E402
+from foodmesh.orders.v1 import orders_pb2  # noqa: E402
+from scripts import dev_demo  # noqa: E402
 from scripts.consul_agent import HOST, ConsulAgent  # noqa: E402
+from scripts.dev_console import say, shown, warn  # noqa: E402
+from scripts.dev_traces import (  # noqa: E402
+    DEFAULT_OTLP_PORT,
+    OTLP_ENDPOINT_ENV,
+    SPAN_BATCH_DELAY_MS,
+    TRACE_STORE_NAME,
+    ReceiverProcess,
+    configured_otlp_endpoint,
+    describe_traces,
+    spawn_receiver,
+    stop_receiver,
+    tracing_off,
+    wait_for_receiver,
+    waterfall_command,
+)
 from scripts.processes import log_tail, spawn, stop_process, wait_until  # noqa: E402
 
 DEFAULT_CONSUL_HTTP_PORT = 8500
@@ -84,40 +100,14 @@ PLACE_ORDER_EXAMPLE = {
     "customer_id": "grpcurl-user",
     "lines": [{"item_id": "roma-margherita", "quantity": 1}],
 }
-DEMO_CUSTOMER = "dev-stack"
-DEMO_LINES = (("roma-margherita", 2), ("roma-carbonara", 1))
-DEMO_ORDER_TIMEOUT_S = 15.0
-DEMO_SPAN = "dev-stack demo order"
 
-OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
-# What tracing_from_env reads before the general variable, and its off switch.
-OTLP_TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-OTEL_DISABLED_ENV = "OTEL_SDK_DISABLED"
-DEFAULT_OTLP_PORT = 4317
-# The services' batch span processor exports every 0.5 s (the SDK's default is 5 s), so that a
-# call shows up in the waterfall about as soon as it is made.
-SPAN_BATCH_DELAY_MS = "500"
-TRACE_STORE_NAME = "traces.jsonl"
-RECEIVER_LOG_NAME = "otlp-receiver"
-
-POLL_INTERVAL_S = 0.2
 WATCH_INTERVAL_S = 0.5
-STOP_TIMEOUT_S = 20.0
-LOG_TAIL_LINES = 30
 CONSUL_API_ERRORS = (OSError, http.client.HTTPException, ValueError)
 
 
 class StopRequested(BaseException):
     """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that it unwinds
     whatever runs (startup included) and no ``except Exception`` swallows it."""
-
-
-class StartupFailed(Exception):
-    """The stack could not be brought up; ``logs`` are the logs that tell why."""
-
-    def __init__(self, message: str, logs: Sequence[Path] = ()) -> None:
-        super().__init__(message)
-        self.logs = tuple(logs)
 
 
 class SignalGate:
@@ -144,96 +134,9 @@ class SignalGate:
         raise StopRequested(name)
 
 
-@dataclass
-class ServiceProcess:
-    """One ``python -m services.<service>`` child and what Consul says about it."""
-
-    name: str
-    """``catalog-1``: how the dev stack names it, and its log file's name."""
-    service: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    instance_id: str = ""
-    address: str = ""
-    metrics_port: str = ""
-    """Consul meta ``metrics_port``: where its Prometheus endpoint is ("" if it has none)."""
-    exit_reported: bool = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.metrics_port}/metrics" if self.metrics_port else ""
-
-
-@dataclass
-class ReceiverProcess:
-    """The local OTLP/gRPC receiver child (``python -m mesh.telemetry.receiver``)."""
-
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    store: Path
-    default_port_taken: bool
-    """Whether it took another port because something (a Jaeger?) has 4317."""
-    endpoint: str = ""
-    """``http://127.0.0.1:<port>``, as it printed it once listening."""
-    exit_reported: bool = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def say(message: str = "") -> None:
-    print(message, flush=True)
-
-
-def warn(message: str) -> None:
-    print(f"dev_stack: {message}", file=sys.stderr, flush=True)
-
-
-def shown(path: Path) -> str:
-    """``path`` relative to the working directory when it is below it (shorter to read).
-
-    Symlinks are kept: a virtualenv's ``bin/python`` must not turn into the system's.
-    """
-    absolute = Path(os.path.abspath(path))
-    try:
-        return str(absolute.relative_to(Path.cwd()))
-    except ValueError:
-        return str(absolute)
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def grpcurl_command(address: str, method: str, request: dict[str, Any]) -> str:
     """A grpcurl command line, quoted so that it can be pasted into a POSIX shell."""
     return shlex.join(["grpcurl", "-plaintext", "-d", json.dumps(request), address, method])
-
-
-def waterfall_command(store: Path, *extra: str) -> str:
-    """The command that draws the most recent traces of ``store``, to paste into a shell."""
-    python = shown(Path(sys.executable))
-    return shlex.join([python, "-m", "mesh.telemetry.waterfall", "--store", shown(store), *extra])
-
-
-def child_env(**variables: str) -> dict[str, str]:
-    """Our environment plus ``variables``, with the project importable."""
-    env = dict(os.environ, **variables)
-    paths = [str(root) for root in IMPORT_ROOTS]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
 
 
 def service_env(consul_addr: str, receiver: ReceiverProcess | None) -> dict[str, str]:
@@ -244,66 +147,6 @@ def service_env(consul_addr: str, receiver: ReceiverProcess | None) -> dict[str,
         env[OTLP_ENDPOINT_ENV] = receiver.endpoint
     env.setdefault("OTEL_BSP_SCHEDULE_DELAY", SPAN_BATCH_DELAY_MS)
     return env
-
-
-def tracing_off(env: Mapping[str, str]) -> bool:
-    return env.get(OTEL_DISABLED_ENV, "").strip().lower() == "true"
-
-
-def configured_otlp_endpoint(env: Mapping[str, str]) -> str:
-    """The OTLP endpoint OpenTelemetry's variables already name (a Jaeger, a collector), or ""."""
-    return (env.get(OTLP_TRACES_ENDPOINT_ENV) or env.get(OTLP_ENDPOINT_ENV) or "").strip()
-
-
-def spawn_receiver(options: argparse.Namespace) -> ReceiverProcess:
-    """Start the local OTLP receiver on --otlp-port, else 4317 when free, else any free port."""
-    port = options.otlp_port
-    default_port_taken = port is None and not port_is_free(DEFAULT_OTLP_PORT)
-    if port is None:
-        port = 0 if default_port_taken else DEFAULT_OTLP_PORT
-    store = options.data_dir / TRACE_STORE_NAME
-    log_path = fresh_log(options.log_dir / f"{RECEIVER_LOG_NAME}.log")
-    args = [
-        *(sys.executable, "-m", "mesh.telemetry.receiver"),
-        *("--host", HOST, "--port", str(port), "--store", str(store)),
-    ]
-    proc = spawn(args, env=child_env(), log_path=log_path, cwd=PROJECT_ROOT)
-    return ReceiverProcess(proc, log_path, store, default_port_taken)
-
-
-def wait_for_receiver(receiver: ReceiverProcess, timeout: float) -> None:
-    """Wait until the receiver listens: it prints ``OTEL_EXPORTER_OTLP_ENDPOINT=<endpoint>``
-    once its server has started. Sets ``receiver.endpoint``."""
-    prefix = f"{OTLP_ENDPOINT_ENV}="
-
-    def printed_endpoint() -> str:
-        for line in receiver.log_path.read_text(errors="replace").splitlines():
-            if line.startswith(prefix):
-                return line.removeprefix(prefix).strip()
-        if receiver.proc.poll() is not None:
-            receiver.exit_reported = True
-            raise StartupFailed(
-                f"the trace receiver exited with code {receiver.proc.returncode} while starting",
-                [receiver.log_path],
-            )
-        return ""
-
-    try:
-        receiver.endpoint = wait_until(
-            printed_endpoint,
-            timeout=timeout,
-            interval=POLL_INTERVAL_S / 2,
-            message=f"the trace receiver did not listen within {timeout:g}s",
-        )
-    except TimeoutError as exc:
-        raise StartupFailed(str(exc), [receiver.log_path]) from exc
-
-
-def fresh_log(path: Path) -> Path:
-    """Create ``path`` empty, so that each log holds this run only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    return path
 
 
 class DevStack:
@@ -342,7 +185,9 @@ class DevStack:
             if self.options.otlp_port is not None:
                 warn(f"--otlp-port ignored: exporting to {self.otlp_endpoint} as the env says")
             return
-        self.receiver = spawn_receiver(self.options)
+        self.receiver = spawn_receiver(
+            self.options.otlp_port, data_dir=self.options.data_dir, log_dir=self.options.log_dir
+        )
 
     def _start_consul(self) -> ConsulAgent:
         port = self.options.consul_http_port
@@ -434,74 +279,20 @@ class DevStack:
         say("Metrics (Prometheus):")
         for sp in self.services:
             say(f"  {sp.name:<10} {sp.metrics_url or '(none registered)'}")
-        self._describe_traces()
+        describe_traces(self.receiver, self.otlp_endpoint)
         say("Try:")
         say(f"  {grpcurl_command(self._first('catalog').address, LIST_ITEMS, LIST_ITEMS_EXAMPLE)}")
         say(f"  {grpcurl_command(self._first('orders').address, PLACE_ORDER, PLACE_ORDER_EXAMPLE)}")
         if self.receiver is not None:
             say(f"  {waterfall_command(self.receiver.store)}   # the most recent traces")
 
-    def _describe_traces(self) -> None:
-        receiver = self.receiver
-        if receiver is None:
-            how = f"exporting to {self.otlp_endpoint}" if self.otlp_endpoint else "off"
-            say(f"Traces: {how}  (as OTEL_* in the environment say)")
-            return
-        say(
-            f"Traces: local OTLP receiver at {receiver.endpoint}  (pid {receiver.pid}, "
-            f"store {shown(receiver.store)}, log {shown(receiver.log_path)})"
-        )
-        if receiver.default_port_taken:
-            say(
-                f"  port {DEFAULT_OTLP_PORT} is taken; if a Jaeger listens there, run with "
-                f"{OTLP_ENDPOINT_ENV}=http://localhost:{DEFAULT_OTLP_PORT} to export to it"
-            )
-
     def place_demo_order(self) -> tuple[orders_pb2.Order, str]:
-        """Place one order through the mesh: orders found in Consul, catalog behind it.
-        Returns the order and its trace id ("" when tracing is off)."""
-        consul_addr = self._running_agent().http_addr
-        try:
-            return asyncio.run(self._place_order(consul_addr, self.otlp_endpoint))
-        except grpc.aio.AioRpcError as exc:
-            raise StartupFailed(
-                f"demo order failed: {exc.code().name}: {exc.details()}",
-                [sp.log_path for sp in self.services if sp.service == "orders"],
-            ) from exc
-
-    @staticmethod
-    async def _place_order(consul_addr: str, otlp_endpoint: str) -> tuple[orders_pb2.Order, str]:
-        tracing = None
-        if otlp_endpoint:
-            tracing = tracing_to(otlp_endpoint, Resource.create({"service.name": "dev-stack"}))
-        resolver = ConsulResolver(ConsulSettings.parse(consul_addr))
-        channel = mesh.channel("orders", resolver=resolver, tracing=tracing)
-        try:
-            request = orders_pb2.PlaceOrderRequest(
-                customer_id=DEMO_CUSTOMER,
-                lines=[orders_pb2.OrderLine(item_id=i, quantity=q) for i, q in DEMO_LINES],
-                idempotency_key=f"dev-stack-{uuid.uuid4().hex}",
-            )
-            stub = orders_pb2_grpc.OrderServiceStub(channel)
-            # One root span over the call, so that the whole order is one trace we can name.
-            root = (
-                tracing.tracer.start_as_current_span(DEMO_SPAN)
-                if tracing is not None
-                else contextlib.nullcontext()
-            )
-            with root as span:
-                order: orders_pb2.Order = await stub.PlaceOrder(
-                    request, timeout=DEMO_ORDER_TIMEOUT_S
-                )
-            trace_id = (
-                "" if span is None else trace.format_trace_id(span.get_span_context().trace_id)
-            )
-            return order, trace_id
-        finally:
-            await channel.close()
-            await resolver.close()
-            if tracing is not None:
-                await asyncio.to_thread(tracing.shutdown)  # flushes; the exporter blocks
+        """Place the demo order (scripts/dev_demo.py) through this stack's Consul, traced where
+        the services' traces go. Returns the order and its trace id ("" when tracing is off)."""
+        orders_logs = [sp.log_path for sp in self.services if sp.service == "orders"]
+        return dev_demo.place_demo_order(
+            self._running_agent().http_addr, self.otlp_endpoint, orders_logs
+        )
 
     def watch(self) -> None:
         """Run until a signal arrives, reporting any child that dies meanwhile."""
@@ -547,7 +338,8 @@ class DevStack:
         for service, _ in reversed(SERVICES):
             clean &= self._stop_all([sp for sp in self.services if sp.service == service])
         clean &= self._check_deregistered()
-        clean &= self._stop_receiver()
+        if self.receiver is not None:
+            clean &= stop_receiver(self.receiver)
         if self.agent is not None:
             self.agent.stop()
             say("Consul stopped")
@@ -572,25 +364,6 @@ class DevStack:
                     warn(f"{sp.name} exited with code {code} on SIGTERM; see {shown(sp.log_path)}")
             say(f"stopped {', '.join(sp.name for sp in running)}")
         return all(sp.proc.returncode == 0 for sp in running)
-
-    def _stop_receiver(self) -> bool:
-        """SIGTERM the trace receiver; False if it was running and did not exit 0."""
-        receiver = self.receiver
-        if receiver is None:
-            return True
-        if receiver.proc.poll() is not None:
-            if not receiver.exit_reported:
-                receiver.exit_reported = True
-                warn(
-                    f"the trace receiver had exited with code {receiver.proc.returncode}; "
-                    f"see {shown(receiver.log_path)}"
-                )
-            return True
-        code = stop_process(receiver.proc, timeout=STOP_TIMEOUT_S)
-        if code != 0:
-            warn(f"the trace receiver exited with code {code}; see {shown(receiver.log_path)}")
-        say("stopped the trace receiver")
-        return code == 0
 
     def _check_deregistered(self) -> bool:
         """Removes any instance of ours Consul still lists; False if one that stopped cleanly
@@ -687,24 +460,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return options
 
 
-def show_order(order: orders_pb2.Order, trace_id: str, receiver: ReceiverProcess | None) -> None:
-    lines = ", ".join(f"{line.quantity} x {line.item_id}" for line in order.lines)
-    total = f"{order.total_cents // 100}.{order.total_cents % 100:02d} {order.currency}"
-    say(f"Demo order through the mesh: order {order.order_id} for {order.customer_id}: {lines}")
-    say(f"  total {total} (total_cents {order.total_cents})")
-    if trace_id:
-        say(f"  trace {trace_id}")
-    if trace_id and receiver is not None:
-        say(f"  {waterfall_command(receiver.store, '--trace', trace_id)}")
-
-
 def run(stack: DevStack, options: argparse.Namespace) -> int:
     """Start, show, order, then wait for a signal (or not, with --once); the exit code."""
     started = time.monotonic()
     try:
         stack.start()
         stack.describe()
-        show_order(*stack.place_demo_order(), stack.receiver)
+        dev_demo.show_order(*stack.place_demo_order(), stack.receiver)
         say(f"(started in {time.monotonic() - started:.1f}s)")
         if options.once:
             say("dev stack ok (--once); stopping")
