@@ -100,6 +100,12 @@ PLACE_ORDER_EXAMPLE = {
     "customer_id": "grpcurl-user",
     "lines": [{"item_id": "roma-margherita", "quantity": 1}],
 }
+LOAD_EXAMPLE = {
+    "customer_id": "load-{{worker}}",
+    "idempotency_key": "{{uuid}}",
+    "lines": [{"item_id": "{{choice roma-margherita,roma-carbonara}}", "quantity": 1}],
+}
+"""A PlaceOrder body for meshctl load: a new idempotency key per call (see mesh/load)."""
 
 WATCH_INTERVAL_S = 0.5
 CONSUL_API_ERRORS = (OSError, http.client.HTTPException, ValueError)
@@ -137,6 +143,13 @@ class SignalGate:
 def grpcurl_command(address: str, method: str, request: dict[str, Any]) -> str:
     """A grpcurl command line, quoted so that it can be pasted into a POSIX shell."""
     return shlex.join(["grpcurl", "-plaintext", "-d", json.dumps(request), address, method])
+
+
+def load_command(consul_addr: str) -> str:
+    """A `meshctl load` command line against the stack's orders, through the mesh."""
+    meshctl = shown(Path(sys.executable).with_name("meshctl"))
+    words = [f"CONSUL_HTTP_ADDR={consul_addr}", meshctl, "load", "orders", PLACE_ORDER]
+    return shlex.join([*words, "-d", json.dumps(LOAD_EXAMPLE), "-c", "8", "-z", "10s"])
 
 
 def service_env(consul_addr: str, receiver: ReceiverProcess | None) -> dict[str, str]:
@@ -283,6 +296,7 @@ class DevStack:
         say("Try:")
         say(f"  {grpcurl_command(self._first('catalog').address, LIST_ITEMS, LIST_ITEMS_EXAMPLE)}")
         say(f"  {grpcurl_command(self._first('orders').address, PLACE_ORDER, PLACE_ORDER_EXAMPLE)}")
+        say(f"  {load_command(agent.http_addr)}   # load test")
         if self.receiver is not None:
             say(f"  {waterfall_command(self.receiver.store)}   # the most recent traces")
 

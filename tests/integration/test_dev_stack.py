@@ -246,6 +246,16 @@ def printed_command(output: str, method: str) -> list[str]:
     return [grpcurl_binary(), *args[1:]]
 
 
+def printed_load_command(output: str) -> tuple[dict[str, str], list[str]]:
+    """The banner's `meshctl load` command: (its environment assignments, its arguments)."""
+    line = next(ln.strip() for ln in output.splitlines() if " load orders " in ln)
+    words = shlex.split(line.split("#", 1)[0])
+    assignments = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=.*", w))
+    args = words[len(assignments) :]
+    assert os.path.samefile(PROJECT_ROOT / args[0], Path(sys.executable).with_name("meshctl"))
+    return assignments, args
+
+
 def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stack: Any) -> None:
     otlp_port = free_port()
     run = start_dev_stack("--otlp-port", str(otlp_port))
@@ -300,6 +310,23 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     )
     assert place_order.returncode == 0, place_order.stderr
     assert json.loads(place_order.stdout)["order_id"]
+
+    # the load test as printed, made short: 40 orders through the mesh, each a new one
+    assignments, load = printed_load_command(output)
+    assert load[load.index("-z") + 1] == "10s"
+    load[load.index("-z") : load.index("-z") + 2] = ["-n", "40", "-O", "json"]
+    loaded = subprocess.run(
+        load,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **assignments},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    report = json.loads(loaded.stdout)
+    assert report["status_counts"] == {"OK": 40}, report
 
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
     assert run.wait_for_exit() == 0, run.output()
