@@ -119,8 +119,8 @@ class StreamingCall(
         self._error: BaseException | None = None
         self._admitted = False
         self._spans = (
-            CallSpans(upstream.tracer, upstream.service, plan.full_method)
-            if upstream.tracer is not None
+            CallSpans(plan.tracer, upstream.service, plan.full_method)
+            if plan.tracer is not None
             else None
         )
         self._attempt_span: Span | None = None

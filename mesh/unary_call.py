@@ -94,8 +94,8 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         self._started_at = now
         self._deadline = now + timeout
         self._state = self._NEW
-        if upstream.tracer is not None:
-            self._spans = CallSpans(upstream.tracer, upstream.service, plan.full_method)
+        if plan.tracer is not None:
+            self._spans = CallSpans(plan.tracer, upstream.service, plan.full_method)
         if refused is not None:
             self._refused = refused
             return

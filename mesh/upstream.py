@@ -33,6 +33,7 @@ from mesh.policy import HedgePolicy, MethodPolicy, ServicePolicy
 from mesh.retry.budget import RetryBudget
 from mesh.retry.policy import RetryPolicy, method_is_idempotent
 from mesh.subchannels import SubChannel, SubChannelPool
+from mesh.telemetry.call_spans import traced
 from mesh.telemetry.metrics import AttemptKind, MeshMetrics
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,26 @@ class MethodPlan:
     idempotent: bool
     hedge: HedgePolicy | None
     faults: FaultInjector | None
+    tracer: trace.Tracer | None = None
+    """Where its call and attempt spans come from; None when tracing is off, and for health
+    checks and reflection, which make no spans."""
 
     @classmethod
-    def compile(cls, full_method: str, policy: MethodPolicy, rng: Rng) -> MethodPlan:
+    def compile(
+        cls,
+        full_method: str,
+        policy: MethodPolicy,
+        rng: Rng,
+        tracer: trace.Tracer | None = None,
+    ) -> MethodPlan:
         idempotent = method_is_idempotent(full_method, policy.idempotent)
         hedge = policy.hedge if idempotent else None
         if policy.hedge is not None and not idempotent:
             log.warning("hedging of %s ignored: the method is not safe to repeat", full_method)
         faults = FaultInjector(policy.fault, rng) if policy.fault.active else None
-        return cls(full_method, policy.timeout, policy.retry, idempotent, hedge, faults)
+        if tracer is not None and not traced(full_method):
+            tracer = None
+        return cls(full_method, policy.timeout, policy.retry, idempotent, hedge, faults, tracer)
 
 
 class Upstream:
@@ -105,7 +117,9 @@ class Upstream:
         plan = self._plans.get(full_method)
         if plan is None:
             name = full_method.rsplit("/", 1)[-1]
-            plan = MethodPlan.compile(full_method, self.policy.for_method(name), self.rng)
+            plan = MethodPlan.compile(
+                full_method, self.policy.for_method(name), self.rng, self.tracer
+            )
             self._plans[full_method] = plan
         return plan
 

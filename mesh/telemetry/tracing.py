@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Sampler
 
-UNTRACED_SERVICES = ("grpc.health.v1", "grpc.reflection")
+from mesh.telemetry.call_spans import UNTRACED_SERVICES
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -165,3 +166,23 @@ async def test_unsampled_call_has_no_attempt_spans_and_stays_unsampled_downstrea
             catalog_pb2.GetItemRequest(item_id="x")
         )
     assert [s.kind for s in exporter.get_finished_spans()] == [SpanKind.SERVER]
+
+
+async def test_health_checks_through_a_mesh_channel_make_no_spans(
+    servers: list[MeshServer], exported: tuple[Tracing, InMemorySpanExporter]
+) -> None:
+    tracing, exporter = exported
+    resolver = StaticResolver({"catalog": [servers[1].address]})
+    async with MeshChannel("catalog", resolver, tracing=tracing) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert exporter.get_finished_spans() == ()
+        # while a call of the service itself, on the same channel, is traced
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        await stub.GetItem(catalog_pb2.GetItemRequest(item_id="x"))
+    assert {s.kind for s in exporter.get_finished_spans()} == {
+        SpanKind.INTERNAL,
+        SpanKind.CLIENT,
+        SpanKind.SERVER,
+    }
