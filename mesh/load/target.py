@@ -31,6 +31,7 @@ from mesh.load.request import (
     RequestTemplate,
     method_from_reflection,
     method_from_stubs,
+    parse_method_name,
 )
 from mesh.policy import PolicyError
 
@@ -155,7 +156,9 @@ class Prepared:
 async def prepare(spec: CallSpec, worker: int = 0) -> Prepared:
     """Connect, find the method, parse the template for worker `worker` and render it once;
     BadInput on the first thing that cannot work. With stubs, the method and the body are
-    checked before connecting, so that a typo fails at once."""
+    checked before connecting, so that a typo fails at once (and the method name's form
+    always is)."""
+    parse_method_name(spec.method)
     method = template = None
     if spec.source == "stubs":
         method = await resolve_method(spec.method, spec.source, "", spec.connect_timeout)

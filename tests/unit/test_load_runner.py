@@ -45,7 +45,7 @@ from mesh.load.runner import (
     split,
 )
 from mesh.load.stats import CallRecorder, RecordedRun
-from mesh.load.target import Target
+from mesh.load.target import CallSpec, Target, prepare
 
 T = TypeVar("T")
 GET_ITEM = MethodInfo(
@@ -612,3 +612,11 @@ def test_progress_line_rewrites_itself_with_the_rate_of_the_last_interval() -> N
     assert "p50 2.10 ms" in parts[2] and "p99 10.50 ms" in parts[2]
     assert "1,000/s" in parts[3]
     assert all(part.endswith("\x1b[K") for part in parts[1:])
+
+
+async def test_a_malformed_method_name_fails_before_connecting() -> None:
+    """Nothing listens at the address and the connect timeout is long: the answer comes at
+    once, and it is about the method name, not the connection."""
+    spec = CallSpec(Target("127.0.0.1:1"), "GetItem", connect_timeout=60.0)
+    with pytest.raises(BadInput, match="bad method name 'GetItem'"):
+        await asyncio.wait_for(prepare(spec), timeout=5.0)
