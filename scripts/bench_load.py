@@ -2,6 +2,7 @@
 
     python scripts/bench_load.py                          # 5 rounds x 3 s, concurrency 32
     python scripts/bench_load.py --duration 2 --rounds 4 --json
+    python scripts/bench_load.py --server node            # a cheap Node.js server (below)
 
 Why: a load tester that spends more per call than the service measures itself. The physical
 limit of one Python process is the leanest possible grpc.aio loop: N tasks, each awaiting a
@@ -36,6 +37,19 @@ with cores to spare for the workers (or with the server elsewhere), load/2 / loa
 what they add; "generator capacity" estimates that case from the client CPU per call, K
 workers / CPU per call, as if each worker process had a core of its own. Exit code 0 whether
 the goal is met or not; 1 when a call failed.
+
+`--server node`: why a second server. The Python server costs more CPU per call than the
+generator (about 250 us against 160 us on a 2-core machine), so with one worker client and
+server already fill two cores, and load/2 / load/1 shows the machine, not what a second worker
+adds. The fix is a server whose cost per call is small next to the generator's, which leaves
+cores to the workers: `--server node` runs the same methods (GetItem and /bench.Echo/Call as
+raw-bytes echoes, server reflection v1 and v1alpha serving catalog.proto) in Node.js with
+@grpc/grpc-js, scripts/bench_echo_server/server.js, measured the same way (its process's CPU
+time). It needs node and npm on PATH; the first run installs the packages pinned in its
+package-lock.json with `npm ci` (node_modules is not committed). Node.js is for this benchmark
+only, never a dependency of the project or its tests. grpc-js is about four times cheaper per
+call than grpc.aio, but not free: on a 2-core machine it still costs nearly what the generator
+does at that rate, so the machine bound column stays the first thing to read.
 """
 
 from __future__ import annotations
@@ -44,8 +58,10 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -86,6 +102,9 @@ THROUGHPUT_GOAL = 0.95
 """load/1 calls per second must be at least this share of the hand-written loop's."""
 SIDES = ("loop", "load/1", "load/2")
 CORES = os.cpu_count() or 1
+SERVERS = {"python": "Python grpc.aio", "node": "Node.js grpc-js"}
+"""--server choices, and how the output names them."""
+NODE_SERVER = Path(__file__).resolve().parent / "bench_echo_server"
 
 
 # -- the server (child process) -------------------------------------------------------------
@@ -111,15 +130,44 @@ async def serve(port: int) -> None:
     await server.stop(0)
 
 
-class CatalogEchoServer(EchoServer):
-    """bench_overhead's EchoServer (readiness, stop), running `serve` above instead."""
+def node_server_command(port: int) -> list[str]:
+    """The command that runs bench_echo_server/server.js on `port`, after installing its
+    packages (`npm ci`, from the committed package-lock.json) if they are not there yet.
+    SystemExit with the reason when node or npm is missing or the install fails."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
+        raise SystemExit(
+            f"--server node needs Node.js (node and npm on PATH, Node 18 or later); "
+            f"{missing} not found"
+        )
+    # npm writes node_modules/.package-lock.json last: its absence means no complete install.
+    if not (NODE_SERVER / "node_modules" / ".package-lock.json").exists():
+        print(f"bench_load: npm ci in {NODE_SERVER} (once)", file=sys.stderr)
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_SERVER,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"--server node: npm ci in {NODE_SERVER} failed ({done.returncode})")
+    return [node, str(NODE_SERVER / "server.js"), str(port)]
 
-    def __init__(self) -> None:
+
+class CatalogEchoServer(EchoServer):
+    """bench_overhead's EchoServer (readiness, stop), running `serve` above, or with
+    kind "node" the same methods in Node.js (bench_echo_server/server.js), instead."""
+
+    def __init__(self, kind: str = "python") -> None:
         self.port = free_tcp_port(HOST)
         self.address = f"{HOST}:{self.port}"
-        self._proc = spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)]
-        )
+        if kind == "node":
+            command = node_server_command(self.port)
+        else:
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)]
+        self._proc = spawn(command)
         self.pid = self._proc.pid
 
 
@@ -169,6 +217,7 @@ class Options:
     rounds: int = 5
     concurrency: int = 32
     warmup: float = 1.0
+    server: str = "python"
 
 
 def _cpu(pids: Sequence[int]) -> float:
@@ -294,7 +343,8 @@ def render(results: dict[str, Any]) -> str:
     o = results["options"]
     lines = [
         f"meshctl load against a hand-written grpc.aio loop: {o['rounds']} alternating rounds x "
-        f"{o['duration']:g} s per side, concurrency {o['concurrency']}, /{METHOD} (64 B echo)",
+        f"{o['duration']:g} s per side, concurrency {o['concurrency']}, /{METHOD} (64 B echo, "
+        f"{SERVERS[o['server']]} server)",
         "",
         f"  {'':8}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'client CPU':>12}{'server CPU':>12}"
         f"{'server busy':>13}{'machine bound':>15}{'errors':>8}",
@@ -338,6 +388,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per side")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds per side, unmeasured")
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="python",
+        help="the echo server: grpc.aio (default) or a cheap Node.js one (see module doc)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -351,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve is not None:
         asyncio.run(serve(args.serve))
         return 0
-    options = Options(args.duration, args.rounds, args.concurrency, args.warmup)
-    server = CatalogEchoServer()
+    options = Options(args.duration, args.rounds, args.concurrency, args.warmup, args.server)
+    server = CatalogEchoServer(args.server)
     try:
 
         async def bench() -> dict[str, Any]:
