@@ -4,11 +4,20 @@ records (counts add up; percentiles within the HDR histogram's 0.1%)."""
 from __future__ import annotations
 
 import pickle
+import random
 from array import array
 
 import pytest
 
-from mesh.load.stats import HIGHEST_US, CallRecorder, RecordedRun, decode_histogram, merge
+from mesh.load.stats import (
+    HIGHEST_US,
+    CallRecorder,
+    RecordedRun,
+    _HistogramLayout,
+    decode_histogram,
+    merge,
+    new_histogram,
+)
 
 T0 = 1000.0
 """The run's start on the (fake) perf_counter clock."""
@@ -190,3 +199,25 @@ def test_a_snapshot_is_not_changed_by_later_calls() -> None:
     assert run.status_counts == {"OK": 1}
     assert run.error_counts == {}
     assert decode_histogram(run.histogram).get_total_count() == 1
+
+
+def test_recorded_latencies_land_where_hdrh_itself_puts_them() -> None:
+    """record_many computes hdrh's counts index inline: the histogram must be the one hdrh's
+    own record_value makes, for values across the whole range and every bucket's edges."""
+    rng = random.Random(7)
+    values = [0, 1, 2047, 2048, 2049, 4095, 4096, HIGHEST_US - 1, HIGHEST_US]
+    values += [2**p + d for p in range(1, 41) for d in (-1, 0, 1) if 2**p + d <= HIGHEST_US]
+    values += [int(rng.lognormvariate(8, 2)) % HIGHEST_US for _ in range(20_000)]
+    recorder = CallRecorder(T0)
+    recorder.record_many([(T0, us / 1_000_000, "OK", None) for us in values])
+    reference = new_histogram()
+    for us in values:
+        reference.record_value(int(us / 1_000_000 * 1_000_000))  # as the recorder converts
+    assert _HistogramLayout.of(reference) is not None, "the inline layout is in use"
+    mine = decode_histogram(recorder.snapshot().histogram)
+    assert mine.get_total_count() == reference.get_total_count() == len(values)
+    assert (mine.get_min_value(), mine.get_max_value()) == (
+        reference.get_min_value(),
+        reference.get_max_value(),
+    )
+    assert list(mine.counts) == list(reference.counts)
