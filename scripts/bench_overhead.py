@@ -43,8 +43,8 @@ each batch-exporting (BatchSpanProcessor, OTLP/gRPC) to the receiver, sampler
 `parentbased_traceidratio` with `--sample-ratio` (set through OTEL_TRACES_SAMPLER and
 OTEL_TRACES_SAMPLER_ARG, which the SDK reads, for all three processes). The "bare" side is then
 grpc.aio with the stock client instrumentor (opentelemetry-instrumentation-grpc's interceptors,
-`Tracing.client_interceptors()`), the mesh side `mesh.channel(..., tracing=...)` (call and
-attempt spans, and the same interceptors on its sub-channels), and a third side, "plain", is
+`Tracing.client_interceptors()`), the mesh side `mesh.channel(..., tracing=...)` (its call
+span, and an attempt span per attempt that is the gRPC client span), and a third side, "plain", is
 grpc.aio without instrumentation (to the same instrumented server), so that bare/plain shows
 what the stock instrumentor alone costs. Rounds rotate over the three sides. The exporter's
 thread competes with the calls for the client's CPU (and the GIL), and the receiver with both
