@@ -86,7 +86,7 @@ from grpc import aio  # noqa: E402
 
 from foodmesh.catalog.v1 import catalog_pb2  # noqa: E402, F401  (reflection serves its file)
 from mesh import keepalive  # noqa: E402
-from mesh.load.runner import CallLoop, LoadPlan, invoker  # noqa: E402
+from mesh.load.runner import DEFAULT_TIMEOUT, CallLoop, LoadPlan, invoker  # noqa: E402
 from mesh.load.stats import RecordedRun, decode_histogram, merge  # noqa: E402
 from mesh.load.target import CallSpec, Prepared, Target, prepare  # noqa: E402
 from mesh.load.workers import WorkerPool  # noqa: E402
@@ -282,7 +282,7 @@ async def _load2_round(side: Side, spec: CallSpec, options: Options, server: int
     side.runs.append(outcome.run)
     counts = outcome.run.status_counts
     calls = sum(counts.values())
-    return side.add(calls, calls - counts.get("OK", 0), outcome.elapsed, workers, server_cpu)
+    return side.add(calls, calls - counts.get("OK", 0), outcome.phase.elapsed, workers, server_cpu)
 
 
 async def run(options: Options, server: CatalogEchoServer) -> dict[str, Any]:
@@ -299,7 +299,7 @@ async def run(options: Options, server: CatalogEchoServer) -> dict[str, Any]:
         await measure(call, payload, options.concurrency, options.warmup)
         await _load1_round(Side(), prepared, warm, server.pid)
         sides = {name: Side() for name in SIDES}
-        timed = partial(call, timeout=LoadPlan().timeout)  # the deadline load/1 gives each call
+        timed = partial(call, timeout=DEFAULT_TIMEOUT)  # the deadline load/1 gives each call
         ratios: dict[str, list[float]] = {name: [] for name in RATIOS}
         for index in range(options.rounds):
             shift = index % len(SIDES)

@@ -353,9 +353,9 @@ def report(command: LoadCommand, outcome: Outcome, method_path: str) -> None:
         concurrency=plan.concurrency,
         workers=plan.workers,
         rate=plan.rate,
-        elapsed=outcome.elapsed,
-        max_lag=outcome.max_lag,
-        missed=outcome.missed,
+        elapsed=outcome.phase.elapsed,
+        max_lag=outcome.phase.max_lag,
+        missed=outcome.phase.missed,
     )
     result = build_report(info, outcome.run)
     text = render(result, command.format)
@@ -364,9 +364,9 @@ def report(command: LoadCommand, outcome: Outcome, method_path: str) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
-    if outcome.missed:
+    if outcome.phase.missed:
         print(
-            f"{PROG}: warning: {outcome.missed} calls due before the end were never started "
+            f"{PROG}: warning: {outcome.phase.missed} calls due before the end were never started "
             "(the server or --concurrency could not keep up: the tail is longer than reported)",
             file=sys.stderr,
         )

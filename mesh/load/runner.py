@@ -205,6 +205,17 @@ class PhaseResult:
     """Open model with a duration: calls due before its end that had not started by then
     (held back by --concurrency, or a generator too slow for the rate); never sent."""
 
+    @classmethod
+    def combined(cls, phases: Sequence[PhaseResult]) -> PhaseResult:
+        """Several workers' phases as one run: the longest, the largest lag, interrupted if
+        any was, the missed calls of all."""
+        return cls(
+            max(phase.elapsed for phase in phases),
+            max(phase.max_lag for phase in phases),
+            any(phase.interrupted for phase in phases),
+            sum(phase.missed for phase in phases),
+        )
+
 
 class _Phase:
     """The state one phase's tasks share (slots: the hot path reads these attributes).

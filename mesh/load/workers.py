@@ -52,16 +52,11 @@ class WorkerFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A finished (or interrupted) run: the merged record, and how long it took."""
+    """A finished (or interrupted) run: the merged record, and how the run went (its length,
+    schedule lag, missed calls: the longest, largest and sum over the workers)."""
 
     run: RecordedRun
-    elapsed: float
-    """Seconds of the measured part (the longest worker's)."""
-    max_lag: float
-    """Open model: the most any call started behind its schedule, seconds."""
-    interrupted: bool
-    missed: int = 0
-    """Open model: calls due before the end of the duration that never started."""
+    phase: PhaseResult
 
 
 class LoadRun(Protocol):
@@ -87,10 +82,8 @@ class InProcessRun:
         self._loop = CallLoop(invoke, prepared.template, share)
 
     async def run(self) -> Outcome:
-        recorder, result = await self._loop.run()
-        return Outcome(
-            recorder.snapshot(), result.elapsed, result.max_lag, result.interrupted, result.missed
-        )
+        recorder, phase = await self._loop.run()
+        return Outcome(recorder.snapshot(), phase)
 
     def stop(self) -> None:
         self._loop.stop()
@@ -157,14 +150,9 @@ class WorkerPool:
         for w in range(len(self._procs)):
             _send(self._stdin(w), "go")
         results = await asyncio.gather(*(self._collect(w) for w in range(len(self._procs))))
-        runs = [run for run, _ in results]
-        phases = [phase for _, phase in results]
         return Outcome(
-            merge(runs),
-            max(phase.elapsed for phase in phases),
-            max(phase.max_lag for phase in phases),
-            any(phase.interrupted for phase in phases),
-            sum(phase.missed for phase in phases),
+            merge([run for run, _ in results]),
+            PhaseResult.combined([phase for _, phase in results]),
         )
 
     async def _collect(self, w: int) -> tuple[RecordedRun, PhaseResult]:
@@ -275,8 +263,7 @@ async def _worker(out: IO[bytes]) -> None:
         finally:
             for helper in helpers:
                 helper.cancel()
-        phase = PhaseResult(outcome.elapsed, outcome.max_lag, outcome.interrupted, outcome.missed)
-        _emit(out, ("done", outcome.run, phase))
+        _emit(out, ("done", outcome.run, outcome.phase))
     finally:
         await prepared.close()
 
