@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from discovery.consul_settings import ConsulSettings
-from discovery.resolver import Resolver
-from mesh.channel import MeshChannel
-from mesh.errors import ChannelClosed, MeshError, NoHealthyEndpoints, NotResolved
+from mesh.client.channel import MeshChannel
+from mesh.core.errors import ChannelClosed, MeshError, NoHealthyEndpoints, NotResolved
+from mesh.discovery.consul_settings import ConsulSettings
+from mesh.discovery.resolver import Resolver
 from mesh.policy import MeshPolicy, ServicePolicy, load_policy, load_policy_from_env
 from mesh.telemetry.metrics import MeshMetrics
 
@@ -53,7 +53,7 @@ def channel(
             service, resolver, policy=service_policy, tracing=tracing, metrics=metrics
         )
     # Imported here: py-consul and aiohttp load only for channels that use Consul.
-    from discovery.consul_resolver import ConsulResolver
+    from mesh.discovery.consul_resolver import ConsulResolver
 
     return MeshChannel(
         service,

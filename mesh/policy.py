@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 
-from discovery.backoff import ExponentialBackoff
-from mesh.faults import FaultPolicy
-from mesh.retry.policy import RetryPolicy
+from mesh.core.backoff import ExponentialBackoff
+from mesh.resilience.faults import FaultPolicy
+from mesh.resilience.retry.policy import RetryPolicy
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

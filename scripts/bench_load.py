@@ -26,8 +26,8 @@ each position), after a warm-up:
             is printed too.
     load/1  `meshctl load`'s engine in this process, as the command runs it with --workers 1:
             the method found by reflection, the request from a JSON template, every call
-            recorded in the HDR histogram (mesh/load/runner.py, CallLoop)
-    load/2  --workers 2: two worker processes (mesh/load/workers.py, WorkerPool), started
+            recorded in the HDR histogram (meshctl/load/runner.py, CallLoop)
+    load/2  --workers 2: two worker processes (meshctl/load/workers.py, WorkerPool), started
             and prepared before each round (not timed), their records merged
 
 Reading the output: calls/s, p50 and p99 of each side, client CPU per call (this process for
@@ -85,12 +85,12 @@ import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
 from foodmesh.catalog.v1 import catalog_pb2  # noqa: E402, F401  (reflection serves its file)
-from mesh import keepalive  # noqa: E402
-from mesh.load.runner import DEFAULT_TIMEOUT, CallLoop, LoadPlan, invoker  # noqa: E402
-from mesh.load.stats import RecordedRun, decode_histogram, merge  # noqa: E402
-from mesh.load.target import CallSpec, Prepared, Target, prepare  # noqa: E402
-from mesh.load.workers import WorkerPool  # noqa: E402
-from mesh.reflection import enable_reflection  # noqa: E402
+from mesh.core import keepalive  # noqa: E402
+from mesh.server.reflection import enable_reflection  # noqa: E402
+from meshctl.load.runner import DEFAULT_TIMEOUT, CallLoop, LoadPlan, invoker  # noqa: E402
+from meshctl.load.stats import RecordedRun, decode_histogram, merge  # noqa: E402
+from meshctl.load.target import CallSpec, Prepared, Target, prepare  # noqa: E402
+from meshctl.load.workers import WorkerPool  # noqa: E402
 from scripts.bench_overhead import (  # noqa: E402
     HOST,
     EchoServer,

@@ -87,8 +87,8 @@ import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
 import mesh  # noqa: E402
-from discovery import StaticResolver  # noqa: E402
-from mesh import keepalive  # noqa: E402
+from mesh.core import keepalive  # noqa: E402
+from mesh.discovery import StaticResolver  # noqa: E402
 from mesh.policy import ServicePolicy  # noqa: E402
 from mesh.telemetry.tracing import Tracing, tracing_to  # noqa: E402
 from scripts.processes import (  # noqa: E402

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the project needs on a fresh machine, idempotently:
-#   .venv/          a virtual environment with the project (editable) and its dev tools,
-#                   grpcurl among them
+#   .venv/          a virtual environment with the library and meshctl (editable), the
+#                   generated stubs (protos/, editable) and the dev tools, grpcurl among them;
+#                   the demo services run from the checkout, never installed
 #   .tools/bin/     a Consul binary, unless one is on PATH (scripts/get_consul.py)
 # Sourced by scripts/dev and scripts/test; safe to run by itself.
 set -euo pipefail
@@ -20,11 +21,11 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 
 # Reinstall only when the dependencies changed.
-STAMP="$ROOT/.venv/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+STAMP="$ROOT/.venv/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/protos/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     echo "bootstrap: installing the project and its dev dependencies into .venv" >&2
     "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+    "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT/protos" -e "$ROOT[dev]"
     rm -f "$ROOT"/.venv/.installed-*
     touch "$STAMP"
 fi

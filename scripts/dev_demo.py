@@ -19,8 +19,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 
 import mesh
-from discovery import ConsulResolver, ConsulSettings
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from mesh.discovery import ConsulResolver, ConsulSettings
 from mesh.telemetry.tracing import tracing_to
 from scripts.dev_console import say
 from scripts.dev_processes import StartupFailed

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from mesh.faults import FaultPolicy
 from mesh.policy import POLICY_ENV, MeshPolicy, PolicyError, load_policy, load_policy_from_env
+from mesh.resilience.faults import FaultPolicy
 from mesh.server import ServerConfig
 from services.datadir import default_data_dir
 

@@ -30,15 +30,6 @@ from grpc import aio
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-UNTRACED_SERVICES = ("grpc.health.v1", "grpc.reflection")
-"""Services whose calls make no spans, on either side: health checks and reflection are the
-mesh's plumbing, and would drown the traces people look for."""
-
-
-def traced(full_method: str) -> bool:
-    """Whether calls of `full_method` ("/pkg.Service/Method") make spans."""
-    return not full_method.lstrip("/").startswith(UNTRACED_SERVICES)
-
 
 class CallSpans:
     """The span of one call and the spans of its attempts."""

@@ -22,22 +22,16 @@ in a dict; a call costs a dict lookup and the child's own increment/observe.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import threading
-import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 import prometheus_client
-from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mesh.breaker import BreakerState
-from mesh.faults import DEFAULT_EXEMPT
-from mesh.servicer_hooks import BehaviorInterceptor, Exit, Hook
+from mesh.resilience.breaker import BreakerState
 
 AttemptKind = Literal["first", "retry", "hedge"]
 
@@ -288,64 +282,3 @@ def reset_default_metrics() -> None:
         previous, _default = _default, None
     if previous is not None:
         previous.stop()
-
-
-def final_code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status code a call ends with, asked from the `finally` of its behavior.
-
-    A code the behavior set (`context.abort()` or `context.set_code()`, even before raising)
-    is the one grpc.aio sends. Otherwise the exception being raised through the `finally`
-    (`sys.exception()`) tells it: none is OK; a cancellation is the client's, or the deadline's
-    when no time is left; any other exception is sent as UNKNOWN.
-    """
-    code: grpc.StatusCode | None = context.code()
-    if code is not None:
-        return code
-    error = sys.exception()
-    if error is None:
-        return grpc.StatusCode.OK
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
-
-
-class MetricsServerInterceptor(BehaviorInterceptor):
-    """Counts the calls a grpc.aio server serves and times them, per method and status code.
-
-    All four call shapes; a streaming response is timed until its stream ends. Health checks
-    and reflection are left out (`exempt`), as they are from tracing. Put it first in the
-    server's interceptors, so that calls refused by later interceptors (an expired deadline,
-    an injected fault) are counted too. Sync behaviors (run on a thread pool) are not seen.
-    """
-
-    def __init__(
-        self,
-        metrics: MeshMetrics,
-        service: str,
-        *,
-        exempt: tuple[str, ...] = DEFAULT_EXEMPT,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        super().__init__()
-        self._metrics = metrics
-        self._service = service
-        self._exempt = exempt
-        self._clock = clock
-
-    def hook_for(self, method: str) -> Hook | None:
-        if method.startswith(self._exempt):
-            return None
-        finished, service, clock = self._metrics.server_call_finished, self._service, self._clock
-
-        async def measure(context: aio.ServicerContext[Any, Any]) -> Exit:
-            started = clock()
-
-            def done() -> None:
-                finished(service, method, final_code(context), clock() - started)
-
-            return done
-
-        return measure

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Sampler
 
-from mesh.telemetry.call_spans import UNTRACED_SERVICES
+from mesh.core.plumbing import PLUMBING_SERVICES
 
 
 @dataclass(frozen=True)
@@ -99,4 +99,4 @@ def tracing_to(endpoint: str, resource: Resource, sampler: Sampler | None = None
 
 
 def _traced() -> Any:
-    return negate(any_of(*(service_prefix(prefix) for prefix in UNTRACED_SERVICES)))
+    return negate(any_of(*(service_prefix(prefix) for prefix in PLUMBING_SERVICES)))

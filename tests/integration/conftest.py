@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from discovery import ConsulSettings
+from mesh.discovery import ConsulSettings
 from scripts.consul_agent import ConsulAgent
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 

@@ -34,9 +34,9 @@ DELAY = 0.05
 
 
 def meshctl(stack: Stack, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python -m mesh.load ARGS` (= `meshctl load ARGS`), stderr not a terminal."""
+    """`python -m meshctl.load ARGS` (= `meshctl load ARGS`), stderr not a terminal."""
     return subprocess.run(
-        [sys.executable, "-m", "mesh.load", *args],
+        [sys.executable, "-m", "meshctl.load", *args],
         cwd=PROJECT_ROOT,
         env=stack.env(),
         capture_output=True,
@@ -217,7 +217,7 @@ def test_plot_and_csv(stack: Stack, tmp_path: Path) -> None:
 def test_progress_only_on_a_terminal(stack: Stack) -> None:
     catalog, _ = start_catalog(stack, "--fault-delay", "0.01", "--fault-delay-percent", "100")
     stack.wait_passing("catalog", 1)
-    args = [sys.executable, "-m", "mesh.load", catalog.address, GET_ITEM, "-d", ITEM]
+    args = [sys.executable, "-m", "meshctl.load", catalog.address, GET_ITEM, "-d", ITEM]
     args += ["-z", "2s", "-c", "4", "--workers", "2", "-O", "json"]
     piped = subprocess.run(args, cwd=PROJECT_ROOT, env=stack.env(), capture_output=True)
     assert piped.returncode == 0
@@ -255,7 +255,7 @@ def test_ctrl_c_prints_the_report_so_far_and_exits_130(stack: Stack) -> None:
     catalog, metrics = start_catalog(stack)
     stack.wait_passing("catalog", 1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.load", catalog.address, GET_ITEM, "-d", ITEM,
+        [sys.executable, "-m", "meshctl.load", catalog.address, GET_ITEM, "-d", ITEM,
          "-z", "60s", "-c", "4", "--workers", "2", "-O", "json"],
         cwd=PROJECT_ROOT, env=stack.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,

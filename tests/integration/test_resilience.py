@@ -15,10 +15,10 @@ from grpc import aio
 import mesh
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2_grpc
-from mesh.outcome import Classified
+from mesh.client.subchannels import SubChannel
+from mesh.core.outcome import Classified
 from mesh.policy import BreakerPolicy, EjectionPolicy, ServicePolicy
 from mesh.server import MeshServer, ServerConfig
-from mesh.subchannels import SubChannel
 from scripts.processes import wait_until_async
 from tests.integration.conftest import FAILING, ServiceProcess, Stack
 from tests.integration.test_mesh_on_consul import count_orders, order

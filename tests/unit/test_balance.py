@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh.balance import Balancer, EndpointLoad, PowerOfTwoChoices, RecentLatencies, RoundRobin
+from mesh.resilience.balance import (
+    Balancer,
+    EndpointLoad,
+    PowerOfTwoChoices,
+    RecentLatencies,
+    RoundRobin,
+)
 from tests.fakes import FakeClock
 
 

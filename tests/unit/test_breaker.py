@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from mesh.breaker import BreakerState, CircuitBreaker, RollingWindow
 from mesh.policy import BreakerPolicy
+from mesh.resilience.breaker import BreakerState, CircuitBreaker, RollingWindow
 from tests.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -174,7 +174,7 @@ def test_a_failing_listener_does_not_stop_the_others(caplog: pytest.LogCaptureFi
 
 
 def test_state_changes_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="mesh.breaker")
+    caplog.set_level(logging.INFO, logger="mesh.resilience.breaker")
     clock = FakeClock(1000.0)
     b = opened(clock)
     clock.now += 5.0

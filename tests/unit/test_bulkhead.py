@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.bulkhead import ConcurrencyLimit
+from mesh.resilience.bulkhead import ConcurrencyLimit
 
 
 def test_admits_up_to_the_limit_then_refuses() -> None:

@@ -17,9 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
-from discovery import StaticResolver
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from mesh import MeshChannel
+from mesh.discovery import StaticResolver
 from mesh.policy import MethodPolicy, ServicePolicy
 from mesh.server import MeshServer, ServerConfig
 from mesh.telemetry.tracing import Tracing
@@ -124,7 +124,7 @@ async def test_open_circuit_is_an_event_on_the_call_span(
 ) -> None:
     tracing, exporter = exported
     from mesh.policy import BreakerPolicy
-    from mesh.retry import RetryPolicy
+    from mesh.resilience.retry import RetryPolicy
 
     policy = ServicePolicy(
         breaker=BreakerPolicy(minimum_calls=2, open_time=60.0),

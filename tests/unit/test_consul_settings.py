@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from discovery import ConsulSettings, Endpoint
+from mesh.discovery import ConsulSettings, Endpoint
 
 
 def test_defaults_when_unset() -> None:

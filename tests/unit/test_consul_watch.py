@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from discovery import ConsulWatch, Endpoint, ExponentialBackoff, next_index, parse_health_entries
+from mesh.discovery import (
+    ConsulWatch,
+    Endpoint,
+    ExponentialBackoff,
+    next_index,
+    parse_health_entries,
+)
 from tests.fakes import FakeClock
 
 

@@ -15,15 +15,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from mesh.deadline import (
+from mesh.core.deadline import (
     DEFAULT_MARGIN,
     Deadline,
-    DeadlineInterceptor,
     current_deadline,
     inbound_deadline,
     outbound_timeout,
 )
-from mesh.reflection import enable_reflection
+from mesh.server.deadline import DeadlineInterceptor
+from mesh.server.reflection import enable_reflection
 from tests.fakes import FakeClock
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from mesh.ejection import EjectionState, OutlierDetector
 from mesh.policy import EjectionPolicy
+from mesh.resilience.ejection import EjectionState, OutlierDetector
 from tests.fakes import FakeClock
 
 

@@ -12,15 +12,15 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh.deadline import DeadlineInterceptor
-from mesh.faults import (
+from mesh.resilience.faults import (
     NO_FAULT,
     FaultDecision,
     FaultInjector,
-    FaultInterceptor,
     FaultPolicy,
     fault_message,
 )
+from mesh.server.deadline import DeadlineInterceptor
+from mesh.server.faults import FaultInterceptor
 
 C = grpc.StatusCode
 

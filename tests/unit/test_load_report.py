@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.load.errors import BadInput
-from mesh.load.report import (
+from meshctl.load.errors import BadInput
+from meshctl.load.report import (
     BAR,
     BAR_WIDTH,
     PERCENTILES,
@@ -22,7 +22,7 @@ from mesh.load.report import (
     plot,
     render,
 )
-from mesh.load.stats import CallRecorder, RecordedRun, merge
+from meshctl.load.stats import CallRecorder, RecordedRun, merge
 
 T0 = 1000.0
 METHOD = "/foodmesh.orders.v1.OrderService/PlaceOrder"

@@ -25,15 +25,15 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from foodmesh.catalog.v1 import catalog_pb2
 from foodmesh.orders.v1 import orders_pb2
-from mesh.load.errors import BadInput
-from mesh.load.request import (
+from mesh.server.reflection import enable_reflection
+from meshctl.load.errors import BadInput
+from meshctl.load.request import (
     MethodInfo,
     RequestTemplate,
     method_from_reflection,
     method_from_stubs,
     parse_method_name,
 )
-from mesh.reflection import enable_reflection
 from scripts.processes import free_tcp_port
 
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"

@@ -23,19 +23,19 @@ import grpc
 import pytest
 from grpc import aio
 
-from discovery.consul_settings import ConsulSettings
 from foodmesh.catalog.v1 import catalog_pb2
-from mesh.load.cli import (
+from mesh.discovery.consul_settings import ConsulSettings
+from meshctl.cli import (
     build_parser,
     load_command,
     parse_duration,
     parse_metadata,
     read_data,
 )
-from mesh.load.errors import BadInput
-from mesh.load.progress import Progress, ProgressLine
-from mesh.load.request import MethodInfo, RequestTemplate
-from mesh.load.runner import (
+from meshctl.load.errors import BadInput
+from meshctl.load.progress import Progress, ProgressLine
+from meshctl.load.request import MethodInfo, RequestTemplate
+from meshctl.load.runner import (
     RECORD_BATCH,
     CallLoop,
     LoadPlan,
@@ -44,8 +44,8 @@ from mesh.load.runner import (
     invoker,
     split,
 )
-from mesh.load.stats import CallRecorder, RecordedRun
-from mesh.load.target import CallSpec, Target, prepare
+from meshctl.load.stats import CallRecorder, RecordedRun
+from meshctl.load.target import CallSpec, Target, prepare
 
 T = TypeVar("T")
 GET_ITEM = MethodInfo(

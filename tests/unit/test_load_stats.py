@@ -9,7 +9,7 @@ from array import array
 
 import pytest
 
-from mesh.load.stats import (
+from meshctl.load.stats import (
     HIGHEST_US,
     CallRecorder,
     RecordedRun,

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc import aio
 
-from discovery import StaticResolver
 from mesh import MeshChannel
+from mesh.discovery import StaticResolver
 from mesh.policy import MethodPolicy, ServicePolicy
 
 SERVICE = "echo"

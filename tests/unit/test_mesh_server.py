@@ -12,9 +12,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from mesh import keepalive
-from mesh.reflection import MethodAwarePool
+from mesh.core import keepalive
 from mesh.server import MeshServer, ServerConfig
+from mesh.server.reflection import MethodAwarePool
 
 
 class SlowCatalog(catalog_pb2_grpc.CatalogServiceServicer):

@@ -15,11 +15,11 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh.breaker import BreakerState, CircuitBreaker
 from mesh.policy import BreakerPolicy
+from mesh.resilience.breaker import BreakerState, CircuitBreaker
+from mesh.server.metrics import MetricsServerInterceptor
 from mesh.telemetry.metrics import (
     MeshMetrics,
-    MetricsServerInterceptor,
     default_metrics,
     reset_default_metrics,
 )

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from mesh.outcome import FAILURE_CODES, Classified, Outcome, classify, classify_error
+from mesh.core.outcome import FAILURE_CODES, Classified, Outcome, classify, classify_error
 
 C = grpc.StatusCode
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from discovery.backoff import ExponentialBackoff
-from mesh.faults import FaultPolicy
+from mesh.core.backoff import ExponentialBackoff
 from mesh.policy import (
     POLICY_ENV,
     BreakerPolicy,
@@ -25,7 +24,8 @@ from mesh.policy import (
     load_policy,
     load_policy_from_env,
 )
-from mesh.retry import RetryPolicy
+from mesh.resilience.faults import FaultPolicy
+from mesh.resilience.retry import RetryPolicy
 
 C = grpc.StatusCode
 

@@ -13,10 +13,9 @@ import grpc
 import pytest
 from grpc import aio
 
-from discovery import StaticResolver
 from mesh import MeshChannel
-from mesh.deadline import Deadline, inbound_deadline
-from mesh.faults import FaultPolicy
+from mesh.core.deadline import Deadline, inbound_deadline
+from mesh.discovery import StaticResolver
 from mesh.policy import (
     BreakerPolicy,
     BudgetPolicy,
@@ -25,7 +24,8 @@ from mesh.policy import (
     MethodPolicy,
     ServicePolicy,
 )
-from mesh.retry import RetryPolicy
+from mesh.resilience.faults import FaultPolicy
+from mesh.resilience.retry import RetryPolicy
 from scripts.processes import free_tcp_port
 
 SERVICE = "echo"

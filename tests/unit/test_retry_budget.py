@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.policy import BudgetPolicy
-from mesh.retry import RetryBudget
+from mesh.resilience.retry import RetryBudget
 from tests.fakes import FakeClock
 
 

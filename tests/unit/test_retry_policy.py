@@ -7,11 +7,11 @@ import grpc
 import pytest
 from grpc import aio
 
-from discovery.backoff import ExponentialBackoff
 from foodmesh.catalog.v1 import catalog_pb2
 from foodmesh.orders.v1 import orders_pb2
-from mesh.outcome import classify
-from mesh.retry import (
+from mesh.core.backoff import ExponentialBackoff
+from mesh.core.outcome import classify
+from mesh.resilience.retry import (
     NO_RETRY,
     PUSHBACK_KEY,
     RetryPolicy,

@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from discovery import StaticResolver
 from mesh import MeshChannel
-from mesh.deadline import DeadlineInterceptor
+from mesh.discovery import StaticResolver
+from mesh.server.deadline import DeadlineInterceptor
 from mesh.telemetry.tracing import Tracing
 
 

@@ -1,0 +1,29 @@
+"""Retries: the policy (whether and when), the budget (how many, service-wide), and server
+pushback. The attempt loop that uses them lives in MeshChannel: mechanism apart from policy,
+as in tower's retry module."""
+
+from mesh.resilience.retry.budget import RetryBudget
+from mesh.resilience.retry.policy import (
+    MAX_ATTEMPTS_CAP,
+    RetryPolicy,
+    RetryState,
+    idempotent_from_descriptor,
+    method_descriptor_for,
+    method_is_idempotent,
+)
+from mesh.resilience.retry.pushback import NO_RETRY, PUSHBACK_KEY, NoRetry, Pushback, parse_pushback
+
+__all__ = [
+    "MAX_ATTEMPTS_CAP",
+    "NO_RETRY",
+    "PUSHBACK_KEY",
+    "NoRetry",
+    "Pushback",
+    "RetryBudget",
+    "RetryPolicy",
+    "RetryState",
+    "idempotent_from_descriptor",
+    "method_descriptor_for",
+    "method_is_idempotent",
+    "parse_pushback",
+]
