@@ -23,8 +23,10 @@ A bad file stops start-up with a PolicyError naming the full key
 since a typo silently ignored is a policy silently not applied.
 
 The value classes are frozen dataclasses validated in __post_init__, whose errors start with
-the field's name; the loader prefixes the table's path. The balancer, ejection, breaker,
-bulkhead and budget read their settings from here (`from mesh.policy import BreakerPolicy`).
+the field's name; the loader prefixes the table's path. Each layer's own policy value lives
+next to the mechanism that follows it (mesh/resilience/: RetryPolicy, BudgetPolicy,
+HedgePolicy, BreakerPolicy, EjectionPolicy, BulkheadPolicy, FaultPolicy); this module gathers
+them per method and per service, and is the one place that reads the file.
 """
 
 from __future__ import annotations
@@ -35,12 +37,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from mesh.core.backoff import ExponentialBackoff
+from mesh.resilience.balance import BALANCERS, BalancerName
+from mesh.resilience.breaker import BreakerPolicy
+from mesh.resilience.bulkhead import BulkheadPolicy
+from mesh.resilience.ejection import EjectionPolicy
 from mesh.resilience.faults import FaultPolicy
+from mesh.resilience.retry.budget import BudgetPolicy
+from mesh.resilience.retry.hedge import HedgePolicy
 from mesh.resilience.retry.policy import RetryPolicy
 
 if TYPE_CHECKING:
@@ -49,112 +57,26 @@ if TYPE_CHECKING:
 POLICY_ENV = "FOODMESH_POLICY"
 """Environment variable holding the path of the policy file."""
 
-Balancer = Literal["p2c", "round_robin"]
-BALANCERS: tuple[Balancer, ...] = ("p2c", "round_robin")
+__all__ = [
+    "POLICY_ENV",
+    "BreakerPolicy",
+    "BudgetPolicy",
+    "BulkheadPolicy",
+    "EjectionPolicy",
+    "FaultPolicy",
+    "HedgePolicy",
+    "MeshPolicy",
+    "MethodPolicy",
+    "PolicyError",
+    "RetryPolicy",
+    "ServicePolicy",
+    "load_policy",
+    "load_policy_from_env",
+]
 
 
 class PolicyError(ValueError):
     """An invalid policy; the message names the full key."""
-
-
-@dataclass(frozen=True, slots=True)
-class HedgePolicy:
-    """Send up to `max_hedges` extra copies of a slow call (idempotent methods only)."""
-
-    delay: float | None = None
-    """Seconds before a hedge is sent; None: the endpoint set's p95 latency."""
-    max_hedges: int = 1
-
-    def __post_init__(self) -> None:
-        if self.delay is not None and not self.delay >= 0:
-            raise ValueError(f"delay: must be >= 0, got {self.delay}")
-        if not 1 <= self.max_hedges <= 4:
-            raise ValueError(f"max_hedges: must be 1..4, got {self.max_hedges}")
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetPolicy:
-    """Retries and hedges allowed: `ratio` of requests plus a floor, over `ttl` seconds."""
-
-    ratio: float = 0.2
-    min_retries_per_second: float = 10
-    ttl: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.ratio < float("inf"):
-            raise ValueError(f"ratio: must be >= 0, got {self.ratio}")
-        if not 0 <= self.min_retries_per_second < float("inf"):
-            raise ValueError(
-                f"min_retries_per_second: must be >= 0, got {self.min_retries_per_second}"
-            )
-        if not 1 <= self.ttl <= 60:
-            raise ValueError(f"ttl: must be 1..60 seconds (as Finagle's), got {self.ttl}")
-
-
-@dataclass(frozen=True, slots=True)
-class EjectionPolicy:
-    """Outlier ejection: take an endpoint out after consecutive failures, for a time that
-    grows with each ejection (base_time * n, at most max_time, +/- jitter)."""
-
-    consecutive_failures: int = 5
-    base_time: float = 30.0
-    max_time: float = 300.0
-    max_ejection_percent: float = 50.0
-    jitter: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.consecutive_failures < 1:
-            raise ValueError(f"consecutive_failures: must be >= 1, got {self.consecutive_failures}")
-        if not self.base_time > 0:
-            raise ValueError(f"base_time: must be > 0, got {self.base_time}")
-        if not self.max_time >= self.base_time:
-            raise ValueError(
-                f"max_time: must be >= base_time ({self.base_time}), got {self.max_time}"
-            )
-        if not 0 <= self.max_ejection_percent <= 100:
-            raise ValueError(
-                f"max_ejection_percent: must be 0..100, got {self.max_ejection_percent}"
-            )
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter: must be 0..1, got {self.jitter}")
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerPolicy:
-    """Circuit breaker: open when the failure rate over `window` s reaches the threshold
-    (given at least `minimum_calls`), stay open `open_time` s, then probe with
-    `half_open_calls` calls."""
-
-    failure_rate_threshold: float = 0.5
-    minimum_calls: int = 20
-    window: float = 10.0
-    open_time: float = 5.0
-    half_open_calls: int = 3
-
-    def __post_init__(self) -> None:
-        if not 0 < self.failure_rate_threshold <= 1:
-            raise ValueError(
-                f"failure_rate_threshold: must be in (0, 1], got {self.failure_rate_threshold}"
-            )
-        if self.minimum_calls < 1:
-            raise ValueError(f"minimum_calls: must be >= 1, got {self.minimum_calls}")
-        if not self.window > 0:
-            raise ValueError(f"window: must be > 0, got {self.window}")
-        if not self.open_time > 0:
-            raise ValueError(f"open_time: must be > 0, got {self.open_time}")
-        if self.half_open_calls < 1:
-            raise ValueError(f"half_open_calls: must be >= 1, got {self.half_open_calls}")
-
-
-@dataclass(frozen=True, slots=True)
-class BulkheadPolicy:
-    """At most `max_concurrent` calls in flight to one service; more fail at once."""
-
-    max_concurrent: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent: must be >= 1, got {self.max_concurrent}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +102,11 @@ class ServicePolicy:
 
     defaults: MethodPolicy = MethodPolicy()
     methods: Mapping[str, MethodPolicy] = field(default_factory=dict)
-    balancer: Balancer = "p2c"
-    budget: BudgetPolicy = BudgetPolicy()
-    ejection: EjectionPolicy = EjectionPolicy()
-    breaker: BreakerPolicy = BreakerPolicy()
-    bulkhead: BulkheadPolicy = BulkheadPolicy()
+    balancer: BalancerName = "p2c"
+    budget: BudgetPolicy = field(default_factory=BudgetPolicy)
+    ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    bulkhead: BulkheadPolicy = field(default_factory=BulkheadPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", MappingProxyType(dict(self.methods)))

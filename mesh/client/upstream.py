@@ -24,15 +24,15 @@ from opentelemetry import trace
 from mesh.client.subchannels import SubChannel, SubChannelPool
 from mesh.core.outcome import Classified, Outcome
 from mesh.core.plumbing import is_plumbing
-from mesh.policy import HedgePolicy, MethodPolicy, ServicePolicy
+from mesh.policy import MethodPolicy, ServicePolicy
+from mesh.resilience.balance import new_balancer
 from mesh.resilience.balance.latency import RecentLatencies
-from mesh.resilience.balance.p2c import PowerOfTwoChoices
-from mesh.resilience.balance.round_robin import RoundRobin
 from mesh.resilience.breaker import CircuitBreaker
 from mesh.resilience.bulkhead import ConcurrencyLimit
 from mesh.resilience.ejection import OutlierDetector
 from mesh.resilience.faults import FaultInjector
 from mesh.resilience.retry.budget import RetryBudget
+from mesh.resilience.retry.hedge import HedgePolicy
 from mesh.resilience.retry.policy import RetryPolicy, method_is_idempotent
 from mesh.telemetry.metrics import AttemptKind, MeshMetrics
 
@@ -101,7 +101,7 @@ class Upstream:
         self.breaker = CircuitBreaker(service, policy.breaker, clock=clock)
         self.bulkhead = ConcurrencyLimit(policy.bulkhead.max_concurrent)
         self.ejection = OutlierDetector(policy.ejection, clock=clock, rng=rng)
-        self.balancer = RoundRobin() if policy.balancer == "round_robin" else PowerOfTwoChoices(rng)
+        self.balancer = new_balancer(policy.balancer, rng)
         self.latencies = RecentLatencies(clock=clock)
         self.hedging = policy.defaults.hedge is not None or any(
             method.hedge is not None for method in policy.methods.values()

@@ -37,7 +37,8 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from typing import Protocol, TypeAlias
+from dataclasses import dataclass
+from typing import TypeAlias
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,31 @@ class BreakerState(enum.StrEnum):
     HALF_OPEN = "half_open"
 
 
-class BreakerPolicyLike(Protocol):
-    """The fields of mesh.policy.BreakerPolicy this module reads."""
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Circuit breaker: open when the failure rate over `window` s reaches the threshold
+    (given at least `minimum_calls`), stay open `open_time` s, then probe with
+    `half_open_calls` calls."""
 
-    @property
-    def failure_rate_threshold(self) -> float: ...
-    @property
-    def minimum_calls(self) -> int: ...
-    @property
-    def window(self) -> float: ...
-    @property
-    def open_time(self) -> float: ...
-    @property
-    def half_open_calls(self) -> int: ...
+    failure_rate_threshold: float = 0.5
+    minimum_calls: int = 20
+    window: float = 10.0
+    open_time: float = 5.0
+    half_open_calls: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.failure_rate_threshold <= 1:
+            raise ValueError(
+                f"failure_rate_threshold: must be in (0, 1], got {self.failure_rate_threshold}"
+            )
+        if self.minimum_calls < 1:
+            raise ValueError(f"minimum_calls: must be >= 1, got {self.minimum_calls}")
+        if not self.window > 0:
+            raise ValueError(f"window: must be > 0, got {self.window}")
+        if not self.open_time > 0:
+            raise ValueError(f"open_time: must be > 0, got {self.open_time}")
+        if self.half_open_calls < 1:
+            raise ValueError(f"half_open_calls: must be >= 1, got {self.half_open_calls}")
 
 
 Listener = Callable[[str, BreakerState, BreakerState], None]
@@ -220,7 +233,7 @@ class CircuitBreaker:
     def __init__(
         self,
         service: str,
-        policy: BreakerPolicyLike,
+        policy: BreakerPolicy,
         clock: Callable[[], float],
         *,
         buckets: int = 10,

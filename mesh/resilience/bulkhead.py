@@ -13,6 +13,19 @@ pybreaker, purgatory and aiobreaker have no concurrency limit; this is a counter
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadPolicy:
+    """At most `max_concurrent` calls in flight to one service; more fail at once."""
+
+    max_concurrent: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent: must be >= 1, got {self.max_concurrent}")
+
 
 class ConcurrencyLimit:
     """At most `max_concurrent` calls in flight; `try_acquire()` refuses beyond that."""

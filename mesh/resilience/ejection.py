@@ -42,24 +42,38 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
 
-class EjectionPolicyLike(Protocol):
-    """The fields of mesh.policy.EjectionPolicy this module reads."""
+@dataclass(frozen=True, slots=True)
+class EjectionPolicy:
+    """Outlier ejection: take an endpoint out after consecutive failures, for a time that
+    grows with each ejection (base_time * n, at most max_time, +/- jitter)."""
 
-    @property
-    def consecutive_failures(self) -> int: ...
-    @property
-    def base_time(self) -> float: ...
-    @property
-    def max_time(self) -> float: ...
-    @property
-    def max_ejection_percent(self) -> float: ...
-    @property
-    def jitter(self) -> float: ...
+    consecutive_failures: int = 5
+    base_time: float = 30.0
+    max_time: float = 300.0
+    max_ejection_percent: float = 50.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1:
+            raise ValueError(f"consecutive_failures: must be >= 1, got {self.consecutive_failures}")
+        if not self.base_time > 0:
+            raise ValueError(f"base_time: must be > 0, got {self.base_time}")
+        if not self.max_time >= self.base_time:
+            raise ValueError(
+                f"max_time: must be >= base_time ({self.base_time}), got {self.max_time}"
+            )
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ValueError(
+                f"max_ejection_percent: must be 0..100, got {self.max_ejection_percent}"
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter: must be 0..1, got {self.jitter}")
 
 
 class EjectionState:
@@ -118,7 +132,7 @@ class OutlierDetector:
 
     def __init__(
         self,
-        policy: EjectionPolicyLike,
+        policy: EjectionPolicy,
         clock: Callable[[], float],
         rng: Callable[[], float],
         *,

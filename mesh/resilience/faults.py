@@ -7,13 +7,11 @@ by default, and an injector whose policy is off costs one attribute test per cal
 
 Two places apply it:
 
-- the client side (the MeshChannel, per method policy) asks a `FaultInjector` before an
+- the client side (the call path, per method policy) asks a `FaultInjector` before an
   attempt: the fault happens without the call leaving the process (`sent=False` for
   mesh.core.outcome: an injected abort never reached the server);
-- the server side, `FaultInterceptor`, makes one instance slow or failing for every call it
-  serves: the tests' way to give one endpoint of several a fault. Health and reflection are
-  exempt by default: an instance that fails its own health check leaves discovery, and the
-  point is to see clients cope with an instance that stays in it.
+- the server side (mesh/server/faults.py) makes one instance slow or failing for every call
+  it serves.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ fake clock and a seeded RNG.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, TypeVar
 
 from mesh.resilience.balance.latency import RecentLatencies
 from mesh.resilience.balance.load import EndpointLoad
@@ -30,11 +30,24 @@ class Balancer(Protocol[T]):
     def pick(self, candidates: Sequence[T], now: float, exclude: T | None = None) -> T | None: ...
 
 
+BalancerName = Literal["p2c", "round_robin"]
+"""The balancers a policy may name (`balancer = "p2c"`)."""
+BALANCERS: tuple[BalancerName, ...] = ("p2c", "round_robin")
+
+
+def new_balancer(name: BalancerName, rng: Callable[[], float]) -> PowerOfTwoChoices | RoundRobin:
+    """The balancer a policy names; `rng()` returns a float in [0, 1)."""
+    return RoundRobin() if name == "round_robin" else PowerOfTwoChoices(rng)
+
+
 __all__ = [
+    "BALANCERS",
     "Balancer",
+    "BalancerName",
     "EndpointLoad",
     "HasLoad",
     "PowerOfTwoChoices",
     "RecentLatencies",
     "RoundRobin",
+    "new_balancer",
 ]

@@ -27,10 +27,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from mesh.policy import BudgetPolicy
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    """Retries and hedges allowed: `ratio` of requests plus a floor, over `ttl` seconds."""
+
+    ratio: float = 0.2
+    min_retries_per_second: float = 10
+    ttl: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < float("inf"):
+            raise ValueError(f"ratio: must be >= 0, got {self.ratio}")
+        if not 0 <= self.min_retries_per_second < float("inf"):
+            raise ValueError(
+                f"min_retries_per_second: must be >= 0, got {self.min_retries_per_second}"
+            )
+        if not 1 <= self.ttl <= 60:
+            raise ValueError(f"ttl: must be 1..60 seconds (as Finagle's), got {self.ttl}")
 
 
 class RetryBudget:

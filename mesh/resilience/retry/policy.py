@@ -1,6 +1,6 @@
 """Whether and when to retry: a policy value, and a per-call state that answers.
 
-The mechanism (the attempt loop in MeshChannel) asks; this module decides, as in tower's
+The mechanism (the attempt loops of mesh/client/) asks; this module decides, as in tower's
 `retry::Policy` and urllib3's `Retry`: `RetryState.increment()` records a finished attempt
 and returns a new state that says whether another attempt may be made and after what delay.
 The state never sleeps, never reads a clock and draws randomness only from the RNG it is
