@@ -85,17 +85,15 @@ def start_attempt(
     return sub.multicallable(key)(request, timeout=timeout, **kwargs), span
 
 
-def record_call(upstream: Upstream, error: aio.AioRpcError) -> None:
-    """Tell the breaker how a call it admitted failed. It counts calls (by their last
-    attempt), not attempts; a call the mesh refused itself, or that says nothing about the
-    service (cancelled), only gives back its half-open probe slot."""
-    outcome = Outcome.NEUTRAL if isinstance(error, RefusedByMesh) else classify_error(error).outcome
-    if outcome is Outcome.FAILURE:
-        upstream.breaker.record(False)
-    elif outcome is Outcome.NEUTRAL:
-        upstream.breaker.record_neutral()
-    else:
-        upstream.breaker.record(True)
+def verdict_of(error: BaseException | None) -> Outcome:
+    """How an admitted call ended, for its admission's release (the breaker counts calls, by
+    their last attempt, not attempts). A call the mesh refused itself, or one that ended
+    without a gRPC status (cancelled), says nothing about the service: NEUTRAL."""
+    if error is None:
+        return Outcome.SUCCESS
+    if isinstance(error, RefusedByMesh) or not isinstance(error, aio.AioRpcError):
+        return Outcome.NEUTRAL
+    return classify_error(error).outcome
 
 
 def pushback_of(error: aio.AioRpcError) -> Pushback:

@@ -62,7 +62,7 @@ async def run_hedged(
                 sub,
                 key,
                 request,
-                state.attempt_timeout(remaining),
+                plan.retry.attempt_timeout(remaining),
                 kwargs,
                 started_attempts,
                 spans,

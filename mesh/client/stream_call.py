@@ -28,13 +28,13 @@ from mesh.client.attempt import (
     WaitResolved,
     pick_endpoint,
     pushback_of,
-    record_call,
     start_attempt,
+    verdict_of,
 )
 from mesh.client.subchannels import CallableKey, SubChannel
 from mesh.client.upstream import MethodPlan, Upstream
-from mesh.core.errors import BulkheadFull, CircuitOpen, NoTimeLeft
-from mesh.core.outcome import classify_error
+from mesh.core.errors import NoTimeLeft
+from mesh.core.outcome import Outcome, classify_error
 from mesh.telemetry.call_spans import CallSpans
 
 MAX_BUFFERED = 64
@@ -124,25 +124,21 @@ class StreamingCall(
             else None
         )
         self._attempt_span: Span | None = None
-        self._ready = loop.create_task(self._begin(timeout, refused))
+        self._ready = loop.create_task(self._begin(refused))
 
     # -- attempts -----------------------------------------------------------------------
 
-    async def _begin(self, timeout: float, refused: aio.AioRpcError | None) -> None:
-        upstream = self._upstream
+    async def _begin(self, refused: aio.AioRpcError | None) -> None:
         if refused is not None:
             raise refused
-        if timeout <= 0:
-            raise NoTimeLeft(upstream.service, self._plan.full_method).to_rpc_error()
-        if not upstream.breaker.allow():
-            raise CircuitOpen(upstream.service).to_rpc_error()
-        if not upstream.bulkhead.try_acquire():
-            upstream.breaker.record_neutral()
-            raise BulkheadFull(
-                upstream.service, upstream.policy.bulkhead.max_concurrent
-            ).to_rpc_error()
+        admission = self._plan.admission
+        if admission.waits:
+            refused = await admission.admit_waiting(self._deadline)
+        else:
+            refused = admission.admit(self._deadline)
+        if refused is not None:
+            raise refused
         self._admitted = True
-        upstream.budget.deposit()
         await self._start_attempt(None)
 
     async def _start_attempt(self, exclude: SubChannel | None) -> None:
@@ -161,7 +157,7 @@ class StreamingCall(
             sub,
             self._key,
             request,
-            self._state.attempt_timeout(remaining),
+            self._plan.retry.attempt_timeout(remaining),
             self._kwargs,
             self._state.attempts,
             self._spans,
@@ -240,11 +236,9 @@ class StreamingCall(
             )
         if error is None and self._sub is not None:
             self._upstream.record(self._sub, self._started, OK)
-            self._upstream.breaker.record(True)
-        elif isinstance(error, aio.AioRpcError):
-            record_call(self._upstream, error)
         if self._admitted:
-            self._upstream.bulkhead.release()
+            verdict = verdict_of(error) if error is not None or self._sub else Outcome.NEUTRAL
+            self._plan.admission.release(verdict)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -344,8 +338,7 @@ class StreamingCall(
         if self._spans is not None:
             self._spans.ended(asyncio.CancelledError())
         if self._admitted:
-            self._upstream.breaker.record_neutral()
-            self._upstream.bulkhead.release()
+            self._plan.admission.release(Outcome.NEUTRAL)
         return bool(cancelled)
 
     def add_done_callback(self, callback: Any) -> None:

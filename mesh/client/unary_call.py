@@ -35,15 +35,14 @@ from mesh.client.attempt import (
     WaitResolved,
     pick_endpoint,
     pushback_of,
-    record_call,
     start_attempt,
+    verdict_of,
 )
 from mesh.client.hedging import run_hedged
 from mesh.client.subchannels import CallableKey, SubChannel
 from mesh.client.upstream import MethodPlan, Upstream
-from mesh.core.errors import BulkheadFull, CircuitOpen, NoTimeLeft, RefusedByMesh
-from mesh.core.outcome import classify_error
-from mesh.resilience.faults import fault_message
+from mesh.core.errors import NoTimeLeft
+from mesh.core.outcome import Outcome, classify_error
 from mesh.telemetry.call_spans import CallSpans
 
 
@@ -99,24 +98,23 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         if refused is not None:
             self._refused = refused
             return
-        if timeout <= 0:
-            self._refused = NoTimeLeft(upstream.service, plan.full_method).to_rpc_error()
+        if plan.admission.waits:
+            return  # a fault's delay may come first: the call is admitted when awaited
+        self._refused = plan.admission.admit(self._deadline)
+        if self._refused is not None:
             return
-        if plan.faults is not None:
-            return  # the fault's delay comes first: the call starts when awaited
-        self._admit()
-        if not self._admitted or plan.hedge is not None:
+        self._admitted = True
+        if plan.hedge is not None:
             return
         sub = upstream.pick(None)
         if sub is None:
             return  # discovery has not answered yet: the call waits for it when awaited
         self._first = (sub, sub.load.start())
-        limit = plan.retry.per_attempt_timeout
         sub.attempts += 1
         if upstream.metrics is not None:
             upstream.attempt_started(plan.full_method, 0)
         multicallable = sub.multicallable(key)
-        attempt_timeout = timeout if limit is None or timeout < limit else limit
+        attempt_timeout = plan.retry.attempt_timeout(timeout)
         spans = self._spans
         if spans is not None:
             span = spans.attempt(
@@ -140,30 +138,11 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         if self._spans is not None:
             self._end_first_span(None)
             self._spans.ended(None)
-        self._upstream.bulkhead.release()
-        self._upstream.breaker.record_neutral()
+        self._plan.admission.release(Outcome.NEUTRAL)
         self._admitted = False
         self._refused = None
         self._state = self._DONE
         self._detached = True
-
-    def _attempt_timeout(self) -> float:
-        remaining = self._deadline - self._upstream.clock()
-        limit = self._plan.retry.per_attempt_timeout
-        return remaining if limit is None or remaining < limit else limit
-
-    def _admit(self) -> None:
-        """The breaker, then the bulkhead; an admitted call counts for the retry budget."""
-        upstream = self._upstream
-        if not upstream.breaker.allow():
-            self._refused = CircuitOpen(upstream.service).to_rpc_error()
-        elif not upstream.bulkhead.try_acquire():
-            upstream.breaker.record_neutral()
-            limit = upstream.policy.bulkhead.max_concurrent
-            self._refused = BulkheadFull(upstream.service, limit).to_rpc_error()
-        else:
-            self._admitted = True
-            upstream.budget.deposit()
 
     async def _execute(self) -> Any:
         """The whole call. The common case (admitted, first attempt started, no hedge, it
@@ -185,14 +164,12 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                 except BaseException as exc:
                     self._end_first_span(exc)
                     upstream.record(sub, started, CANCELLED)
-                    upstream.breaker.record_neutral()
-                    upstream.bulkhead.release()
+                    self._plan.admission.release(Outcome.NEUTRAL)
                     raise
                 else:
                     self._end_first_span(None)
                     upstream.record(sub, started, OK)
-                    upstream.bulkhead.release()
-                    upstream.breaker.record(True)
+                    self._plan.admission.release(Outcome.SUCCESS)
             self._response = response
         except BaseException as exc:
             self._error = exc
@@ -223,13 +200,12 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         spans.ended(error)
 
     async def _slow_path(self) -> Any:
-        """Calls that start late: fault injection first, a refusal, hedging, or waiting for
-        discovery's first answer."""
+        """Calls that start late: admission that may wait (a fault), a refusal, hedging, or
+        waiting for discovery's first answer."""
         upstream, plan = self._upstream, self._plan
         if not self._admitted and self._refused is None:
-            if plan.faults is not None:
-                await _inject_fault(plan, self._deadline, upstream.clock)
-            self._admit()
+            self._refused = await plan.admission.admit_waiting(self._deadline)
+            self._admitted = self._refused is None
         if self._refused is not None:
             raise self._refused
         if plan.hedge is not None:
@@ -248,19 +224,13 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         return await self._settle(self._attempts(None))
 
     async def _settle(self, attempts: Coroutine[Any, Any, Any]) -> Any:
-        """Run an admitted call's attempts; tell the breaker and the bulkhead how it ended."""
-        upstream = self._upstream
+        """Run an admitted call's attempts; release its admission with how it ended."""
         try:
             response = await attempts
-        except aio.AioRpcError as exc:
-            record_call(upstream, exc)
+        except BaseException as exc:
+            self._plan.admission.release(verdict_of(exc))
             raise
-        except BaseException:
-            upstream.breaker.record_neutral()
-            raise
-        finally:
-            upstream.bulkhead.release()
-        upstream.breaker.record(True)
+        self._plan.admission.release(Outcome.SUCCESS)
         return response
 
     async def _attempts(self, failed: tuple[aio.AioRpcError, SubChannel, float] | None) -> Any:
@@ -283,7 +253,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                     sub,
                     self._key,
                     self._request,
-                    self._attempt_timeout(),
+                    plan.retry.attempt_timeout(self._deadline - clock()),
                     self._kwargs,
                     state.attempts,
                     spans,
@@ -410,12 +380,3 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
 
     async def wait_for_connection(self) -> None:
         await self._wait()
-
-
-async def _inject_fault(plan: MethodPlan, deadline: float, clock: Callable[[], float]) -> None:
-    assert plan.faults is not None
-    decision = plan.faults.decide()
-    if decision.delay > 0:
-        await asyncio.sleep(min(decision.delay, max(deadline - clock(), 0.0)))
-    if decision.abort is not None:
-        raise RefusedByMesh(decision.abort, fault_message(decision.abort, plan.full_method))

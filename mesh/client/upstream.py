@@ -21,6 +21,16 @@ import grpc
 from grpc import aio
 from opentelemetry import trace
 
+from mesh import layers
+from mesh.client.admission import (
+    Admission,
+    BreakerGate,
+    BudgetGate,
+    BulkheadGate,
+    DeadlineGate,
+    FaultGate,
+    Gate,
+)
 from mesh.client.subchannels import SubChannel, SubChannelPool
 from mesh.core.outcome import Classified, Outcome
 from mesh.core.plumbing import is_plumbing
@@ -51,27 +61,23 @@ class MethodPlan:
     retry: RetryPolicy
     idempotent: bool
     hedge: HedgePolicy | None
-    faults: FaultInjector | None
+    admission: Admission
+    """The gates its calls pass before the first attempt (mesh/client/admission.py)."""
     tracer: trace.Tracer | None = None
     """Where its call and attempt spans come from; None when tracing is off, and for health
     checks and reflection, which make no spans."""
 
     @classmethod
-    def compile(
-        cls,
-        full_method: str,
-        policy: MethodPolicy,
-        rng: Rng,
-        tracer: trace.Tracer | None = None,
-    ) -> MethodPlan:
+    def compile(cls, full_method: str, policy: MethodPolicy, upstream: Upstream) -> MethodPlan:
         idempotent = method_is_idempotent(full_method, policy.idempotent)
         hedge = policy.hedge if idempotent else None
         if policy.hedge is not None and not idempotent:
             log.warning("hedging of %s ignored: the method is not safe to repeat", full_method)
-        faults = FaultInjector(policy.fault, rng) if policy.fault.active else None
+        tracer = upstream.tracer
         if tracer is not None and is_plumbing(full_method):
             tracer = None
-        return cls(full_method, policy.timeout, policy.retry, idempotent, hedge, faults, tracer)
+        admission = upstream.admission(full_method, policy)
+        return cls(full_method, policy.timeout, policy.retry, idempotent, hedge, admission, tracer)
 
 
 class Upstream:
@@ -107,6 +113,9 @@ class Upstream:
             method.hedge is not None for method in policy.methods.values()
         )
         """Some method hedges: only then are recent latencies (the hedge delay) kept."""
+        self._breaker_gate = BreakerGate(self.breaker)
+        self._bulkhead_gate = BulkheadGate(service, self.bulkhead)
+        self._budget_gate = BudgetGate(self.budget)
         self._plans: dict[str, MethodPlan] = {}
         if metrics is not None:
             metrics.breaker_state(service, str(self.breaker.state))
@@ -117,11 +126,26 @@ class Upstream:
         plan = self._plans.get(full_method)
         if plan is None:
             name = full_method.rsplit("/", 1)[-1]
-            plan = MethodPlan.compile(
-                full_method, self.policy.for_method(name), self.rng, self.tracer
-            )
+            plan = MethodPlan.compile(full_method, self.policy.for_method(name), self)
             self._plans[full_method] = plan
         return plan
+
+    def admission(self, full_method: str, policy: MethodPolicy) -> Admission:
+        """The admission of `full_method`'s calls: the gates of the layers that act before
+        any attempt, in mesh/layers.py's order, less those its policy leaves off."""
+        clock = self.clock
+        gates: dict[str, Gate | None] = {
+            layers.DEADLINE: DeadlineGate(self.service, full_method, clock),
+            layers.FAULTS: (
+                FaultGate(FaultInjector(policy.fault, self.rng), full_method, clock)
+                if policy.fault.active
+                else None
+            ),
+            layers.BREAKER: self._breaker_gate,
+            layers.BULKHEAD: self._bulkhead_gate,
+            layers.RETRY: self._budget_gate,
+        }
+        return Admission(gate for name in layers.ADMISSION if (gate := gates[name]) is not None)
 
     def pick(self, exclude: SubChannel | None = None) -> SubChannel | None:
         """An endpoint for the next attempt: not ejected, chosen by the balancer, avoiding

@@ -32,6 +32,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from mesh import layers
 from mesh.core import keepalive
 from mesh.discovery.consul_registration import ConsulRegistration, ServiceInstance
 from mesh.discovery.consul_settings import ConsulSettings
@@ -98,16 +99,10 @@ class MeshServer:
         self._consul = consul
         self.instance_id = instance_id or new_instance_id(config.service_name)
         self._metrics_port = metrics_port
-        interceptors: list[Any] = []
-        if metrics is not None:  # first: it also counts what later interceptors refuse
-            interceptors.append(MetricsServerInterceptor(metrics, config.service_name))
-        if tracing is not None:
-            interceptors.append(tracing.server_interceptor())
-        interceptors.append(DeadlineInterceptor())
-        if config.fault.active:
-            interceptors.append(FaultInterceptor(config.fault))
-            log.warning("%s injects faults into every call: %s", config.service_name, config.fault)
-        self._server = aio.server(options=keepalive.server_options(), interceptors=interceptors)
+        self._server = aio.server(
+            options=keepalive.server_options(),
+            interceptors=server_interceptors(config, tracing, metrics),
+        )
         # grpc-stubs predate grpcio-health-checking's asyncio servicer.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._service_names: list[str] = []
@@ -227,6 +222,28 @@ class MeshServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return 0
+
+
+def server_interceptors(
+    config: ServerConfig, tracing: Tracing | None = None, metrics: MeshMetrics | None = None
+) -> list[Any]:
+    """The interceptors of a server so configured, in the order of mesh/layers.py's
+    SERVER_LAYERS (outermost first), less the layers that are off."""
+    if config.fault.active:
+        log.warning("%s injects faults into every call: %s", config.service_name, config.fault)
+    available: dict[str, Any] = {
+        layers.METRICS: (
+            MetricsServerInterceptor(metrics, config.service_name) if metrics is not None else None
+        ),
+        layers.TRACING: tracing.server_interceptor() if tracing is not None else None,
+        layers.DEADLINE: DeadlineInterceptor(),
+        layers.FAULTS: FaultInterceptor(config.fault) if config.fault.active else None,
+    }
+    return [
+        interceptor
+        for layer in layers.SERVER_LAYERS
+        if (interceptor := available[layer.name]) is not None
+    ]
 
 
 def new_instance_id(service: str) -> str:

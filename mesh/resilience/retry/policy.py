@@ -77,6 +77,12 @@ class RetryPolicy:
         """The state of a new call, before its first attempt."""
         return RetryState(self, idempotent)
 
+    def attempt_timeout(self, remaining: float) -> float:
+        """The timeout of an attempt, given the call's `remaining` seconds: the one place
+        every attempt loop asks (plain, hedged, streaming)."""
+        limit = self.per_attempt_timeout
+        return remaining if limit is None or remaining < limit else limit
+
 
 @dataclass(frozen=True, slots=True)
 class RetryState:
@@ -120,8 +126,7 @@ class RetryState:
 
     def attempt_timeout(self, remaining: float) -> float:
         """The timeout of the next attempt, given the call's `remaining` seconds."""
-        limit = self.policy.per_attempt_timeout
-        return remaining if limit is None or remaining < limit else limit
+        return self.policy.attempt_timeout(remaining)
 
 
 def _decide(
