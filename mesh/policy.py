@@ -15,6 +15,8 @@ change that with one file format, TOML (tomllib, no dependency), read once at st
     [services.catalog.methods.GetItem]
     timeout = 0.5
     hedge = { delay = 0.05, max_hedges = 1 }
+    [services.orders.methods.PlaceOrder]
+    classify = { ABORTED = "retryable_failure" }    # or a preset: "retry_on_aborted"
 
 A method's policy is its table merged over its service's, merged over [defaults], key by key
 (`methods.GetItem.retry.max_attempts` changes only that key of the service's retry table).
@@ -42,6 +44,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from mesh.core.backoff import ExponentialBackoff
+from mesh.core.outcome import DEFAULT as DEFAULT_CLASSIFIER
+from mesh.core.outcome import PRESETS, VERDICTS, Classifier
 from mesh.resilience.balance import BALANCERS, BalancerName
 from mesh.resilience.breaker import BreakerPolicy
 from mesh.resilience.bulkhead import BulkheadPolicy
@@ -90,6 +94,9 @@ class MethodPolicy:
     """Safe to repeat after reaching the server; None: the proto's idempotency_level."""
     hedge: HedgePolicy | None = None
     fault: FaultPolicy = field(default_factory=FaultPolicy)
+    classifier: Classifier = DEFAULT_CLASSIFIER
+    """What each status code says about the endpoint and whether it may be retried
+    (mesh/core/outcome.py); today's table unless the policy names codes or a preset."""
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -175,7 +182,7 @@ _T = TypeVar("_T", bound="DataclassInstance")
 _RETRY_KEYS = frozenset(
     {"max_attempts", "retryable_codes", "backoff_base", "backoff_cap", "per_attempt_timeout"}
 )
-_METHOD_KEYS = frozenset({"timeout", "retry", "idempotent", "hedge", "fault"})
+_METHOD_KEYS = frozenset({"timeout", "retry", "idempotent", "hedge", "fault", "classify"})
 _SIMPLE: dict[str, type[Any]] = {
     "budget": BudgetPolicy,
     "ejection": EjectionPolicy,
@@ -227,6 +234,8 @@ def _method(table: Table, path: str) -> MethodPolicy:
         kwargs["hedge"] = _hedge(table["hedge"], _key(path, "hedge"))
     if "fault" in table:
         kwargs["fault"] = _fault(_table(table["fault"], _key(path, "fault")), _key(path, "fault"))
+    if "classify" in table:
+        kwargs["classifier"] = _classifier(table["classify"], _key(path, "classify"))
     return _construct(MethodPolicy, kwargs, path)
 
 
@@ -270,6 +279,27 @@ def _fault(table: Table, path: str) -> FaultPolicy:
     if "abort_code" in table:
         table["abort_code"] = _code(table["abort_code"], _key(path, "abort_code"))
     return _simple(FaultPolicy, table, path)
+
+
+def _classifier(value: Any, path: str) -> Classifier:
+    """A preset's name, or a table of status codes to outcomes over the default table."""
+    if isinstance(value, str):
+        preset = PRESETS.get(value)
+        if preset is None:
+            raise PolicyError(f"{path}: unknown preset {value!r} (one of {', '.join(PRESETS)})")
+        return preset
+    rules = {}
+    for name, verdict in _table(value, path).items():
+        code = _code(name, _key(path, name))
+        word = _string(verdict, _key(path, name))
+        if word not in VERDICTS:
+            known = ", ".join(VERDICTS)
+            raise PolicyError(f"{_key(path, name)}: unknown outcome {word!r} (one of {known})")
+        rules[code] = VERDICTS[word]
+    try:
+        return Classifier.of(rules)
+    except ValueError as exc:
+        raise PolicyError(f"{path}: {exc}".replace(": classify:", ":")) from None
 
 
 def _simple(cls: type[_T], table: Table, path: str) -> _T:

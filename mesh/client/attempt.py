@@ -16,7 +16,7 @@ from opentelemetry.trace import Span
 from mesh.client.subchannels import CallableKey, SubChannel
 from mesh.client.upstream import Upstream
 from mesh.core.errors import NoHealthyEndpoints, NotResolved, RefusedByMesh
-from mesh.core.outcome import Outcome, classify, classify_error
+from mesh.core.outcome import Classifier, Outcome, classify
 from mesh.resilience.retry.pushback import Pushback, parse_pushback
 from mesh.telemetry.call_spans import CallSpans
 
@@ -85,15 +85,16 @@ def start_attempt(
     return sub.multicallable(key)(request, timeout=timeout, **kwargs), span
 
 
-def verdict_of(error: BaseException | None) -> Outcome:
+def verdict_of(error: BaseException | None, classifier: Classifier) -> Outcome:
     """How an admitted call ended, for its admission's release (the breaker counts calls, by
-    their last attempt, not attempts). A call the mesh refused itself, or one that ended
-    without a gRPC status (cancelled), says nothing about the service: NEUTRAL."""
+    their last attempt, not attempts), as the method's classifier says. A call the mesh
+    refused itself, or one that ended without a gRPC status (cancelled), says nothing about
+    the service: NEUTRAL."""
     if error is None:
         return Outcome.SUCCESS
     if isinstance(error, RefusedByMesh) or not isinstance(error, aio.AioRpcError):
         return Outcome.NEUTRAL
-    return classify_error(error).outcome
+    return classifier.classify_error(error).outcome
 
 
 def pushback_of(error: aio.AioRpcError) -> Pushback:

@@ -28,7 +28,7 @@ from mesh.client.attempt import (
 from mesh.client.subchannels import CallableKey, SubChannel
 from mesh.client.upstream import MethodPlan, Upstream
 from mesh.core.errors import NoTimeLeft
-from mesh.core.outcome import classify_error
+from mesh.core.outcome import Classifier
 from mesh.telemetry.call_spans import CallSpans
 
 
@@ -67,6 +67,7 @@ async def run_hedged(
                 started_attempts,
                 spans,
                 hedge,
+                plan.classifier,
             )
         )
         running[task] = sub
@@ -90,7 +91,8 @@ async def run_hedged(
                 if not isinstance(error, aio.AioRpcError):
                     raise error
                 last_error = error
-                state = state.increment(classify_error(error), pushback_of(error))
+                classified = plan.classifier.classify_error(error)
+                state = state.increment(classified, pushback_of(error))
             if not done:
                 if delay is not None and upstream.budget.try_withdraw():
                     hedges_left -= 1
@@ -131,6 +133,7 @@ async def _attempt(
     previous: int,
     spans: CallSpans | None,
     hedge: bool,
+    classifier: Classifier,
 ) -> Any:
     started = sub.load.start()
     attempt, span = start_attempt(
@@ -139,7 +142,7 @@ async def _attempt(
     try:
         response = await attempt
     except aio.AioRpcError as exc:
-        upstream.record(sub, started, classify_error(exc))
+        upstream.record(sub, started, classifier.classify_error(exc))
         CallSpans.attempt_ended(span, exc)
         raise
     except asyncio.CancelledError as cancelled:

@@ -34,7 +34,7 @@ from mesh.client.attempt import (
 from mesh.client.subchannels import CallableKey, SubChannel
 from mesh.client.upstream import MethodPlan, Upstream
 from mesh.core.errors import NoTimeLeft
-from mesh.core.outcome import Outcome, classify_error
+from mesh.core.outcome import Outcome
 from mesh.telemetry.call_spans import CallSpans
 
 MAX_BUFFERED = 64
@@ -183,7 +183,7 @@ class StreamingCall(
         sub = self._sub
         assert sub is not None
         self._end_attempt_span(error)
-        classified = classify_error(error)
+        classified = self._plan.classifier.classify_error(error)
         self._upstream.record(sub, self._started, classified)
         self._state = self._state.increment(classified, pushback_of(error))
         replay_lost = self._replay is not None and self._replay.overflowed
@@ -237,7 +237,11 @@ class StreamingCall(
         if error is None and self._sub is not None:
             self._upstream.record(self._sub, self._started, OK)
         if self._admitted:
-            verdict = verdict_of(error) if error is not None or self._sub else Outcome.NEUTRAL
+            verdict = (
+                verdict_of(error, self._plan.classifier)
+                if error is not None or self._sub
+                else Outcome.NEUTRAL
+            )
             self._plan.admission.release(verdict)
 
     # -- reading ------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from mesh.client.hedging import run_hedged
 from mesh.client.subchannels import CallableKey, SubChannel
 from mesh.client.upstream import MethodPlan, Upstream
 from mesh.core.errors import NoTimeLeft
-from mesh.core.outcome import Outcome, classify_error
+from mesh.core.outcome import Outcome
 from mesh.telemetry.call_spans import CallSpans
 
 
@@ -228,7 +228,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
         try:
             response = await attempts
         except BaseException as exc:
-            self._plan.admission.release(verdict_of(exc))
+            self._plan.admission.release(verdict_of(exc, self._plan.classifier))
             raise
         self._plan.admission.release(Outcome.SUCCESS)
         return response
@@ -274,7 +274,7 @@ class UnaryUnaryCall(aio.UnaryUnaryCall[Any, Any]):
                     return response
             error, sub, started = failed
             failed = None
-            classified = classify_error(error)
+            classified = plan.classifier.classify_error(error)
             upstream.record(sub, started, classified)
             state = state.increment(classified, pushback_of(error))
             if not state.may_retry:

@@ -32,7 +32,7 @@ from mesh.client.admission import (
     Gate,
 )
 from mesh.client.subchannels import SubChannel, SubChannelPool
-from mesh.core.outcome import Classified, Outcome
+from mesh.core.outcome import Classified, Classifier, Outcome
 from mesh.core.plumbing import is_plumbing
 from mesh.policy import MethodPolicy, ServicePolicy
 from mesh.resilience.balance import new_balancer
@@ -63,6 +63,8 @@ class MethodPlan:
     hedge: HedgePolicy | None
     admission: Admission
     """The gates its calls pass before the first attempt (mesh/client/admission.py)."""
+    classifier: Classifier
+    """What each status code of its attempts and calls says (mesh/core/outcome.py)."""
     tracer: trace.Tracer | None = None
     """Where its call and attempt spans come from; None when tracing is off, and for health
     checks and reflection, which make no spans."""
@@ -77,7 +79,16 @@ class MethodPlan:
         if tracer is not None and is_plumbing(full_method):
             tracer = None
         admission = upstream.admission(full_method, policy)
-        return cls(full_method, policy.timeout, policy.retry, idempotent, hedge, admission, tracer)
+        return cls(
+            full_method,
+            policy.timeout,
+            policy.retry,
+            idempotent,
+            hedge,
+            admission,
+            policy.classifier,
+            tracer,
+        )
 
 
 class Upstream:

@@ -1,5 +1,5 @@
-"""The one outcome classifier: every status code's outcome, and when a request certainly
-never reached the server."""
+"""The outcome classifier: every status code's outcome by default, when a request certainly
+never reached the server, and classifiers as values that compose (Finagle's `orElse`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ import grpc
 import pytest
 from grpc import aio
 
-from mesh.core.outcome import FAILURE_CODES, Classified, Outcome, classify, classify_error
+from mesh.core.outcome import (
+    DEFAULT,
+    FAILURE_CODES,
+    PRESETS,
+    RETRY_ON_ABORTED,
+    RETRYABLE_FAILURE,
+    Classified,
+    Classifier,
+    Outcome,
+    classify,
+    classify_error,
+)
 
 C = grpc.StatusCode
 
@@ -124,3 +135,51 @@ async def test_a_real_refused_connection_never_reached() -> None:
     assert result.code is C.UNAVAILABLE
     assert result.reached_server is False
     assert result.connection_lost is True
+
+
+# -- the classifier as a value ---------------------------------------------------------------
+
+
+def test_the_default_classifier_is_the_table() -> None:
+    assert {code: DEFAULT.classify(code).outcome for code in C} == EXPECTED
+    assert DEFAULT.failure_codes == FAILURE_CODES
+    assert not any(DEFAULT.classify(code).retryable for code in C)
+
+
+def test_a_rule_changes_only_the_codes_it_names() -> None:
+    aborted_fails = Classifier.of({C.ABORTED: Outcome.FAILURE})
+    assert aborted_fails.classify(C.ABORTED) == Classified(C.ABORTED, Outcome.FAILURE, True)
+    assert C.ABORTED in aborted_fails.failure_codes
+    for code in set(C) - {C.ABORTED}:
+        assert aborted_fails.classify(code) == DEFAULT.classify(code)
+
+
+def test_or_else_the_first_rules_win_the_second_cover_the_rest() -> None:
+    method = Classifier.of({C.NOT_FOUND: Outcome.NEUTRAL})
+    service = Classifier.of({C.NOT_FOUND: Outcome.FAILURE, C.ABORTED: RETRYABLE_FAILURE})
+    both = method.or_else(service)
+    assert both.classify(C.NOT_FOUND).outcome is Outcome.NEUTRAL
+    assert both.classify(C.ABORTED).retryable is True
+    assert both.classify(C.INTERNAL) == DEFAULT.classify(C.INTERNAL)
+    assert both == method.or_else(service)
+    assert "NOT_FOUND=neutral" in repr(both) and "ABORTED=retryable_failure" in repr(both)
+
+
+def test_a_retryable_failure_keeps_the_transport_facts() -> None:
+    lenient = Classifier.of({C.UNAVAILABLE: RETRYABLE_FAILURE})
+    never = lenient.classify(C.UNAVAILABLE, "failed to connect to all addresses")
+    assert (never.reached_server, never.connection_lost, never.retryable) == (False, True, True)
+    assert lenient.classify(C.UNAVAILABLE, "Connection reset") is lenient.classify(
+        C.UNAVAILABLE, "Socket closed"
+    )
+
+
+def test_presets() -> None:
+    assert PRESETS["default"] is DEFAULT
+    assert RETRY_ON_ABORTED.classify(C.ABORTED).retryable is True
+    assert RETRY_ON_ABORTED.classify(C.ABORTED).outcome is Outcome.FAILURE
+
+
+def test_ok_is_always_a_success() -> None:
+    with pytest.raises(ValueError, match="OK is always success"):
+        Classifier.of({C.OK: Outcome.FAILURE})

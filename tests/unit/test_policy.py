@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from mesh.core.backoff import ExponentialBackoff
+from mesh.core.outcome import DEFAULT, Outcome
 from mesh.policy import (
     POLICY_ENV,
     BreakerPolicy,
@@ -173,6 +174,33 @@ def test_a_method_can_turn_off_the_services_hedging() -> None:
     assert catalog.for_method("ListItems").hedge is None
 
 
+def test_classify_per_service_and_per_method_over_the_default() -> None:
+    policy = MeshPolicy.from_toml(
+        """
+        [services.orders.classify]
+        ABORTED = "retryable_failure"
+        [services.orders.methods.PlaceOrder.classify]
+        NOT_FOUND = "neutral"
+        [services.orders.methods.GetOrder]
+        classify = "default"
+        """
+    )
+    orders = policy.for_service("orders")
+    service, place, get = (
+        orders.defaults.classifier,
+        orders.for_method("PlaceOrder").classifier,
+        orders.for_method("GetOrder").classifier,
+    )
+    assert service.classify(C.ABORTED).retryable and service.classify(C.NOT_FOUND).outcome is (
+        Outcome.CALLER_ERROR
+    )
+    # a method's table merges over its service's, key by key
+    assert place.classify(C.ABORTED).retryable
+    assert place.classify(C.NOT_FOUND).outcome is Outcome.NEUTRAL
+    assert get == DEFAULT
+    assert policy.for_service("catalog").defaults.classifier == DEFAULT
+
+
 def test_fault_abort_code_by_name() -> None:
     policy = MeshPolicy.from_toml(
         """
@@ -304,6 +332,22 @@ def test_fault_abort_code_by_name() -> None:
         ("services = 1", "services: must be a table"),
         ("[services]\ncatalog = 1", "services.catalog: must be a table"),
         ("[defaults]\ntimeout = 10\n[[oops", "not valid TOML"),
+        (
+            '[services.orders]\nclassify = "retry_on_everything"',
+            "services.orders.classify: unknown preset 'retry_on_everything'",
+        ),
+        (
+            '[services.orders.classify]\nABORTD = "failure"',
+            "services.orders.classify.ABORTD: unknown status code 'ABORTD'",
+        ),
+        (
+            '[services.orders.classify]\nABORTED = "broken"',
+            "services.orders.classify.ABORTED: unknown outcome 'broken'",
+        ),
+        (
+            '[services.orders.methods.PlaceOrder.classify]\nOK = "failure"',
+            "services.orders.methods.PlaceOrder.classify: OK is always success",
+        ),
     ],
 )
 def test_invalid_values_name_the_full_key(text: str, message: str) -> None:

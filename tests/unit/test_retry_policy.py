@@ -10,7 +10,7 @@ from grpc import aio
 from foodmesh.catalog.v1 import catalog_pb2
 from foodmesh.orders.v1 import orders_pb2
 from mesh.core.backoff import ExponentialBackoff
-from mesh.core.outcome import classify
+from mesh.core.outcome import RETRY_ON_ABORTED, classify
 from mesh.resilience.retry import (
     NO_RETRY,
     PUSHBACK_KEY,
@@ -107,6 +107,15 @@ def test_code_not_listed_is_not_retried() -> None:
     assert "INTERNAL is not a retryable code" in state.reason
     listed = RetryPolicy(retryable_codes=frozenset({C.UNAVAILABLE, C.INTERNAL}))
     assert listed.start(idempotent=True).increment(classify(C.INTERNAL)).may_retry
+
+
+def test_a_classifiers_retryable_failure_is_retried_without_being_listed() -> None:
+    aborted = RETRY_ON_ABORTED.classify(C.ABORTED)
+    state = RetryPolicy().start(idempotent=True).increment(aborted)
+    assert state.may_retry and state.reason == "retryable ABORTED"
+    # the other rules still hold: idempotency, and the attempt cap
+    assert not RetryPolicy().start(idempotent=False).increment(aborted).may_retry
+    assert not RetryPolicy(max_attempts=1).start(idempotent=True).increment(aborted).may_retry
 
 
 def test_may_have_reached_is_retried_only_when_idempotent() -> None:

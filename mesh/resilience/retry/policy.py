@@ -12,8 +12,9 @@ The rules, in order (gRPC's retry design, A6, where it has one):
 2. Server pushback that forbids a retry (negative or malformed) wins.
 3. A request that certainly never reached the server and failed UNAVAILABLE (no connection,
    breaker open, no endpoint) may always be retried: nothing happened, any method is safe.
-4. Otherwise the code must be in `retryable_codes`; RESOURCE_EXHAUSTED (an overloaded server)
-   only with the server's valid pushback, since retrying on our own timer adds to the load.
+4. Otherwise the code must be in `retryable_codes`, or the method's classifier must have
+   made it a retryable failure; RESOURCE_EXHAUSTED (an overloaded server) only with the
+   server's valid pushback, since retrying on our own timer adds to the load.
 5. A request that may have reached the server is retried only if the method is safe to
    repeat (proto `idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT, or an explicit setting).
 6. Never more than `max_attempts` in all (capped at 5, as gRPC caps it).
@@ -146,7 +147,7 @@ def _decide(
     if code is _UNAVAILABLE and not classified.reached_server:
         reason = "UNAVAILABLE before reaching the server"
     else:
-        if code not in policy.retryable_codes:
+        if code not in policy.retryable_codes and not classified.retryable:
             return False, f"{code.name} is not a retryable code"
         if code is _RESOURCE_EXHAUSTED and pushback is None:
             return False, "RESOURCE_EXHAUSTED is retried only on server pushback"
