@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from foodmesh.orders.v1 import orders_pb2
 from mesh.discovery import ConsulSettings
 from scripts.consul_agent import ConsulAgent
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
@@ -123,6 +125,23 @@ class Stack:
         for service in reversed(self.processes):
             if service.proc.poll() is None:
                 service.stop()
+
+
+def order(
+    key: str, *, customer: str = "alice", item: str = "roma-margherita", quantity: int = 2
+) -> orders_pb2.PlaceOrderRequest:
+    """A PlaceOrder request of one line."""
+    return orders_pb2.PlaceOrderRequest(
+        customer_id=customer,
+        lines=[orders_pb2.OrderLine(item_id=item, quantity=quantity)],
+        idempotency_key=key,
+    )
+
+
+def count_orders(stack: Stack) -> int:
+    """Orders in the stack's orders database, read from its file."""
+    with sqlite3.connect(stack.data_dir / "orders.db") as db:
+        return int(db.execute("SELECT COUNT(*) FROM orders").fetchone()[0])
 
 
 @pytest.fixture

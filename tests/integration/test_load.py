@@ -24,8 +24,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.processes import free_tcp_port, wait_until
-from tests.integration.conftest import PROJECT_ROOT, ServiceProcess, Stack
-from tests.integration.test_mesh_on_consul import count_orders
+from tests.integration.conftest import PROJECT_ROOT, ServiceProcess, Stack, count_orders
 
 GET_ITEM = "foodmesh.catalog.v1.CatalogService/GetItem"
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 
 import grpc
 import pytest
@@ -15,22 +14,7 @@ import mesh
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from scripts.processes import wait_until_async
-from tests.integration.conftest import Stack
-
-
-def order(
-    key: str, *, customer: str = "alice", item: str = "roma-margherita", quantity: int = 2
-) -> orders_pb2.PlaceOrderRequest:
-    return orders_pb2.PlaceOrderRequest(
-        customer_id=customer,
-        lines=[orders_pb2.OrderLine(item_id=item, quantity=quantity)],
-        idempotency_key=key,
-    )
-
-
-def count_orders(stack: Stack) -> int:
-    with sqlite3.connect(stack.data_dir / "orders.db") as db:
-        return int(db.execute("SELECT COUNT(*) FROM orders").fetchone()[0])
+from tests.integration.conftest import Stack, count_orders, order
 
 
 async def test_instances_register_with_grpc_checks_and_meta(stack: Stack) -> None:

@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import mesh
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.policy import BreakerPolicy, ServicePolicy
-from tests.integration.conftest import FAILING, Stack
-from tests.integration.test_mesh_on_consul import order
+from tests.integration.conftest import FAILING, Stack, order
 
 PLACE_ORDER = "/foodmesh.orders.v1.OrderService/PlaceOrder"
 GET_ITEM = "/foodmesh.catalog.v1.CatalogService/GetItem"

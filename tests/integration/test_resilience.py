@@ -20,8 +20,7 @@ from mesh.core.outcome import Classified
 from mesh.policy import BreakerPolicy, EjectionPolicy, ServicePolicy
 from mesh.server import MeshServer, ServerConfig
 from scripts.processes import wait_until_async
-from tests.integration.conftest import FAILING, ServiceProcess, Stack
-from tests.integration.test_mesh_on_consul import count_orders, order
+from tests.integration.conftest import FAILING, ServiceProcess, Stack, count_orders, order
 
 GET_ITEM = catalog_pb2.GetItemRequest(item_id="roma-carbonara")
 

@@ -14,8 +14,7 @@ import mesh
 from foodmesh.orders.v1 import orders_pb2_grpc
 from mesh.telemetry.receiver import SpanRecord, TraceReceiver
 from mesh.telemetry.tracing import tracing_to
-from tests.integration.conftest import FAILING, Stack
-from tests.integration.test_mesh_on_consul import order
+from tests.integration.conftest import FAILING, Stack, order
 
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
 GET_ITEM = "foodmesh.catalog.v1.CatalogService/GetItem"

@@ -19,7 +19,7 @@ from mesh.resilience.balance import (
     RecentLatencies,
     RoundRobin,
 )
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock
 
 
 class ScriptedRng:

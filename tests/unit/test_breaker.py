@@ -9,7 +9,7 @@ import pytest
 
 from mesh.policy import BreakerPolicy
 from mesh.resilience.breaker import BreakerState, CircuitBreaker, RollingWindow
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

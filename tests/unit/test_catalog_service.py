@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,49 +12,21 @@ import grpc
 import pytest
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from mesh.testing import InProcessServer
 from services.catalog.servicer import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, CatalogServicer
 from services.catalog.store import DEMO_MENU, DEMO_RESTAURANT_IDS, CatalogItem, CatalogStore
 from services.datadir import database_path
 from services.sqlite import SqliteDatabase
+from tests.unit.demo_services import (
+    AVAILABLE_ITEM_ID,
+    UNAVAILABLE_ITEM_ID,
+    catalog_server,
+    count_rows,
+    rpc_error,
+)
 
 if TYPE_CHECKING:
     from foodmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as CatalogStub
-
-AVAILABLE_ITEM_ID = "roma-margherita"
-UNAVAILABLE_ITEM_ID = "roma-truffle-risotto"
-
-
-@asynccontextmanager
-async def serving(add_servicer: Callable[[grpc.aio.Server], None]) -> AsyncIterator[str]:
-    """A grpc.aio server on a free port of 127.0.0.1 with one servicer; yields its address."""
-    server = grpc.aio.server()
-    add_servicer(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
-
-
-@asynccontextmanager
-async def catalog_server(db_path: Path) -> AsyncIterator[str]:
-    """A catalog service on the database file at db_path; yields its address."""
-    async with await CatalogStore.open(db_path) as store:
-        servicer = CatalogServicer(store)
-        async with serving(
-            lambda server: catalog_pb2_grpc.add_CatalogServiceServicer_to_server(servicer, server)
-        ) as address:
-            yield address
-
-
-async def count_rows(db_path: Path, table: str) -> int:
-    """The number of rows of a table, read through a connection of its own."""
-    async with await SqliteDatabase.open(db_path) as database:
-        row = await database.fetch_one(f"SELECT COUNT(*) FROM {table}")
-    assert row is not None
-    return int(row[0])
-
 
 @pytest.fixture
 def catalog_db(tmp_path: Path) -> Path:
@@ -64,18 +35,8 @@ def catalog_db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def catalog(catalog_db: Path) -> AsyncIterator[CatalogStub]:
-    async with (
-        catalog_server(catalog_db) as address,
-        grpc.aio.insecure_channel(address) as channel,
-    ):
-        yield catalog_pb2_grpc.CatalogServiceStub(channel)
-
-
-async def rpc_error(call: object) -> grpc.aio.AioRpcError:
-    """The error an awaited stub call ends with; fails the test if it succeeds."""
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call  # type: ignore[misc]
-    return raised.value
+    async with catalog_server(catalog_db) as server:
+        yield catalog_pb2_grpc.CatalogServiceStub(server.channel)
 
 
 async def list_all(stub: CatalogStub, restaurant_id: str, page_size: int) -> list[str]:
@@ -175,14 +136,9 @@ async def test_page_size_zero_means_default_and_large_is_lowered(tmp_path: Path)
         for n in range(MAX_PAGE_SIZE + 5)
     )
     async with await CatalogStore.open(tmp_path / "big.db", seed=many) as store:
-        servicer = CatalogServicer(store)
-        async with (
-            serving(
-                lambda s: catalog_pb2_grpc.add_CatalogServiceServicer_to_server(servicer, s)
-            ) as address,
-            grpc.aio.insecure_channel(address) as channel,
-        ):
-            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        add = catalog_pb2_grpc.add_CatalogServiceServicer_to_server
+        async with InProcessServer((add, CatalogServicer(store))) as server:
+            stub = catalog_pb2_grpc.CatalogServiceStub(server.channel)
             default_page = await stub.ListItems(catalog_pb2.ListItemsRequest(page_size=0))
             largest_page = await stub.ListItems(catalog_pb2.ListItemsRequest(page_size=5000))
     assert len(default_page.items) == DEFAULT_PAGE_SIZE

@@ -15,7 +15,7 @@ from mesh.discovery import (
     next_index,
     parse_health_entries,
 )
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock
 
 
 def entry(port: int, host: str = "127.0.0.1", node: str = "10.0.0.1") -> dict[str, Any]:

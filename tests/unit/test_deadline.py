@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
@@ -23,8 +23,7 @@ from mesh.core.deadline import (
     outbound_timeout,
 )
 from mesh.server.deadline import DeadlineInterceptor
-from mesh.server.reflection import enable_reflection
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock, InProcessServer
 
 
 class TickingClock:
@@ -182,36 +181,24 @@ class CatalogSeeingDeadline(catalog_pb2_grpc.CatalogServiceServicer):
         return catalog_pb2.Item(item_id=request.item_id, name=seen().decode())
 
 
-class Served:
+class Served(InProcessServer):
     def __init__(self, interceptor: DeadlineInterceptor) -> None:
         self.echo = DeadlineEcho()
-        self.server = aio.server(interceptors=[interceptor])
-        self.server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "test.Deadline",
-                    {
-                        "Unary": grpc.unary_unary_rpc_method_handler(self.echo.unary),
-                        "ServerStream": grpc.unary_stream_rpc_method_handler(
-                            self.echo.server_stream
-                        ),
-                        "ClientStream": grpc.stream_unary_rpc_method_handler(
-                            self.echo.client_stream
-                        ),
-                        "Bidi": grpc.stream_stream_rpc_method_handler(self.echo.bidi),
-                        "Writer": grpc.unary_stream_rpc_method_handler(self.echo.writer_stream),
-                    },
-                ),
-            )
+        super().__init__(
+            grpc.method_handlers_generic_handler(
+                "test.Deadline",
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(self.echo.unary),
+                    "ServerStream": grpc.unary_stream_rpc_method_handler(self.echo.server_stream),
+                    "ClientStream": grpc.stream_unary_rpc_method_handler(self.echo.client_stream),
+                    "Bidi": grpc.stream_stream_rpc_method_handler(self.echo.bidi),
+                    "Writer": grpc.unary_stream_rpc_method_handler(self.echo.writer_stream),
+                },
+            ),
+            (catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogSeeingDeadline()),
+            interceptors=[interceptor],
+            reflection=("test.Deadline", "grpc.health.v1.Health"),
         )
-        catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogSeeingDeadline(), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(
-            health.aio.HealthServicer(),  # type: ignore[attr-defined]
-            self.server,
-        )
-        enable_reflection(("test.Deadline", health.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.channel = aio.insecure_channel(f"127.0.0.1:{self.port}")
 
     def unary(self, name: str = "Unary") -> Any:
         return self.channel.unary_unary(f"/test.Deadline/{name}")
@@ -221,13 +208,8 @@ class Served:
 
 
 async def serve(interceptor: DeadlineInterceptor) -> AsyncIterator[Served]:
-    served = Served(interceptor)
-    await served.server.start()
-    try:
+    async with Served(interceptor) as served:
         yield served
-    finally:
-        await served.channel.close()
-        await served.server.stop(None)
 
 
 @pytest.fixture

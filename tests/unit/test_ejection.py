@@ -10,7 +10,7 @@ import pytest
 
 from mesh.policy import EjectionPolicy
 from mesh.resilience.ejection import EjectionState, OutlierDetector
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.resilience.faults import (
     NO_FAULT,
@@ -21,6 +21,7 @@ from mesh.resilience.faults import (
 )
 from mesh.server.deadline import DeadlineInterceptor
 from mesh.server.faults import FaultInterceptor
+from mesh.testing import InProcessServer
 
 C = grpc.StatusCode
 
@@ -121,27 +122,19 @@ def test_fault_message_says_it_is_injected() -> None:
 # -- the interceptor on a real server --------------------------------------------------------
 
 
-class Served:
+class Served(InProcessServer):
     def __init__(self, interceptors: list[Any]) -> None:
         self.calls = 0
-        self.server = aio.server(interceptors=interceptors)
-        self.server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "test.Faulty",
-                    {
-                        "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
-                        "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
-                    },
-                ),
-            )
+        super().__init__(
+            grpc.method_handlers_generic_handler(
+                "test.Faulty",
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+                    "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
+                },
+            ),
+            interceptors=interceptors,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(
-            health.aio.HealthServicer(),  # type: ignore[attr-defined]
-            self.server,
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.channel = aio.insecure_channel(f"127.0.0.1:{self.port}")
 
     async def unary(self, request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
         self.calls += 1
@@ -156,13 +149,8 @@ class Served:
 
 
 async def serving(*interceptors: Any) -> AsyncIterator[Served]:
-    served = Served(list(interceptors))
-    await served.server.start()
-    try:
+    async with Served(list(interceptors)) as served:
         yield served
-    finally:
-        await served.channel.close()
-        await served.server.stop(None)
 
 
 async def test_interceptor_delays_every_call() -> None:

@@ -20,12 +20,11 @@ from google.protobuf import (
     wrappers_pb2,
 )
 from google.protobuf.message import Message
-from grpc import aio
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from foodmesh.catalog.v1 import catalog_pb2
 from foodmesh.orders.v1 import orders_pb2
-from mesh.server.reflection import enable_reflection
+from mesh.testing import InProcessServer
 from meshctl.load.errors import BadInput
 from meshctl.load.request import (
     MethodInfo,
@@ -127,22 +126,13 @@ def test_stubs_unknown_method_lists_the_service_methods() -> None:
 # Methods from server reflection, against a real grpc.aio server
 
 
-async def _serve(server: aio.Server) -> str:
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return f"127.0.0.1:{port}"
-
-
 @pytest.fixture
 async def reflecting_server() -> AsyncIterator[str]:
     """A server with the project's reflection for the catalog and orders services (reflection
     needs their names only, not servicers)."""
-    server = aio.server()
-    enable_reflection(
-        ("foodmesh.catalog.v1.CatalogService", "foodmesh.orders.v1.OrderService"), server
-    )
-    yield await _serve(server)
-    await server.stop(None)
+    names = ("foodmesh.catalog.v1.CatalogService", "foodmesh.orders.v1.OrderService")
+    async with InProcessServer(reflection=names) as server:
+        yield server.address
 
 
 async def test_reflection_finds_method_with_classes_from_the_server(
@@ -192,14 +182,12 @@ async def test_reflection_unreachable_address() -> None:
 
 
 async def test_reflection_server_without_reflection() -> None:
-    server = aio.server()
-    address = await _serve(server)
-    try:
+    async with InProcessServer() as server:
         with pytest.raises(BadInput) as error:
-            await method_from_reflection(address, PLACE_ORDER)
-        assert str(error.value) == f"the server at {address} does not offer server reflection"
-    finally:
-        await server.stop(None)
+            await method_from_reflection(server.address, PLACE_ORDER)
+        assert str(error.value) == (
+            f"the server at {server.address} does not offer server reflection"
+        )
 
 
 class SilentReflection(reflection_pb2_grpc.ServerReflectionServicer):  # type: ignore[misc]
@@ -213,10 +201,9 @@ class SilentReflection(reflection_pb2_grpc.ServerReflectionServicer):  # type: i
 
 
 async def test_reflection_that_does_not_answer_is_given_up_after_timeout() -> None:
-    server = aio.server()
     silent = SilentReflection()
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(silent, server)
-    address = await _serve(server)
+    server = InProcessServer((reflection_pb2_grpc.add_ServerReflectionServicer_to_server, silent))
+    address = await server.start()
     try:
         with pytest.raises(BadInput) as error:
             await method_from_reflection(address, PLACE_ORDER, timeout=1)
@@ -225,7 +212,7 @@ async def test_reflection_that_does_not_answer_is_given_up_after_timeout() -> No
         )
     finally:
         silent.release.set()
-        await server.stop(None)
+        await server.stop()
 
 
 # Request templates: placeholders

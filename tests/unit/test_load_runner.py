@@ -25,6 +25,7 @@ from grpc import aio
 
 from foodmesh.catalog.v1 import catalog_pb2
 from mesh.discovery.consul_settings import ConsulSettings
+from mesh.testing import InProcessServer
 from meshctl.cli import (
     build_parser,
     load_command,
@@ -448,7 +449,6 @@ async def _fail(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes
 
 @pytest.fixture
 async def shapes_server() -> AsyncIterator[str]:
-    server = aio.server()
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Upload": grpc.stream_unary_rpc_method_handler(_upload),
@@ -456,13 +456,9 @@ async def shapes_server() -> AsyncIterator[str]:
         "Both": grpc.stream_stream_rpc_method_handler(_both),
         "Fail": grpc.unary_stream_rpc_method_handler(_fail),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Shapes", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    shapes = grpc.method_handlers_generic_handler("t.Shapes", handlers)
+    async with InProcessServer(shapes) as server:
+        yield server.address
 
 
 @pytest.mark.parametrize(

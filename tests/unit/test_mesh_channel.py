@@ -11,36 +11,31 @@ import pytest
 from grpc import aio
 
 from mesh import MeshChannel
-from mesh.discovery import StaticResolver
 from mesh.policy import MethodPolicy, ServicePolicy
+from mesh.testing import InProcessServer, StaticResolver
 
 SERVICE = "echo"
 
 
-class EchoServer:
+class EchoServer(InProcessServer):
     """Answers every shape with its own name; `hold` parks unary calls until released."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.server = aio.server()
         self.calls = 0
         self.hold: asyncio.Event | None = None
         self.entered = asyncio.Event()
-        self.server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "test.Echo",
-                    {
-                        "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
-                        "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
-                        "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
-                        "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
-                    },
-                ),
+        super().__init__(
+            grpc.method_handlers_generic_handler(
+                "test.Echo",
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+                    "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
+                    "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
+                    "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+                },
             )
         )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.address = f"127.0.0.1:{self.port}"
 
     async def unary(self, request: bytes, context: aio.ServicerContext) -> bytes:
         self.calls += 1
@@ -76,10 +71,10 @@ class EchoServer:
 async def servers() -> AsyncIterator[list[EchoServer]]:
     started = [EchoServer("a"), EchoServer("b")]
     for s in started:
-        await s.server.start()
+        await s.start()
     yield started
     for s in started:
-        await s.server.stop(None)
+        await s.stop()
 
 
 ROUND_ROBIN = ServicePolicy(balancer="round_robin")  # these tests are about endpoints, not P2C

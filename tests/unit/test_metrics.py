@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.policy import BreakerPolicy
 from mesh.resilience.breaker import BreakerState, CircuitBreaker
@@ -23,7 +23,7 @@ from mesh.telemetry.metrics import (
     default_metrics,
     reset_default_metrics,
 )
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock, InProcessServer
 
 CATALOG_GET = "/foodmesh.catalog.v1.CatalogService/GetItem"
 CATALOG_LIST = "/foodmesh.catalog.v1.CatalogService/ListItems"
@@ -247,25 +247,19 @@ async def bidi(
         yield r
 
 
-class Served:
+class Served(InProcessServer):
     def __init__(self, metrics: MeshMetrics) -> None:
         self.metrics = metrics
-        self.server = aio.server(interceptors=[MetricsServerInterceptor(metrics, "echo")])
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
             "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         }
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("test.Echo", handlers),)
+        super().__init__(
+            grpc.method_handlers_generic_handler("test.Echo", handlers),
+            interceptors=[MetricsServerInterceptor(metrics, "echo")],
         )
-        health_pb2_grpc.add_HealthServicer_to_server(
-            health.aio.HealthServicer(),  # type: ignore[attr-defined]
-            self.server,
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.channel = aio.insecure_channel(f"127.0.0.1:{self.port}")
 
     def calls(self, method: str, code: str) -> float | None:
         return value(
@@ -295,13 +289,8 @@ class Served:
 
 @pytest.fixture
 async def served() -> AsyncIterator[Served]:
-    s = Served(MeshMetrics())
-    await s.server.start()
-    try:
+    async with Served(MeshMetrics()) as s:
         yield s
-    finally:
-        await s.channel.close()
-        await s.server.stop(None)
 
 
 async def test_server_counts_ok_and_aborted_unary_calls(served: Served) -> None:

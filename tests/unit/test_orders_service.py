@@ -15,6 +15,7 @@ import pytest
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from mesh.testing import InProcessServer, MockChannel
 from services.datadir import database_path
 from services.orders.servicer import DEFAULT_CATALOG_TIMEOUT_S, OrderServicer
 from services.orders.store import (
@@ -24,13 +25,12 @@ from services.orders.store import (
     OrdersStore,
 )
 from services.sqlite import SqliteDatabase
-from tests.unit.test_catalog_service import (
+from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
     UNAVAILABLE_ITEM_ID,
     catalog_server,
     count_rows,
     rpc_error,
-    serving,
 )
 
 if TYPE_CHECKING:
@@ -60,14 +60,9 @@ async def orders_server(
 ) -> AsyncIterator[OrdersStub]:
     """An orders service on db_path pricing through catalog; yields a stub that calls it."""
     async with await OrdersStore.open(db_path) as store:
-        servicer = OrderServicer(catalog, store)
-        async with (
-            serving(
-                lambda s: orders_pb2_grpc.add_OrderServiceServicer_to_server(servicer, s)
-            ) as address,
-            grpc.aio.insecure_channel(address) as channel,
-        ):
-            yield orders_pb2_grpc.OrderServiceStub(channel)
+        add = orders_pb2_grpc.add_OrderServiceServicer_to_server
+        async with InProcessServer((add, OrderServicer(catalog, store))) as server:
+            yield orders_pb2_grpc.OrderServiceStub(server.channel)
 
 
 @dataclass
@@ -98,8 +93,8 @@ async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
     data_dir = tmp_path / "data"
     catalog_db, orders_db = database_path(data_dir, "catalog"), database_path(data_dir, "orders")
     async with AsyncExitStack() as stack, AsyncExitStack() as catalog_stack:
-        address = await catalog_stack.enter_async_context(catalog_server(catalog_db))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        server = await catalog_stack.enter_async_context(catalog_server(catalog_db))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
         catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
         orders = await stack.enter_async_context(orders_server(orders_db, catalog))
         yield Platform(catalog_db, orders_db, channel, orders, catalog_stack)
@@ -253,15 +248,10 @@ class ScriptedCatalog(catalog_pb2_grpc.CatalogServiceServicer):
 async def orders_on_scripted_catalog(
     tmp_path: Path, catalog: ScriptedCatalog
 ) -> AsyncIterator[OrdersStub]:
-    async with (
-        serving(
-            lambda s: catalog_pb2_grpc.add_CatalogServiceServicer_to_server(catalog, s)
-        ) as address,
-        grpc.aio.insecure_channel(address) as channel,
-        orders_server(
-            tmp_path / "orders.db", catalog_pb2_grpc.CatalogServiceStub(channel)
-        ) as orders,
-    ):
+    """Orders in front of a scripted catalog that no server serves: a MockChannel answers."""
+    channel = MockChannel((catalog_pb2_grpc.add_CatalogServiceServicer_to_server, catalog))
+    stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+    async with orders_server(tmp_path / "orders.db", stub) as orders:
         yield orders
 
 

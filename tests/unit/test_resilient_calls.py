@@ -15,7 +15,6 @@ from grpc import aio
 
 from mesh import MeshChannel
 from mesh.core.deadline import Deadline, inbound_deadline
-from mesh.discovery import StaticResolver
 from mesh.policy import (
     BreakerPolicy,
     BudgetPolicy,
@@ -26,6 +25,7 @@ from mesh.policy import (
 )
 from mesh.resilience.faults import FaultPolicy
 from mesh.resilience.retry import RetryPolicy
+from mesh.testing import InProcessServer, StaticResolver
 from scripts.processes import free_tcp_port
 
 SERVICE = "echo"
@@ -35,7 +35,7 @@ CLIENT_STREAM = "/test.Echo/Collect"
 BIDI = "/test.Echo/Chat"
 
 
-class Scripted:
+class Scripted(InProcessServer):
     """A server whose answers a test sets: `mode` is ok, fail, slow, pushback or partial."""
 
     def __init__(self, name: str, mode: str = "ok") -> None:
@@ -44,21 +44,17 @@ class Scripted:
         self.calls = 0
         self.previous_attempts: list[str] = []
         self.cancelled = asyncio.Event()
-        self.server = aio.server()
-        self.server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "test.Echo",
-                    {
-                        "Call": grpc.unary_unary_rpc_method_handler(self.call),
-                        "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
-                        "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
-                        "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
-                    },
-                ),
+        super().__init__(
+            grpc.method_handlers_generic_handler(
+                "test.Echo",
+                {
+                    "Call": grpc.unary_unary_rpc_method_handler(self.call),
+                    "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
+                    "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
+                    "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+                },
             )
         )
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
 
     def _note(self, context: aio.ServicerContext) -> None:
         self.calls += 1
@@ -115,10 +111,10 @@ class Scripted:
 async def servers() -> AsyncIterator[dict[str, Scripted]]:
     started = {name: Scripted(name) for name in ("a", "b", "c")}
     for server in started.values():
-        await server.server.start()
+        await server.start()
     yield started
     for server in started.values():
-        await server.server.stop(None)
+        await server.stop()
 
 
 def policy(

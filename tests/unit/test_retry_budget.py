@@ -7,7 +7,7 @@ import pytest
 
 from mesh.policy import BudgetPolicy
 from mesh.resilience.retry import RetryBudget
-from tests.fakes import FakeClock
+from mesh.testing import FakeClock
 
 
 def drain(budget: RetryBudget) -> int:

@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from mesh import MeshChannel
-from mesh.discovery import StaticResolver
 from mesh.server.deadline import DeadlineInterceptor
 from mesh.telemetry.tracing import Tracing
+from mesh.testing import ChannelFor
 
 
 async def unary(request: bytes, context: aio.ServicerContext) -> bytes:
@@ -46,28 +46,20 @@ async def traced() -> AsyncIterator[tuple[MeshChannel, InMemorySpanExporter]]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = Tracing(provider, provider.get_tracer("test"))
-    server = aio.server(interceptors=[tracing.server_interceptor(), DeadlineInterceptor()])
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Shapes",
-                {
-                    "Unary": grpc.unary_unary_rpc_method_handler(unary),
-                    "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
-                    "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
-                    "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
-                },
-            ),
-        )
+    shapes = grpc.method_handlers_generic_handler(
+        "test.Shapes",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        },
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = MeshChannel(
-        "shapes", StaticResolver({"shapes": [f"127.0.0.1:{port}"]}), tracing=tracing
-    )
-    yield channel, exporter
-    await channel.close()
-    await server.stop(None)
+    interceptors = [tracing.server_interceptor(), DeadlineInterceptor()]
+    async with ChannelFor(
+        shapes, service="shapes", tracing=tracing, interceptors=interceptors
+    ) as channel:
+        yield channel, exporter
 
 
 def chain(spans: list[ReadableSpan], method: str) -> list[ReadableSpan]:
