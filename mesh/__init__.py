@@ -3,10 +3,15 @@
     server = MeshServer(ServerConfig("catalog", port=0))      # health, reflection, Consul
     stub = OrderServiceStub(mesh.channel("orders"))            # any generated stub
 
-The client-side call path is layered as in ../shared/design.md: MeshChannel -> deadline ->
-fault injection -> breaker and bulkhead -> retries (budget) or hedging -> balancer over the
-endpoints outlier ejection has not taken out -> one sub-channel per endpoint. Policies come
-from one TOML file (mesh/policy.py), with defaults that are good without one.
+Where things are:
+
+    client/      the call path of a MeshChannel     server/     MeshServer and its interceptors
+    resilience/  each layer's policy and mechanism  core/       values both sides share
+    discovery/   Consul registration and watches    telemetry/  traces, metrics, logs
+    policy.py    the whole-mesh policy, from TOML   testing/    helpers for users' tests
+    layers.py    the layers and their order, written once (`meshctl layers` prints them)
+
+Policies come from one TOML file (mesh/policy.py), with defaults that are good without one.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def start_attempt(
     """Start one attempt on `sub`, and its span when the call is traced (None otherwise, or
     when it is not sampled); retries tell the server how many came before."""
     sub.attempts += 1
-    upstream.attempt_started(key[1], previous, hedge)
+    upstream.attempt_started(key.method, previous, hedge)
     if previous:
         kwargs = {
             **kwargs,

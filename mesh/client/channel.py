@@ -2,13 +2,11 @@
 
     OrderServiceStub(mesh.channel("orders"))
 
-The channel follows a Resolver's stream of endpoint sets (mesh/discovery/), keeps one sub-channel
-per endpoint (mesh/client/subchannels.py), and hands each call to the resilience layers: the
-deadline (the caller's, the inbound call's remaining time, or the method's default), fault
-injection, the breaker and bulkhead, then attempts with retries or hedging over the endpoints
-the balancer picks among those not ejected (mesh/client/upstream.py, mesh/client/unary_call.py,
-mesh/client/stream_call.py). What each of those does is set by the service's policy
-(mesh/policy.py), good by default. Before discovery first answers, a call waits for it
+The channel follows a Resolver's stream of endpoint sets (mesh/discovery/), keeps one
+sub-channel per endpoint (mesh/client/subchannels.py), and hands each call to the layers of
+the call path, in the order mesh/layers.py gives (mesh/client/upstream.py, unary_call.py,
+stream_call.py). What each of those does is set by the service's policy (mesh/policy.py),
+good by default. Before discovery first answers, a call waits for it
 (within its deadline); once discovery says there is no healthy endpoint, a call fails at once
 with UNAVAILABLE naming the service.
 """
@@ -148,7 +146,7 @@ class MeshChannel(aio.Channel):
     def _invoke(
         self, key: CallableKey, request: Any, timeout: float | None, kwargs: dict[str, Any]
     ) -> Any:
-        plan = self.upstream.plan(key[1])
+        plan = self.upstream.plan(key.method)
         timeout = outbound_timeout(timeout, plan.timeout)
         refused = None
         if self._follower is None:
@@ -156,7 +154,7 @@ class MeshChannel(aio.Channel):
                 refused = ChannelClosed(self.service).to_rpc_error()
             else:
                 self._follow_discovery()
-        call_type = UnaryUnaryCall if key[0] == "unary_unary" else StreamingCall
+        call_type = UnaryUnaryCall if key.shape == "unary_unary" else StreamingCall
         return call_type(
             self.upstream, plan, key, request, timeout, kwargs, self._wait_resolved, refused
         )
@@ -177,7 +175,9 @@ class MeshChannel(aio.Channel):
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return _UnaryUnary(self, ("unary_unary", method, request_serializer, response_deserializer))
+        return _UnaryUnary(
+            self, CallableKey("unary_unary", method, request_serializer, response_deserializer)
+        )
 
     def unary_stream(
         self,
@@ -187,7 +187,7 @@ class MeshChannel(aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         return _UnaryStream(
-            self, ("unary_stream", method, request_serializer, response_deserializer)
+            self, CallableKey("unary_stream", method, request_serializer, response_deserializer)
         )
 
     def stream_unary(
@@ -198,7 +198,7 @@ class MeshChannel(aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         return _StreamUnary(
-            self, ("stream_unary", method, request_serializer, response_deserializer)
+            self, CallableKey("stream_unary", method, request_serializer, response_deserializer)
         )
 
     def stream_stream(
@@ -209,7 +209,7 @@ class MeshChannel(aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         return _StreamStream(
-            self, ("stream_stream", method, request_serializer, response_deserializer)
+            self, CallableKey("stream_stream", method, request_serializer, response_deserializer)
         )
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:

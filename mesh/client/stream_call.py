@@ -102,7 +102,7 @@ class StreamingCall(
         self._key = key
         self._kwargs = kwargs
         self._wait_resolved = wait_resolved
-        shape = key[0]
+        shape = key.shape
         self._request_streaming = shape.startswith("stream_")
         self._request = None if self._request_streaming else request
         self._replay = _Replay(request) if self._request_streaming else None

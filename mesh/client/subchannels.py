@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from grpc import aio
@@ -28,7 +28,18 @@ log = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[Endpoint], aio.Channel]
 Clock = Callable[[], float]
-CallableKey = tuple[str, str, Any, Any]  # (shape, method, request serializer, deserializer)
+
+
+class CallableKey(NamedTuple):
+    """What a multi-callable is made of; the key of the ones a sub-channel keeps."""
+
+    shape: str
+    """"unary_unary", "unary_stream", "stream_unary" or "stream_stream": grpc.aio.Channel's
+    method of that name makes it."""
+    method: str
+    """The full method name, "/pkg.Service/Method"."""
+    request_serializer: Any
+    response_deserializer: Any
 
 
 def insecure_subchannel(endpoint: Endpoint) -> aio.Channel:
@@ -56,12 +67,11 @@ class SubChannel:
         """The sub-channel's multi-callable for (shape, method, serializer, deserializer)."""
         found = self._callables.get(key)
         if found is None:
-            shape, method, serializer, deserializer = key
-            make = getattr(self.channel, shape)
+            make = getattr(self.channel, key.shape)
             found = make(
-                method,
-                request_serializer=serializer,
-                response_deserializer=deserializer,
+                key.method,
+                request_serializer=key.request_serializer,
+                response_deserializer=key.response_deserializer,
                 _registered_method=True,
             )
             self._callables[key] = found

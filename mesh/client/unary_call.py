@@ -2,17 +2,14 @@
 
 Mechanism only: whether to retry, and after how long, is RetryState's decision
 (mesh/resilience/retry/policy.py); which endpoint, the Upstream's (balancer minus ejected
-endpoints); how an attempt ended, the classifier's (mesh/core/outcome.py). The loop:
-
-1. the deadline: the caller's timeout, else the inbound call's remaining time, else the
-   method's default (mesh/core/deadline.py); no time left -> DEADLINE_EXCEEDED at once;
-2. client-side fault injection, when configured;
-3. the breaker (open -> UNAVAILABLE at once) and the bulkhead (full -> RESOURCE_EXHAUSTED);
-4. attempts: each on a picked endpoint, bounded by the remaining time (and the per-attempt
-   timeout), retried on another endpoint while the policy allows it, the budget has a token,
-   and the backoff fits before the deadline; the attempt number goes to the server in
-   `previous-rpc-attempts` (mesh/client/attempt.py says why not gRPC's reserved name);
-5. hedged methods instead race a second attempt on another endpoint after the hedge delay.
+endpoints); how an attempt ended, the method's classifier's (mesh/core/outcome.py). The
+layers a call passes, in order, are mesh/layers.py's: first the admission
+(mesh/client/admission.py), then attempts, each on a picked endpoint, bounded by the
+remaining time (and the per-attempt timeout), retried on another endpoint while the policy
+allows it, the budget has a token, and the backoff fits before the deadline; the attempt
+number goes to the server in `previous-rpc-attempts` (mesh/client/attempt.py says why not
+gRPC's reserved name). Hedged methods instead race a second attempt on another endpoint
+after the hedge delay (mesh/client/hedging.py).
 
 `UnaryUnaryCall` runs the loop inside the awaiting task (no extra task per call: this is the
 hot path); only code(), details(), metadata and callbacks asked before completion start a

@@ -1,12 +1,13 @@
 """Everything the call path keeps per service (an Envoy "cluster"): the retry budget, the
 circuit breaker, the concurrency limit, outlier ejection, the balancer and recent latencies,
-and the per-method plans compiled from the policy.
+and the per-method plans compiled from the policy (timeout, retry or hedge policy, the
+classifier, and the admission built in mesh/layers.py's order).
 
 The policies are values and the state machines small objects of their own, side by side in
 mesh/resilience/ (retry, breaker, bulkhead, ejection, balance); this module only holds one of
 each per service and offers the two things every attempt needs: `pick()` an endpoint
-and `record()` how the attempt ended. The attempt loops live in mesh/client/unary_call.py and
-mesh/client/stream_call.py.
+and `record()` how the attempt ended. The attempt loops live in mesh/client/unary_call.py,
+stream_call.py and hedging.py.
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ class Upstream:
     ) -> None:
         self.service = service
         self.tracer = tracer
+        """Set when tracing is on: the mesh's call and attempt spans come from it."""
         self.metrics = metrics
         """Set when the process exports metrics: calls, attempts, breaker, ejections."""
-        """Set when tracing is on: the mesh's call and attempt spans come from it."""
         self.policy = policy
         self.pool = pool
         self.clock = clock

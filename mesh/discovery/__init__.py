@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mesh.core.backoff import ExponentialBackoff
 from mesh.discovery.consul_settings import ConsulSettings
 from mesh.discovery.consul_watch import ConsulWatch, next_index, parse_health_entries
 from mesh.discovery.endpoint import Endpoint
@@ -29,7 +28,7 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'discovery' has no attribute {name!r}")
+        raise AttributeError(f"module 'mesh.discovery' has no attribute {name!r}")
     import importlib
 
     value = getattr(importlib.import_module(module), name)
@@ -43,7 +42,6 @@ __all__ = [
     "ConsulWatch",
     "Endpoint",
     "EndpointSet",
-    "ExponentialBackoff",
     "Resolver",
     "ServiceInstance",
     "StaticResolver",

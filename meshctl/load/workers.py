@@ -52,7 +52,7 @@ class WorkerFailed(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class FinishedRun:
     """A finished (or interrupted) run: the merged record, and how the run went (its length,
     schedule lag, missed calls: the longest, largest and sum over the workers)."""
 
@@ -63,7 +63,7 @@ class Outcome:
 class LoadRun(Protocol):
     """A run in progress, wherever its calls are made."""
 
-    async def run(self) -> Outcome: ...
+    async def run(self) -> FinishedRun: ...
 
     def stop(self) -> None:
         """End the run early (Ctrl-C); run() then returns what was recorded."""
@@ -82,9 +82,9 @@ class InProcessRun:
         invoke = invoker(prepared.connection.channel, prepared.method, share.timeout, spec.metadata)
         self._loop = CallLoop(invoke, prepared.template, share)
 
-    async def run(self) -> Outcome:
+    async def run(self) -> FinishedRun:
         recorder, phase = await self._loop.run()
-        return Outcome(recorder.snapshot(), phase)
+        return FinishedRun(recorder.snapshot(), phase)
 
     def stop(self) -> None:
         self._loop.stop()
@@ -147,11 +147,11 @@ class WorkerPool:
             if answer[0] == "error":
                 raise BadInput(answer[1])
 
-    async def run(self) -> Outcome:
+    async def run(self) -> FinishedRun:
         for w in range(len(self._procs)):
             _send(self._stdin(w), "go")
         results = await asyncio.gather(*(self._collect(w) for w in range(len(self._procs))))
-        return Outcome(
+        return FinishedRun(
             merge([run for run, _ in results]),
             PhaseResult.combined([phase for _, phase in results]),
         )
