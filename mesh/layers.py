@@ -14,7 +14,7 @@ points here, and the code that builds the path reads it:
   order of SERVER_LAYERS, outermost first: metrics first, so that it also counts the calls a
   later layer refuses; tracing before deadline and faults, so that a refused call is a span.
 
-`python -m mesh.layers` prints both lists; the README's picture is that output.
+`meshctl layers` prints both lists; the README's picture is that output.
 """
 
 from __future__ import annotations
@@ -108,6 +108,3 @@ def render() -> str:
     lines += [f"  -> {layer.name:<13} {layer.where:<30} {layer.does}" for layer in SERVER_LAYERS]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    print(render())

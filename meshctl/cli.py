@@ -35,13 +35,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+from mesh import layers
 from mesh.discovery.consul_settings import ConsulSettings
 from meshctl.load.errors import BadInput
 from meshctl.load.progress import ProgressLine, show_progress
 from meshctl.load.report import FORMATS, RunInfo, build_report, plot, render
 from meshctl.load.runner import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, DEFAULT_TOTAL, LoadPlan
 from meshctl.load.target import SOURCES, CallSpec, Metadata, Target, prepare
-from meshctl.load.workers import InProcessRun, LoadRun, Outcome, WorkerFailed, WorkerPool
+from meshctl.load.workers import FinishedRun, InProcessRun, LoadRun, WorkerFailed, WorkerPool
 
 PROG = "meshctl load"
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -123,6 +124,12 @@ def _argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="The foodmesh command line.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "layers",
+        help="print the layers of the call path and their order (mesh/layers.py)",
+        description="Print the client call path's layers and the server's interceptors, "
+        "outermost first, as mesh/layers.py defines them.",
+    )
     load = commands.add_parser(
         "load",
         prog=PROG,
@@ -300,7 +307,7 @@ def load_command(args: argparse.Namespace) -> LoadCommand:
     return LoadCommand(spec, plan, args.format, args.output, args.plot, args.fail_on_error)
 
 
-async def execute(command: LoadCommand, progress: TextIO | None) -> tuple[Outcome, str, bool]:
+async def execute(command: LoadCommand, progress: TextIO | None) -> tuple[FinishedRun, str, bool]:
     """Prepare (BadInput before any call), run with progress on `progress` (if given), and
     return the outcome, the method's full path and whether Ctrl-C ended the run."""
     spec, plan = command.spec, command.plan
@@ -344,7 +351,7 @@ async def execute(command: LoadCommand, progress: TextIO | None) -> tuple[Outcom
     return outcome, method_path, interrupted
 
 
-def report(command: LoadCommand, outcome: Outcome, method_path: str) -> None:
+def report(command: LoadCommand, outcome: FinishedRun, method_path: str) -> None:
     """Print (or write) the report, and draw the plot if asked."""
     spec, plan = command.spec, command.plan
     info = RunInfo(
@@ -391,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "layers":
+        print(layers.render())
+        return 0
     try:
         return _load(args)
     except BadInput as exc:
