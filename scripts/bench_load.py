@@ -75,11 +75,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, only scripts/ is on sys.path; the project and its stubs are not.
-for _root in (PROJECT_ROOT / "protos", PROJECT_ROOT):
-    if str(_root) not in sys.path:
-        sys.path.insert(0, str(_root))
+_PROJECT = str(Path(__file__).resolve().parent.parent)
+# Run as a script, only scripts/ is on sys.path; the project is not.
+if _PROJECT not in sys.path:
+    sys.path.insert(0, _PROJECT)
 
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
@@ -91,16 +90,15 @@ from meshctl.load.runner import DEFAULT_TIMEOUT, CallLoop, LoadPlan, invoker  # 
 from meshctl.load.stats import RecordedRun, decode_histogram, merge  # noqa: E402
 from meshctl.load.target import CallSpec, Prepared, Target, prepare  # noqa: E402
 from meshctl.load.workers import WorkerPool  # noqa: E402
-from scripts.bench_overhead import (  # noqa: E402
-    HOST,
-    EchoServer,
+from scripts.bench_harness import (  # noqa: E402
     Sample,
-    _echo,
+    ServerProcess,
+    echo,
     measure,
     percentile,
     process_cpu,
+    serve_until_signalled,
 )
-from scripts.processes import free_tcp_port, spawn  # noqa: E402
 
 SERVICE = "foodmesh.catalog.v1.CatalogService"
 METHOD = f"{SERVICE}/GetItem"
@@ -126,22 +124,14 @@ NODE_SERVER = Path(__file__).resolve().parent / "bench_echo_server"
 
 async def serve(port: int) -> None:
     """GetItem as an echo, with reflection, on HOST:port until SIGTERM or SIGINT. It also
-    serves bench_overhead's /bench.Echo/Call, which EchoServer.wait_ready calls."""
+    serves the harness's echo, which ServerProcess.wait_ready calls."""
     server = aio.server(options=keepalive.server_options())
-    echo = {"Call": grpc.unary_unary_rpc_method_handler(_echo)}
-    get_item = {"GetItem": grpc.unary_unary_rpc_method_handler(_echo)}
-    server.add_registered_method_handlers("bench.Echo", echo)  # type: ignore[attr-defined]
+    echo_call = {"Call": grpc.unary_unary_rpc_method_handler(echo)}
+    get_item = {"GetItem": grpc.unary_unary_rpc_method_handler(echo)}
+    server.add_registered_method_handlers("bench.Echo", echo_call)  # type: ignore[attr-defined]
     server.add_registered_method_handlers(SERVICE, get_item)  # type: ignore[attr-defined]
     enable_reflection([SERVICE], server)
-    if server.add_insecure_port(f"{HOST}:{port}") != port:
-        raise SystemExit(f"bench server: cannot bind {HOST}:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_until_signalled(server, port)
 
 
 def node_server_command(port: int) -> list[str]:
@@ -170,19 +160,12 @@ def node_server_command(port: int) -> list[str]:
     return [node, str(NODE_SERVER / "server.js"), str(port)]
 
 
-class CatalogEchoServer(EchoServer):
-    """bench_overhead's EchoServer (readiness, stop), running `serve` above, or with
-    kind "node" the same methods in Node.js (bench_echo_server/server.js), instead."""
-
-    def __init__(self, kind: str = "python") -> None:
-        self.port = free_tcp_port(HOST)
-        self.address = f"{HOST}:{self.port}"
-        if kind == "node":
-            command = node_server_command(self.port)
-        else:
-            command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)]
-        self._proc = spawn(command)
-        self.pid = self._proc.pid
+def server_command(kind: str, port: int) -> list[str]:
+    """The bench server on `port`: `serve` above, or with kind "node" the same methods in
+    Node.js (bench_echo_server/server.js)."""
+    if kind == "node":
+        return node_server_command(port)
+    return [sys.executable, str(Path(__file__).resolve()), "--serve", str(port)]
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -285,7 +268,7 @@ async def _load2_round(side: Side, spec: CallSpec, options: Options, server: int
     return side.add(calls, calls - counts.get("OK", 0), outcome.phase.elapsed, workers, server_cpu)
 
 
-async def run(options: Options, server: CatalogEchoServer) -> dict[str, Any]:
+async def run(options: Options, server: ServerProcess) -> dict[str, Any]:
     spec = CallSpec(Target(server.address), METHOD, json.dumps({"item_id": "x" * 62}))
     prepared = await prepare(spec)
     payload = prepared.template.render(0)[0]
@@ -429,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(args.serve))
         return 0
     options = Options(args.duration, args.rounds, args.concurrency, args.warmup, args.server)
-    server = CatalogEchoServer(args.server)
+    server = ServerProcess(partial(server_command, args.server))
     try:
 
         async def bench() -> dict[str, Any]:

@@ -63,25 +63,23 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT = str(Path(__file__).resolve().parent.parent)
 # Run as a script, only scripts/ is on sys.path; the project is not.
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
+if _PROJECT not in sys.path:
+    sys.path.insert(0, _PROJECT)
 
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
@@ -91,17 +89,24 @@ from mesh.core import keepalive  # noqa: E402
 from mesh.discovery import StaticResolver  # noqa: E402
 from mesh.policy import ServicePolicy  # noqa: E402
 from mesh.telemetry.tracing import Tracing, tracing_to  # noqa: E402
-from scripts.processes import (  # noqa: E402
-    free_tcp_port,
-    log_tail,
-    spawn,
-    stop_process,
-    wait_until,
+from scripts.bench_harness import (  # noqa: E402
+    ECHO_METHOD,
+    HOST,
+    PROJECT_ROOT,
+    Call,
+    Sample,
+    ServerProcess,
+    Watch,
+    echo,
+    echo_method,
+    measure,
+    percentile,
+    serve_until_signalled,
 )
+from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until  # noqa: E402
 
-HOST = "127.0.0.1"
 SERVICE = "echo"
-METHOD = "/bench.Echo/Call"
+METHOD = ECHO_METHOD
 THROUGHPUT_GOAL = 0.95
 """mesh/bare calls per second must be at least this (without tracing)."""
 P50_GOAL = 1.05
@@ -112,19 +117,7 @@ LOW_SAMPLE_RATIO."""
 LOW_SAMPLE_RATIO = 0.01
 """At or below this sample ratio, the goal with tracing is THROUGHPUT_GOAL."""
 
-Call = Callable[[bytes], Awaitable[bytes]]
-
-
-def _method(channel: aio.Channel) -> aio.UnaryUnaryMultiCallable[bytes, bytes]:
-    """METHOD on `channel`: raw bytes both ways, registered as generated stubs do."""
-    return channel.unary_unary(METHOD, _registered_method=True)  # type: ignore[call-arg]
-
-
 # -- the server (child process) -------------------------------------------------------------
-
-
-async def _echo(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
-    return request
 
 
 async def serve(port: int, trace_endpoint: str | None = None) -> None:
@@ -138,53 +131,21 @@ async def serve(port: int, trace_endpoint: str | None = None) -> None:
         tracing = tracing_to(trace_endpoint, Resource.create({"service.name": SERVICE}))
         interceptors.append(tracing.server_interceptor())
     server = aio.server(options=keepalive.server_options(), interceptors=interceptors)
-    handlers = {"Call": grpc.unary_unary_rpc_method_handler(_echo)}
+    handlers = {"Call": grpc.unary_unary_rpc_method_handler(echo)}
     server.add_registered_method_handlers("bench.Echo", handlers)  # type: ignore[attr-defined]
-    if server.add_insecure_port(f"{HOST}:{port}") != port:
-        raise SystemExit(f"echo server: cannot bind {HOST}:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_until_signalled(server, port)
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)  # flushes; blocking, so off the loop
     if dropped is not None and dropped():
         print(f"echo server: {dropped()} spans dropped (export queue full)", file=sys.stderr)
 
 
-class EchoServer:
-    """The echo server in a child process (its own process group, dying with us)."""
-
-    def __init__(self, trace_endpoint: str | None = None) -> None:
-        self.port = free_tcp_port(HOST)
-        self.address = f"{HOST}:{self.port}"
-        args = [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)]
-        if trace_endpoint is not None:
-            args += ["--trace-endpoint", trace_endpoint]
-        self._proc = spawn(args)
-        self.pid = self._proc.pid
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until one echo call succeeds (fails early if the child exits)."""
-        deadline = time.monotonic() + timeout
-        async with aio.insecure_channel(self.address) as channel:
-            call = _method(channel)
-            while True:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"echo server exited with {self._proc.returncode}")
-                try:
-                    if await call(b"ping", timeout=1.0, wait_for_ready=True) == b"ping":
-                        return
-                except aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"echo server on {self.address} did not answer")
-
-    def stop(self) -> None:
-        stop_process(self._proc, timeout=5.0)
+def _server_command(trace_endpoint: str | None, port: int) -> list[str]:
+    """This script's --serve mode on `port`, traced to `trace_endpoint` when given."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port)]
+    if trace_endpoint is not None:
+        command += ["--trace-endpoint", trace_endpoint]
+    return command
 
 
 class ReceiverProcess:
@@ -221,20 +182,6 @@ class ReceiverProcess:
         stop_process(self._proc, timeout=5.0)
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) process `pid` has used so far; None without /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the command name, which is in parentheses and may hold spaces.
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
 class DroppedSpans(logging.Filter):
     """Counts the spans this process's BatchSpanProcessors drop because their queue is full.
 
@@ -262,98 +209,7 @@ class DroppedSpans(logging.Filter):
         return self.count
 
 
-@dataclass(frozen=True)
-class Watch:
-    """What is measured alongside each side's calls, beyond the client's own CPU time."""
-
-    peers: Mapping[str, int] = field(default_factory=dict)
-    """Other processes (name: pid) whose CPU time counts."""
-    dropped_spans: Callable[[], int] | None = None
-    """Spans the client's tracing has dropped so far (see DroppedSpans)."""
-
-
 # -- measuring ------------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    """One side's calls over one or more rounds."""
-
-    calls: int = 0
-    errors: int = 0
-    elapsed: float = 0.0
-    cpu: float = 0.0
-    """Client process CPU seconds (every thread: ours and gRPC's)."""
-    peer_cpu: dict[str, float] = field(default_factory=dict)
-    """CPU seconds of the other processes (server, receiver) meanwhile, where measurable."""
-    dropped_spans: int = 0
-    """Spans the client's tracing dropped meanwhile (its export queue was full)."""
-    latencies: list[float] = field(default_factory=list)
-
-    def add(self, other: Sample) -> None:
-        self.calls += other.calls
-        self.errors += other.errors
-        self.elapsed += other.elapsed
-        self.cpu += other.cpu
-        self.dropped_spans += other.dropped_spans
-        for name, seconds in other.peer_cpu.items():
-            self.peer_cpu[name] = self.peer_cpu.get(name, 0.0) + seconds
-        self.latencies.extend(other.latencies)
-
-    @property
-    def rate(self) -> float:
-        return self.calls / self.elapsed if self.elapsed else 0.0
-
-
-async def _worker(call: Call, payload: bytes, stop_at: float, sample: Sample) -> None:
-    clock = time.perf_counter
-    record = sample.latencies.append
-    while clock() < stop_at:
-        started = clock()
-        try:
-            await call(payload)
-        except aio.AioRpcError:
-            sample.errors += 1
-            continue
-        record(clock() - started)
-
-
-async def measure(
-    call: Call,
-    payload: bytes,
-    concurrency: int,
-    duration: float,
-    watch: Watch | None = None,
-) -> Sample:
-    """`concurrency` tasks each calling `call` in sequence for `duration` seconds; what
-    `watch` names is measured over the same time."""
-    sample = Sample()
-    peers = watch.peers if watch is not None else {}
-    dropped = watch.dropped_spans if watch is not None else None
-    dropped_before = dropped() if dropped is not None else 0
-    peers_started = {name: process_cpu(pid) for name, pid in peers.items()}
-    cpu_started = time.process_time()
-    started = time.perf_counter()
-    stop_at = started + duration
-    await asyncio.gather(*(_worker(call, payload, stop_at, sample) for _ in range(concurrency)))
-    sample.elapsed = time.perf_counter() - started
-    sample.cpu = time.process_time() - cpu_started
-    for name, pid in peers.items():
-        before, after = peers_started[name], process_cpu(pid)
-        if before is not None and after is not None:
-            sample.peer_cpu[name] = after - before
-    if dropped is not None:
-        sample.dropped_spans = dropped() - dropped_before
-    sample.calls = len(sample.latencies)
-    return sample
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank q-quantile (0 < q <= 1) of sorted values; 0.0 when empty."""
-    if not ordered:
-        return 0.0
-    rank = math.ceil(q * len(ordered) - 1e-9)
-    return ordered[min(max(rank, 1), len(ordered)) - 1]
 
 
 def summary(sample: Sample) -> dict[str, float]:
@@ -468,8 +324,8 @@ async def run(
     resolver = StaticResolver({SERVICE: [server_address]})
     mesh_channel = mesh.channel(SERVICE, resolver=resolver, policy=ServicePolicy(), tracing=tracing)
     try:
-        sides: dict[str, Call] = {name: _method(channel) for name, channel in channels.items()}
-        sides["mesh"] = _method(mesh_channel)
+        sides: dict[str, Call] = {name: echo_method(channel) for name, channel in channels.items()}
+        sides["mesh"] = echo_method(mesh_channel)
         for channel in channels.values():
             await channel.channel_ready()
         if not await mesh_channel.wait_for_endpoints(timeout=10.0):
@@ -671,7 +527,7 @@ def _measure(options: Options) -> list[Result] | dict[int, Sample]:
             receiver = ReceiverProcess(Path(log_dir))
             stack.callback(receiver.stop)
             receiver.wait_ready()
-        server = EchoServer(receiver.endpoint if receiver is not None else None)
+        server = ServerProcess(partial(_server_command, receiver.endpoint if receiver else None))
         stack.callback(server.stop)  # the server flushes its spans on the way out
         tracing = watch = None
         if receiver is not None:
