@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from services.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from services.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
 
 INT64_MAX = 2**63 - 1
 

@@ -12,9 +12,9 @@ import pytest
 
 from foodmesh.catalog.v1 import catalog_pb2_grpc
 from mesh.testing import InProcessServer
+from meshkit.storage.sqlite import SqliteDatabase
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
-from services.sqlite import SqliteDatabase
 
 AVAILABLE_ITEM_ID = "roma-margherita"
 UNAVAILABLE_ITEM_ID = "roma-truffle-risotto"

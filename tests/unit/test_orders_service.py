@@ -16,6 +16,7 @@ import pytest
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.testing import InProcessServer, MockChannel
+from meshkit.storage.sqlite import SqliteDatabase
 from services.datadir import database_path
 from services.orders.servicer import DEFAULT_CATALOG_TIMEOUT_S, OrderServicer
 from services.orders.store import (
@@ -24,7 +25,6 @@ from services.orders.store import (
     OrderLine,
     OrdersStore,
 )
-from services.sqlite import SqliteDatabase
 from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
     UNAVAILABLE_ITEM_ID,

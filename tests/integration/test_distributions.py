@@ -1,0 +1,76 @@
+"""What `pip install` puts into site-packages: the two distributions are built from this
+checkout as pip builds them, and their wheels hold exactly the packages the README promises
+(the library, its building blocks and meshctl in one; only the foodmesh stubs in the other;
+the demo services in neither)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import PROJECT_ROOT
+
+
+def built_wheel(source: Path, out: Path) -> zipfile.ZipFile:
+    # No build isolation: setuptools comes from the environment (a dev dependency), so the
+    # test needs no download.
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "-q", "-w", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = out.glob("*.whl")
+    return zipfile.ZipFile(wheel)
+
+
+def top_level(wheel: zipfile.ZipFile) -> set[str]:
+    return {name.split("/")[0] for name in wheel.namelist() if ".dist-info/" not in name}
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, zipfile.ZipFile]:
+    root = tmp_path_factory.mktemp("wheels")
+    (root / "main").mkdir()
+    (root / "protos").mkdir()
+    return {
+        "main": built_wheel(PROJECT_ROOT, root / "main"),
+        "protos": built_wheel(PROJECT_ROOT / "protos", root / "protos"),
+    }
+
+
+def test_the_main_distribution_is_the_library_its_blocks_and_meshctl(
+    wheels: dict[str, zipfile.ZipFile],
+) -> None:
+    wheel = wheels["main"]
+    assert top_level(wheel) == {"mesh", "meshkit", "meshctl"}
+    names = set(wheel.namelist())
+    assert {"mesh/py.typed", "mesh/testing/__init__.py", "mesh/layers.py"} <= names
+    assert "meshctl/load/__main__.py" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "meshctl = meshctl.cli:main" in wheel.read(entry_points).decode()
+
+
+def test_the_stubs_distribution_is_the_foodmesh_namespace_only(
+    wheels: dict[str, zipfile.ZipFile],
+) -> None:
+    wheel = wheels["protos"]
+    assert top_level(wheel) == {"foodmesh"}
+    names = set(wheel.namelist())
+    for context in ("catalog", "orders"):
+        for suffix in (".proto", "_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
+            assert f"foodmesh/{context}/v1/{context}{suffix}" in names
+    assert "foodmesh/py.typed" in names
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [
+        line for line in wheel.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    assert sorted(line.split()[1].split(">")[0] for line in requires) == ["grpcio", "protobuf"]
