@@ -69,9 +69,19 @@ class Drift:
         return [f"{label}: {_display(root / path)}" for label, paths in kinds for path in paths]
 
 
+BUILD_OUTPUT = ("build", "dist")
+"""Folders under the source root that a wheel build of protos/ writes copies into."""
+
+
+def _is_source(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return parts[0] not in BUILD_OUTPUT and not any(p.endswith(".egg-info") for p in parts)
+
+
 def find_protos(root: Path) -> list[Path]:
-    """Every .proto file under root, relative to it, sorted."""
-    return sorted(path.relative_to(root) for path in root.rglob("*.proto"))
+    """Every .proto file under root (not in build output), relative to it, sorted."""
+    found = (path for path in root.rglob("*.proto") if _is_source(path, root))
+    return sorted(path.relative_to(root) for path in found)
 
 
 def include_args(root: Path) -> list[str]:
@@ -146,7 +156,7 @@ def _generated_files(directory: Path) -> set[Path]:
     return {
         path.relative_to(directory)
         for path in directory.rglob("*_pb2*")
-        if path.is_file() and path.name.endswith(GENERATED_SUFFIXES)
+        if path.is_file() and path.name.endswith(GENERATED_SUFFIXES) and _is_source(path, directory)
     }
 
 

@@ -24,7 +24,13 @@ import grpc
 from grpc import aio
 
 from mesh.client.stream_call import StreamingCall
-from mesh.client.subchannels import CallableKey, ChannelFactory, SubChannelPool, insecure_subchannel
+from mesh.client.subchannels import (
+    CallableKey,
+    ChannelFactory,
+    MultiCallables,
+    SubChannelPool,
+    insecure_subchannel,
+)
 from mesh.client.unary_call import UnaryUnaryCall
 from mesh.client.upstream import Upstream
 from mesh.core.deadline import outbound_timeout
@@ -38,11 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Serializer = Callable[[Any], bytes] | None
-Deserializer = Callable[[bytes], Any] | None
-
-
-class MeshChannel(aio.Channel):
+class MeshChannel(MultiCallables, aio.Channel):
     """A grpc.aio.Channel that routes each call to a healthy instance of `service`."""
 
     def __init__(
@@ -168,49 +170,8 @@ class MeshChannel(aio.Channel):
 
     # -- grpc.aio.Channel ---------------------------------------------------------------
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryUnary(
-            self, CallableKey("unary_unary", method, request_serializer, response_deserializer)
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryStream(
-            self, CallableKey("unary_stream", method, request_serializer, response_deserializer)
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamUnary(
-            self, CallableKey("stream_unary", method, request_serializer, response_deserializer)
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamStream(
-            self, CallableKey("stream_stream", method, request_serializer, response_deserializer)
-        )
+    def _multicallable(self, key: CallableKey) -> Any:
+        return _SHAPES[key.shape](self, key)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """READY if any endpoint is ready; TRANSIENT_FAILURE when resolved to none."""
@@ -363,3 +324,11 @@ class _StreamStream(_MethodOnMesh, aio.StreamStreamMultiCallable[Any, Any]):
         return self._start(
             request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
+
+
+_SHAPES: dict[str, type[_MethodOnMesh]] = {
+    "unary_unary": _UnaryUnary,
+    "unary_stream": _UnaryStream,
+    "stream_unary": _StreamUnary,
+    "stream_stream": _StreamStream,
+}

@@ -42,6 +42,58 @@ class CallableKey(NamedTuple):
     response_deserializer: Any
 
 
+Serializer = Callable[[Any], bytes] | None
+Deserializer = Callable[[bytes], Any] | None
+
+
+class MultiCallables:
+    """grpc.aio.Channel's four multi-callable makers as one: a channel that mixes this in
+    (before aio.Channel) implements `_multicallable(key)`, and the shape is in the key."""
+
+    def _multicallable(self, key: CallableKey) -> Any:
+        raise NotImplementedError
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        key = CallableKey("unary_unary", method, request_serializer, response_deserializer)
+        return self._multicallable(key)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        key = CallableKey("unary_stream", method, request_serializer, response_deserializer)
+        return self._multicallable(key)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        key = CallableKey("stream_unary", method, request_serializer, response_deserializer)
+        return self._multicallable(key)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        key = CallableKey("stream_stream", method, request_serializer, response_deserializer)
+        return self._multicallable(key)
+
+
 def insecure_subchannel(endpoint: Endpoint) -> aio.Channel:
     """The default sub-channel: plaintext, with the mesh's keepalive settings. It has no
     interceptors: tracing happens a layer above, in the attempt spans."""

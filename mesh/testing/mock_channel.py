@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc import aio
 
+from mesh.client.subchannels import CallableKey, MultiCallables
 from mesh.testing.services import (
     CallDetails,
     MethodHandler,
@@ -136,7 +137,7 @@ class _Route:
     function: Handler | None
 
 
-class MockChannel(aio.Channel):
+class MockChannel(MultiCallables, aio.Channel):
     """A channel whose calls are answered by `services` and `methods` in this process."""
 
     def __init__(self, *services: Service, methods: Mapping[str, Handler] | None = None) -> None:
@@ -153,9 +154,7 @@ class MockChannel(aio.Channel):
         handler = find_handler(self._handlers, CallDetails(method, metadata))
         return _Route(handler, None) if handler is not None else None
 
-    def _callable(
-        self, shape: str, method: str, serializer: Any, deserializer: Any
-    ) -> Callable[..., Any]:
+    def _multicallable(self, key: CallableKey) -> Callable[..., Any]:
         def call(
             request: Any = None,
             timeout: float | None = None,
@@ -164,54 +163,9 @@ class MockChannel(aio.Channel):
             wait_for_ready: Any = None,
             compression: Any = None,
         ) -> _MockCall:
-            return _MockCall(
-                self,
-                shape,
-                method,
-                request,
-                timeout,
-                tuple(metadata or ()),
-                serializer,
-                deserializer,
-            )
+            return _MockCall(self, key, request, timeout, tuple(metadata or ()))
 
         return call
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._callable("unary_unary", method, request_serializer, response_deserializer)
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._callable("unary_stream", method, request_serializer, response_deserializer)
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._callable("stream_unary", method, request_serializer, response_deserializer)
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._callable("stream_stream", method, request_serializer, response_deserializer)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         if self.closed:
@@ -248,17 +202,15 @@ class _MockCall(
     def __init__(
         self,
         channel: MockChannel,
-        shape: str,
-        method: str,
+        key: CallableKey,
         request: Any,
         timeout: float | None,
         metadata: Metadata,
-        serializer: Any,
-        deserializer: Any,
     ) -> None:
+        shape, method = key.shape, key.method
         self._shape = shape
-        self._serialize = serializer or (lambda message: message)
-        self._deserialize = deserializer or (lambda data: data)
+        self._serialize = key.request_serializer or _same
+        self._deserialize = key.response_deserializer or _same
         self._written: asyncio.Queue[Any] | None = None
         self._responses: asyncio.Queue[Any] = asyncio.Queue()
         self._sent: list[Any] = []

@@ -5,6 +5,7 @@ the demo services in neither)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,10 +15,13 @@ import pytest
 
 from tests.integration.conftest import PROJECT_ROOT
 
+LEFT_OUT = shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+
 
 def built_wheel(source: Path, out: Path) -> zipfile.ZipFile:
-    # No build isolation: setuptools comes from the environment (a dev dependency), so the
-    # test needs no download.
+    """The wheel pip builds from `source` (a copy: a build writes build/ and egg-info into
+    the tree it builds). No build isolation: setuptools comes from the environment (a dev
+    dependency), so the test needs no download."""
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
          "--disable-pip-version-check", "-q", "-w", str(out), str(source)],
@@ -38,11 +42,18 @@ def top_level(wheel: zipfile.ZipFile) -> set[str]:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, zipfile.ZipFile]:
     root = tmp_path_factory.mktemp("wheels")
+    checkout = root / "checkout"
+    checkout.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, checkout / name)
+    # services/ and scripts/ are copied too, so that leaving them out is the build's doing
+    for name in ("mesh", "meshkit", "meshctl", "services", "scripts", "protos"):
+        shutil.copytree(PROJECT_ROOT / name, checkout / name, ignore=LEFT_OUT)
     (root / "main").mkdir()
     (root / "protos").mkdir()
     return {
-        "main": built_wheel(PROJECT_ROOT, root / "main"),
-        "protos": built_wheel(PROJECT_ROOT / "protos", root / "protos"),
+        "main": built_wheel(checkout, root / "main"),
+        "protos": built_wheel(checkout / "protos", root / "protos"),
     }
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from mesh.core.backoff import ExponentialBackoff
 from mesh.discovery import (
     ConsulWatch,
     Endpoint,
-    ExponentialBackoff,
     next_index,
     parse_health_entries,
 )
