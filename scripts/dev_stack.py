@@ -105,7 +105,7 @@ LOAD_EXAMPLE = {
     "idempotency_key": "{{uuid}}",
     "lines": [{"item_id": "{{choice roma-margherita,roma-carbonara}}", "quantity": 1}],
 }
-"""A PlaceOrder body for meshctl load: a new idempotency key per call (see mesh/load)."""
+"""A PlaceOrder body for meshctl load: a new idempotency key per call (see meshctl/load)."""
 
 WATCH_INTERVAL_S = 0.5
 CONSUL_API_ERRORS = (OSError, http.client.HTTPException, ValueError)

@@ -8,13 +8,13 @@ stub, or a MeshChannel whose sub-channels are MockChannels: `channel_factory=`),
 test says what the other side answers. Services (a generated servicer with its add function,
 or a generic handler) run as a server would run them: the request is serialized by the
 stub's serializer and parsed by the servicer's deserializer, the response the same way back,
-so what the servicer gets is what it would get from the wire; `context.abort()`, a code set on
-the context, an exception (UNKNOWN) and the call's timeout (DEADLINE_EXCEEDED) end the call
-with the status a grpc.aio server would give. `methods` map a full method name to a function
-`(request, context) -> response` that gets and returns message objects, no serialization:
-the quickest way to script one answer (raising `rpc_error(code, ...)` ends the call with that
-status). An unknown method is UNIMPLEMENTED. Every call is
-recorded in `calls`.
+so what the servicer gets is what it would get from the wire; `context.abort()`, a code set
+on the context, an exception (UNKNOWN) and the call's timeout (DEADLINE_EXCEEDED) end the
+call with the status a grpc.aio server would give. `methods` map a full method name to a
+function `(request, context) -> response` that gets and returns message objects, no
+serialization: the quickest way to script one answer (raising `rpc_error(code, ...)` ends
+the call with that status). An unknown method is UNIMPLEMENTED. Every call is recorded in
+`calls`.
 
 All four call shapes work: streaming responses are (async) iterables or async generators;
 streaming requests reach the handler as an async iterator, from the request iterator or from
