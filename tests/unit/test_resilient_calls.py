@@ -15,6 +15,7 @@ from grpc import aio
 
 from mesh import MeshChannel
 from mesh.core.deadline import Deadline, inbound_deadline
+from mesh.core.outcome import RETRY_ON_ABORTED
 from mesh.policy import (
     BreakerPolicy,
     BudgetPolicy,
@@ -25,7 +26,7 @@ from mesh.policy import (
 )
 from mesh.resilience.faults import FaultPolicy
 from mesh.resilience.retry import RetryPolicy
-from mesh.testing import InProcessServer, StaticResolver
+from mesh.testing import InProcessServer, MockChannel, MockContext, StaticResolver, rpc_error
 from scripts.processes import free_tcp_port
 
 SERVICE = "echo"
@@ -318,3 +319,40 @@ async def test_bidi_stream_written_before_its_first_answer_is_replayed(
             assert [m async for m in chat] == []
             assert await chat.code() == grpc.StatusCode.OK
     assert a.calls >= 1
+
+
+async def test_a_methods_classifier_decides_what_is_retried_and_ejected() -> None:
+    """ABORTED says nothing by default: not retried, the endpoint keeps its calls. A method
+    whose classifier makes it a retryable failure (a concurrency conflict, as the saga's
+    steps have) is retried on the other endpoint, and the aborting endpoint is ejected."""
+
+    def aborting(request: bytes, context: MockContext) -> bytes:
+        raise rpc_error(grpc.StatusCode.ABORTED, "lost a race")
+
+    def scripted() -> dict[str, MockChannel]:
+        return {
+            "10.0.0.1:1": MockChannel(methods={UNARY: aborting}),
+            "10.0.0.2:1": MockChannel(methods={UNARY: lambda request, context: b"b:" + request}),
+        }
+
+    def mesh_over(answers: dict[str, MockChannel], method: MethodPolicy) -> MeshChannel:
+        return MeshChannel(
+            SERVICE,
+            StaticResolver({SERVICE: list(answers)}),
+            policy=policy(method=method),
+            channel_factory=lambda endpoint: answers[endpoint.address],
+        )
+
+    answers = scripted()
+    async with mesh_over(answers, MethodPolicy(idempotent=True)) as ch:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await call(ch)
+        assert caught.value.code() is grpc.StatusCode.ABORTED
+        assert len(answers["10.0.0.2:1"].calls) == 0, "ABORTED is not retried by default"
+
+    answers = scripted()
+    retrying = MethodPolicy(idempotent=True, classifier=RETRY_ON_ABORTED)
+    async with mesh_over(answers, retrying) as ch:
+        replies = [await call(ch) for _ in range(8)]
+    assert replies == [b"b:x"] * 8
+    assert len(answers["10.0.0.1:1"].calls) == 5, "ejected after 5 consecutive failures"
