@@ -26,7 +26,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
@@ -42,7 +42,9 @@ from mesh.server.faults import FaultInterceptor
 from mesh.server.metrics import MetricsServerInterceptor
 from mesh.server.reflection import enable_reflection
 from mesh.telemetry.metrics import MeshMetrics
-from mesh.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from mesh.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ asked, server reflection, as a MeshServer would.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,8 +25,10 @@ from mesh.discovery.resolver import StaticResolver
 from mesh.policy import MeshPolicy, ServicePolicy
 from mesh.server.reflection import enable_reflection
 from mesh.telemetry.metrics import MeshMetrics
-from mesh.telemetry.tracing import Tracing
 from mesh.testing.services import Service, generic_handlers, service_names
+
+if TYPE_CHECKING:
+    from mesh.telemetry.tracing import Tracing
 
 
 class InProcessServer:
