@@ -1,5 +1,6 @@
 """Another app uses the installed `foodmesh` stubs, outside this checkout: first on a plain
-grpc.aio channel to one instance, then the same stub on a mesh channel found via Consul."""
+grpc.aio channel to one instance, then the same stub on a mesh channel found via Consul; the
+demo services are not among what is installed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from tests.integration.conftest import Stack
 
 APP = """
-import asyncio, json, sys
+import asyncio, importlib.util, json, sys
 import grpc
 import mesh
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
@@ -23,7 +24,8 @@ async def main(address):
     async with mesh.channel("catalog") as meshed:  # CONSUL_HTTP_ADDR from the environment
         via_mesh = await catalog_pb2_grpc.CatalogServiceStub(meshed).GetItem(request)
     print(json.dumps({"direct": direct.name, "mesh": via_mesh.name,
-                      "stubs_from": catalog_pb2_grpc.__file__}))
+                      "stubs_from": catalog_pb2_grpc.__file__,
+                      "demo_installed": importlib.util.find_spec("services") is not None}))
 
 asyncio.run(main(sys.argv[1]))
 """
@@ -49,3 +51,4 @@ def test_installed_stubs_work_on_plain_and_mesh_channels(stack: Stack, tmp_path:
     result = json.loads(ran.stdout)
     assert result["direct"] == result["mesh"] == "Salmon Nigiri"
     assert "/foodmesh/catalog/v1/" in result["stubs_from"]
+    assert result["demo_installed"] is False, "the demo services are not an installed package"
