@@ -66,6 +66,7 @@ __all__ = [
     "BreakerPolicy",
     "BudgetPolicy",
     "BulkheadPolicy",
+    "Classifier",
     "EjectionPolicy",
     "FaultPolicy",
     "HedgePolicy",
@@ -299,7 +300,7 @@ def _classifier(value: Any, path: str) -> Classifier:
     try:
         return Classifier.of(rules)
     except ValueError as exc:
-        raise PolicyError(f"{path}: {exc}".replace(": classify:", ":")) from None
+        raise PolicyError(f"{path}: {exc}") from None
 
 
 def _simple(cls: type[_T], table: Table, path: str) -> _T:

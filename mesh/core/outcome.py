@@ -44,7 +44,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, TypeAlias
 
@@ -168,50 +168,49 @@ VERDICTS: Final[Mapping[str, Verdict]] = MappingProxyType(
 """Verdicts by the names a policy file uses ("failure", "retryable_failure", "neutral", ...)."""
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class Classifier:
     """Which outcome each status code is: a value, composable, with today's table as default.
 
     `rules` map codes to verdicts; codes it does not name fall to `fallback`, and from there
     to the default table. Built once, its answers are pre-built: classifying is a lookup.
+    Two classifiers are equal when they classify every code alike.
     """
 
-    __slots__ = (
-        "_connection_broke",
-        "_never_connected",
-        "_not_reached",
-        "_reached",
-        "fallback",
-        "name",
-        "rules",
-    )
+    rules: Mapping[grpc.StatusCode, Verdict]
+    fallback: Classifier | None = None
+    name: str = ""
+    """For logs and reprs; made from the rules when not given."""
+    _reached: dict[grpc.StatusCode, Classified] = field(init=False, repr=False)
+    _not_reached: dict[grpc.StatusCode, Classified] = field(init=False, repr=False)
+    _never_connected: Classified = field(init=False, repr=False)
+    _connection_broke: Classified = field(init=False, repr=False)
 
-    def __init__(
-        self,
-        rules: Mapping[grpc.StatusCode, Verdict],
-        *,
-        fallback: Classifier | None = None,
-        name: str | None = None,
-    ) -> None:
-        for code, verdict in rules.items():
+    def __post_init__(self) -> None:
+        for code, verdict in self.rules.items():
             if code is _Code.OK and verdict is not Outcome.SUCCESS:
-                raise ValueError(f"classify: OK is always success, got {_verdict_name(verdict)}")
+                raise ValueError(f"OK is always success, got {_verdict_name(verdict)}")
             if not isinstance(verdict, Outcome | RetryableFailure):
-                raise ValueError(f"classify: {code.name}: not an outcome: {verdict!r}")
-        self.rules: Mapping[grpc.StatusCode, Verdict] = MappingProxyType(dict(rules))
-        self.fallback = fallback
-        self.name = name or _describe(self.rules, fallback)
-        table = dict(fallback.table() if fallback is not None else _DEFAULT_VERDICTS)
-        table.update(self.rules)
-        self._reached = {code: _classified(code, v, True) for code, v in table.items()}
-        self._not_reached = {code: _classified(code, v, False) for code, v in table.items()}
-        unavailable = self._reached[_Code.UNAVAILABLE]
-        self._never_connected = _with_connection(unavailable, reached_server=False)
-        self._connection_broke = _with_connection(unavailable, reached_server=True)
+                raise ValueError(f"{code.name}: not an outcome: {verdict!r}")
+        rules = MappingProxyType(dict(self.rules))
+        table = dict(self.fallback.table() if self.fallback is not None else _DEFAULT_VERDICTS)
+        table.update(rules)
+        reached = {code: _classified(code, v, True) for code, v in table.items()}
+        unavailable = reached[_Code.UNAVAILABLE]
+        for name, value in (
+            ("rules", rules),
+            ("name", self.name or _describe(rules, self.fallback)),
+            ("_reached", reached),
+            ("_not_reached", {code: _classified(code, v, False) for code, v in table.items()}),
+            ("_never_connected", _with_connection(unavailable, reached_server=False)),
+            ("_connection_broke", _with_connection(unavailable, reached_server=True)),
+        ):
+            object.__setattr__(self, name, value)
 
     @classmethod
     def of(cls, rules: Mapping[grpc.StatusCode, Verdict], *, name: str | None = None) -> Classifier:
         """A classifier of these rules over the default table."""
-        return cls(rules, name=name)
+        return cls(rules, name=name or "")
 
     def or_else(self, other: Classifier) -> Classifier:
         """This classifier's rules, then `other`'s for the codes these do not name."""
