@@ -4,7 +4,7 @@ are mesh/resilience/'s, and the values both sides share are mesh/core/'s.
 
     channel.py      MeshChannel: a grpc.aio.Channel for a service name
     upstream.py     per service: budget, breaker, bulkhead, ejection, balancer; per method: a plan
-    admission.py    the breaker and the bulkhead, one path for every call shape
+    admission.py    what a call passes before its first attempt, for every call shape
     attempt.py      picking an endpoint and starting one attempt
     unary_call.py   the attempt loop of a unary call (the hot path)
     stream_call.py  streaming calls, retried until the first response

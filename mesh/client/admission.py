@@ -11,8 +11,9 @@ its verdict (how it ended, as the method's classifier says), which the gates wit
 
 Unary and streaming calls, hedged or not, admit and release through the same Admission, so
 the rules cannot drift apart between call shapes. A plan whose gates include a fault delay
-must be admitted by awaiting (`admit_waiting`); the others admit synchronously (`admit`),
-which keeps the unary hot path free of coroutines.
+must be admitted by awaiting (`admit_waiting`, which any call already in a coroutine uses);
+the others may admit synchronously (`admit`), which keeps the unary hot path free of
+coroutines.
 """
 
 from __future__ import annotations

@@ -131,11 +131,7 @@ class StreamingCall(
     async def _begin(self, refused: aio.AioRpcError | None) -> None:
         if refused is not None:
             raise refused
-        admission = self._plan.admission
-        if admission.waits:
-            refused = await admission.admit_waiting(self._deadline)
-        else:
-            refused = admission.admit(self._deadline)
+        refused = await self._plan.admission.admit_waiting(self._deadline)
         if refused is not None:
             raise refused
         self._admitted = True
