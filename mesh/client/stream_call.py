@@ -39,6 +39,40 @@ from mesh.telemetry.call_spans import CallSpans
 
 MAX_BUFFERED = 64
 EOF: Any = aio.EOF  # type: ignore[attr-defined]  # grpc-stubs predate it
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Sent:
+    """The status an attempt's server sent, taken when the attempt ended, before a failed
+    write can overwrite it (grpc/grpc#36066). It reads grpc.aio's call object, whose status
+    has no public synchronous accessor; where that object differs (a fake channel, a later
+    grpc), it knows nothing and the attempt's own error stands."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, attempt: Any) -> None:
+        self.status = getattr(getattr(attempt, "_cython_call", None), "_status", None)
+
+    def error_for(self, error: aio.AioRpcError) -> aio.AioRpcError | None:
+        """`error` as the server sent it: None if it ended the call with OK."""
+        status = self.status
+        if status is None or error.code() is not grpc.StatusCode.INTERNAL:
+            return error
+        code = _CODES.get(status.code())
+        if code is None or code is grpc.StatusCode.INTERNAL:
+            return error
+        if code is grpc.StatusCode.OK:
+            return None
+        return aio.AioRpcError(
+            code,
+            error.initial_metadata(),
+            aio.Metadata(*status.trailing_metadata()),
+            status.details(),
+            status.debug_error_string(),
+        )
+
+
+_NOTHING_SENT = _Sent(None)
 
 
 class _Replay:
@@ -112,6 +146,7 @@ class StreamingCall(
         self._deadline = self._started_at + timeout
         self._state = plan.retry.start(idempotent=plan.idempotent)
         self._attempt: Any = None
+        self._sent = _NOTHING_SENT
         self._sub: SubChannel | None = None
         self._started = 0.0
         self._committed = False
@@ -148,6 +183,7 @@ class StreamingCall(
             request = self._request
         self._started = sub.load.start()
         self._sub = sub
+        self._sent = _NOTHING_SENT
         self._attempt, self._attempt_span = start_attempt(
             self._upstream,
             sub,
@@ -201,9 +237,13 @@ class StreamingCall(
         await self._current()
 
     def _attempt_done(self, attempt: Any) -> None:
-        """Ends a committed call whose stream the caller stopped reading, so that its
-        bulkhead slot and load are given back (an uncommitted one ends through its reader)."""
-        if attempt is self._attempt and self._committed and not self._finished:
+        """Keeps the status the attempt's server sent, and ends a committed call whose
+        stream the caller stopped reading, so that its bulkhead slot and load are given back
+        (an uncommitted one ends through its reader)."""
+        if attempt is not self._attempt:
+            return
+        self._sent = _Sent(attempt)
+        if self._committed and not self._finished:
             asyncio.get_running_loop().create_task(self._end_from(attempt))
 
     async def _end_from(self, attempt: Any) -> None:
@@ -211,7 +251,7 @@ class StreamingCall(
         if code is grpc.StatusCode.OK:
             self._end(None)
         else:
-            self._end(_error_of(code, await attempt.details()))
+            self._end(self._sent.error_for(_error_of(code, await attempt.details())))
 
     def _end_attempt_span(self, error: BaseException | None) -> None:
         span, self._attempt_span = self._attempt_span, None
@@ -248,7 +288,11 @@ class StreamingCall(
             try:
                 message = await attempt.read()
             except aio.AioRpcError as exc:
-                await self._retry_or_raise(exc)
+                error = self._sent.error_for(exc)
+                if error is None:  # the server had ended the stream with OK
+                    self._end(None)
+                    return EOF
+                await self._retry_or_raise(error)
                 continue
             if message is EOF:
                 code = await attempt.code()
@@ -280,7 +324,9 @@ class StreamingCall(
             try:
                 response = await attempt
             except aio.AioRpcError as exc:
-                await self._retry_or_raise(exc)
+                # An OK status whose response grpc.aio dropped cannot be given back: the
+                # error stands (None from error_for).
+                await self._retry_or_raise(self._sent.error_for(exc) or exc)
                 continue
             self._commit()
             self._end(None)
@@ -359,32 +405,39 @@ class StreamingCall(
             return exc.initial_metadata()
         return await attempt.initial_metadata()  # type: ignore[no-any-return]
 
-    async def trailing_metadata(self) -> aio.Metadata:
+    async def _status(self) -> aio.AioRpcError | None:
+        """How the call ended, as its server said: the error, or None for OK."""
         if isinstance(self._error, aio.AioRpcError):
-            return self._error.trailing_metadata()  # type: ignore[return-value]
+            return self._error
         try:
             attempt = await self._current()
         except aio.AioRpcError as exc:
-            return exc.trailing_metadata()  # type: ignore[return-value]
-        return await attempt.trailing_metadata()  # type: ignore[no-any-return]
+            return exc
+        code = await attempt.code()
+        if code is grpc.StatusCode.OK:
+            return None
+        error = aio.AioRpcError(
+            code,
+            await attempt.initial_metadata(),
+            await attempt.trailing_metadata(),
+            await attempt.details(),
+            await attempt.debug_error_string(),
+        )
+        return self._sent.error_for(error)
+
+    async def trailing_metadata(self) -> aio.Metadata:
+        error = await self._status()
+        if error is not None:
+            return error.trailing_metadata()  # type: ignore[return-value]
+        return await self._attempt.trailing_metadata()  # type: ignore[no-any-return]
 
     async def code(self) -> grpc.StatusCode:
-        if isinstance(self._error, aio.AioRpcError):
-            return self._error.code()
-        try:
-            attempt = await self._current()
-        except aio.AioRpcError as exc:
-            return exc.code()
-        return await attempt.code()  # type: ignore[no-any-return]
+        error = await self._status()
+        return grpc.StatusCode.OK if error is None else error.code()
 
     async def details(self) -> str:
-        if isinstance(self._error, aio.AioRpcError):
-            return self._error.details() or ""
-        try:
-            attempt = await self._current()
-        except aio.AioRpcError as exc:
-            return exc.details() or ""
-        return await attempt.details()  # type: ignore[no-any-return]
+        error = await self._status()
+        return "" if error is None else error.details() or ""
 
     async def wait_for_connection(self) -> None:
         attempt = await self._current()

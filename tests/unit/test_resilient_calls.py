@@ -321,6 +321,32 @@ async def test_bidi_stream_written_before_its_first_answer_is_replayed(
     assert a.calls >= 1
 
 
+async def test_a_server_failing_a_stream_being_written_is_heard_as_it_said(
+    servers: dict[str, Scripted],
+) -> None:
+    """When the server fails a call while requests are being written, grpc.aio reports
+    INTERNAL for the failed write in place of the server's status (grpc/grpc#36066), about
+    one call in two here. The mesh gives its callers the server's error, and it is what the
+    retry rules judge (the bidi replay test above failed on this one run in twenty)."""
+    a = servers["a"]
+    a.mode = "fail"
+    never_open = BreakerPolicy(minimum_calls=1000)
+    async with channel([a.address], policy(idempotent=False, breaker=never_open)) as ch:
+        for _ in range(30):
+            chat = ch.stream_stream(BIDI)()
+            for _ in range(4):
+                await chat.write(b"hello")
+            with pytest.raises(aio.AioRpcError) as caught:
+                await chat.read()
+            failed = caught.value
+            assert (failed.code(), failed.details()) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "a is failing",
+            )
+            assert await chat.code() is grpc.StatusCode.UNAVAILABLE
+            assert await chat.details() == "a is failing"
+
+
 async def test_a_methods_classifier_decides_what_is_retried_and_ejected() -> None:
     """ABORTED says nothing by default: not retried, the endpoint keeps its calls. A method
     whose classifier makes it a retryable failure (a concurrency conflict, as the saga's
