@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -24,8 +24,14 @@ from services.datadir import default_data_dir
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a service's flags (sys.argv[1:] when argv is None).
+ServiceFlags = Callable[[argparse.ArgumentParser], None]
+"""Adds a service's own flags (e.g. delivery's --couriers) to the shared ones."""
+
+
+def parse_args(
+    service_name: str, argv: Sequence[str] | None = None, flags: ServiceFlags | None = None
+) -> argparse.Namespace:
+    """Parse a service's flags (sys.argv[1:] when argv is None), with its own `flags`.
 
     The namespace has `host`, `port`, `data_dir` (a Path), `log_level` (upper case) and
     `service_name`.
@@ -71,20 +77,20 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
     )
     parser.add_argument(
         "--check-interval",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=2.0,
         help="seconds between Consul's gRPC health checks (default: %(default)s)",
     )
     parser.add_argument(
         "--drain-delay",
-        type=_non_negative_seconds,
+        type=non_negative_seconds,
         default=1.0,
         help="seconds to keep serving after deregistering on SIGTERM, while clients "
         "drop this instance (default: %(default)s)",
     )
     parser.add_argument(
         "--grace-period",
-        type=_non_negative_seconds,
+        type=non_negative_seconds,
         default=10.0,
         help="seconds in-flight calls get to finish on shutdown (default: %(default)s)",
     )
@@ -118,7 +124,7 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
     )
     faults.add_argument(
         "--fault-delay",
-        type=_non_negative_seconds,
+        type=non_negative_seconds,
         default=0.0,
         metavar="SECONDS",
         help="delay added to a share of the calls",
@@ -144,6 +150,8 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
         metavar="P",
         help="share of the calls aborted, 0..100 (default: %(default)s)",
     )
+    if flags is not None:
+        flags(parser)
     parser.set_defaults(service_name=service_name)
     return parser.parse_args(argv)
 
@@ -187,7 +195,8 @@ def project_version() -> str:
         return "0.0.0+unknown"
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """An argparse type: seconds > 0."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
@@ -209,10 +218,22 @@ def _status_code(text: str) -> grpc.StatusCode:
         raise argparse.ArgumentTypeError(f"unknown status code {text!r} (one of {names})") from None
 
 
-def _non_negative_seconds(text: str) -> float:
+def non_negative_seconds(text: str) -> float:
+    """An argparse type: seconds >= 0."""
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

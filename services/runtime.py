@@ -1,12 +1,14 @@
 """What every service process sets up around its servicers, in one place: flags, logs with
 trace ids, the mesh policy, tracing from OpenTelemetry's environment, the Prometheus endpoint,
-and the MeshServer and mesh channels that use them; and their orderly release.
+the database file, and the MeshServer and mesh channels that use them; and their orderly
+release, in reverse order of opening, whatever way the process ends.
 
-    runtime = ServiceRuntime.start("orders", argv)
-    catalog = runtime.channel("catalog")
-    server = runtime.server()
-    ...
-    await runtime.close()
+    async with ServiceRuntime.started("orders", argv) as runtime:
+        store = await runtime.closing(OrdersStore.open(runtime.database_path()))
+        catalog = runtime.channel("catalog")
+        server = runtime.server()
+        server.add_service(...)
+        return await server.run()
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 import mesh
 from mesh.policy import MeshPolicy
@@ -23,9 +28,17 @@ from mesh.server import MeshServer, new_instance_id
 from mesh.telemetry.logs import configure_logging
 from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.tracing import Tracing, tracing_from_env
-from services.cli import mesh_policy, parse_args, project_version, server_config
+from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
+from services.datadir import database_path
 
 log = logging.getLogger(__name__)
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+Closable = TypeVar("Closable", bound=_Closable)
 
 
 @dataclass
@@ -38,12 +51,29 @@ class ServiceRuntime:
     tracing: Tracing | None
     metrics: MeshMetrics | None
     metrics_port: int | None
+    _opened: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     @classmethod
-    def start(cls, service: str, argv: Sequence[str] | None) -> ServiceRuntime:
-        """Parse the flags and set up logging, policy, tracing and metrics (exit 2 on a bad
-        flag or policy file, before anything is opened)."""
-        args = parse_args(service, argv)
+    @asynccontextmanager
+    async def started(
+        cls, service: str, argv: Sequence[str] | None, flags: ServiceFlags | None = None
+    ) -> AsyncIterator[ServiceRuntime]:
+        """The runtime of `service` (see start()), closed with all it opened when the block
+        ends."""
+        runtime = cls.start(service, argv, flags)
+        try:
+            yield runtime
+        finally:
+            await runtime.close()
+
+    @classmethod
+    def start(
+        cls, service: str, argv: Sequence[str] | None, flags: ServiceFlags | None = None
+    ) -> ServiceRuntime:
+        """Parse the flags (the shared ones and the service's own `flags`) and set up
+        logging, policy, tracing and metrics (exit 2 on a bad flag or policy file, before
+        anything is opened)."""
+        args = parse_args(service, argv, flags)
         configure_logging(args.log_level, service, json_lines=args.log_json)
         policy = mesh_policy(args)
         instance_id = new_instance_id(service)
@@ -67,11 +97,28 @@ class ServiceRuntime:
         )
 
     def channel(self, service: str) -> mesh.MeshChannel:
-        """A mesh channel to `service` with this process's policy, tracing and metrics."""
-        return mesh.channel(service, policy=self.policy, tracing=self.tracing, metrics=self.metrics)
+        """A mesh channel to `service` with this process's policy, tracing and metrics,
+        closed with the runtime."""
+        channel = mesh.channel(
+            service, policy=self.policy, tracing=self.tracing, metrics=self.metrics
+        )
+        self._opened.push_async_callback(channel.close)
+        return channel
+
+    def database_path(self) -> Path:
+        """`<--data-dir>/<service>.db`, the file this service's instances share."""
+        return database_path(self.args.data_dir, self.args.service_name)
+
+    async def closing(self, opening: Awaitable[Closable]) -> Closable:
+        """What `opening` opens (a store), closed with the runtime."""
+        opened = await opening
+        self._opened.push_async_callback(opened.close)
+        return opened
 
     async def close(self) -> None:
-        """Flush traces (the exporter blocks: off the event loop) and stop the endpoint."""
+        """Close what the runtime opened (last first), flush traces (the exporter blocks:
+        off the event loop) and stop the metrics endpoint."""
+        await self._opened.aclose()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
         if self.metrics is not None:

@@ -8,16 +8,14 @@ import sys
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
-from services.datadir import database_path
 from services.runtime import ServiceRuntime
 
 SERVICE = "catalog"
 
 
 async def main(argv: list[str]) -> int:
-    runtime = ServiceRuntime.start(SERVICE, argv)
-    store = await CatalogStore.open(database_path(runtime.args.data_dir, SERVICE))
-    try:
+    async with ServiceRuntime.started(SERVICE, argv) as runtime:
+        store = await runtime.closing(CatalogStore.open(runtime.database_path()))
         server = runtime.server()
         server.add_service(
             catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],
@@ -25,9 +23,6 @@ async def main(argv: list[str]) -> int:
             CatalogServicer(store),
         )
         return await server.run()
-    finally:
-        await store.close()
-        await runtime.close()
 
 
 if __name__ == "__main__":

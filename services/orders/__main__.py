@@ -8,7 +8,6 @@ import sys
 
 from foodmesh.catalog.v1 import catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
-from services.datadir import database_path
 from services.orders.servicer import OrderServicer
 from services.orders.store import OrdersStore
 from services.runtime import ServiceRuntime
@@ -17,10 +16,9 @@ SERVICE = "orders"
 
 
 async def main(argv: list[str]) -> int:
-    runtime = ServiceRuntime.start(SERVICE, argv)
-    store = await OrdersStore.open(database_path(runtime.args.data_dir, SERVICE))
-    catalog = runtime.channel("catalog")
-    try:
+    async with ServiceRuntime.started(SERVICE, argv) as runtime:
+        store = await runtime.closing(OrdersStore.open(runtime.database_path()))
+        catalog = runtime.channel("catalog")
         server = runtime.server()
         server.add_service(
             orders_pb2.DESCRIPTOR.services_by_name["OrderService"],
@@ -28,10 +26,6 @@ async def main(argv: list[str]) -> int:
             OrderServicer(catalog_pb2_grpc.CatalogServiceStub(catalog), store),
         )
         return await server.run()
-    finally:
-        await catalog.close()
-        await store.close()
-        await runtime.close()
 
 
 if __name__ == "__main__":
