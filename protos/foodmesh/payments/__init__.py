@@ -1,0 +1,1 @@
+"""The payments API: a simulated payment provider for orders."""

@@ -1,0 +1,1 @@
+"""foodmesh.payments.v1: PaymentService, generated from payments.proto (scripts/gen_protos.py)."""

@@ -1,0 +1,2 @@
+"""The payments service: a simulated payment provider that authorizes, captures, voids and
+refunds orders' payments."""
