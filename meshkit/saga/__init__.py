@@ -1,5 +1,25 @@
-"""The saga orchestrator (lands with the checkout saga): a saga as plain code, a sequence of
-steps each with its compensation, retry policies as values, its progress in the orchestrating
-service's own store (meshkit/storage) so that a crashed orchestrator resumes it, and step
+"""The saga orchestrator: a saga as plain code, a sequence of steps each with its
+compensation (steps.py), retry policies as values with Temporal's activity defaults
+(retry.py), its progress in the orchestrating service's own store so that a crashed
+orchestrator is resumed by another instance (orchestrator.py, lease.py), and step
 idempotency keys derived from the saga id and the step name, so that a repeated step has one
-effect. Temporal's Python SDK (workflows and activities as plain code) is the model."""
+effect. Temporal's Python SDK (workflows and activities as plain code) is the model; what
+differs is that the history is the service's own domain events, not a separate server's."""
+
+from meshkit.saga.lease import SagaLeases
+from meshkit.saga.orchestrator import LeaseLost, SagaDefinition, SagaJournal, SagaRunner
+from meshkit.saga.retry import NON_RETRYABLE, StepRetry
+from meshkit.saga.steps import Progress, Step, StepContext
+
+__all__ = [
+    "NON_RETRYABLE",
+    "LeaseLost",
+    "Progress",
+    "SagaDefinition",
+    "SagaJournal",
+    "SagaLeases",
+    "SagaRunner",
+    "Step",
+    "StepContext",
+    "StepRetry",
+]

@@ -1,0 +1,130 @@
+"""An append-only store of protobuf domain events, by stream, on a service's SQLite database.
+
+Each aggregate (an order) is a stream of events; its state is a fold of the stream. Appends
+use optimistic concurrency: the writer says which version it read (the number of events), and
+the append fails with StaleStream when another writer got there first, so two instances that
+both act on one aggregate can never both record their step: the loser reloads and decides
+again. The check is the primary key (stream_id, version) itself, so it holds across processes
+whatever the isolation level; appends run inside the caller's transaction, so that the events
+and whatever the caller keeps beside them (a projection table for queries, an idempotency key)
+commit together or not at all. A global `position` orders all events of the database, which is
+what an outbox relay reads in order.
+
+Why not the `eventsourcing` package (the well-kept choice in Python): its applications and
+recorders are synchronous (threads and blocking connections), with no asyncio interface, and
+its domain model (aggregates as Python objects, pickled or JSON-transcoded state) is not the
+protobuf messages that these events are on the wire. What is needed here, an append with a
+version check in the caller's aiosqlite transaction and a read of one stream, is a table and
+two statements.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf.message import Message
+
+from meshkit.storage.sqlite import SqlTransaction
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        data BLOB NOT NULL,
+        recorded_at TEXT NOT NULL,
+        UNIQUE (stream_id, version)
+    )""",
+)
+"""The store's table; add it to the schema of the database the events live in."""
+
+
+class StaleStream(Exception):
+    """The stream has moved on since the writer read it: reload and decide again."""
+
+    def __init__(self, stream_id: str, expected: int) -> None:
+        super().__init__(f"stream {stream_id!r} is not at version {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """One stored event: its stream, its version in it (1 = first) and the message."""
+
+    stream_id: str
+    version: int
+    event: Message
+    recorded_at: datetime
+
+
+class EventStore:
+    """Appends and reads streams of the protobuf messages it knows (`event_types`)."""
+
+    def __init__(self, event_types: Iterable[type[Message]]) -> None:
+        self._types: Mapping[str, type[Message]] = {t.DESCRIPTOR.full_name: t for t in event_types}
+
+    async def append(
+        self,
+        transaction: SqlTransaction,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Message],
+        *,
+        now: datetime | None = None,
+    ) -> int:
+        """Append `events` after version `expected_version` (0: a new stream) and return
+        the stream's new version; StaleStream when the stream is not at that version."""
+        for event in events:
+            name = event.DESCRIPTOR.full_name
+            if name not in self._types:
+                raise TypeError(f"{name} is not an event type of this store")
+        # The unique key catches a writer behind the stream, not one ahead of it (a version
+        # it never read): that would leave a gap, so the version is checked first too.
+        if await self.version(transaction, stream_id) != expected_version:
+            raise StaleStream(stream_id, expected_version)
+        recorded_at = (now or datetime.now(UTC)).isoformat(timespec="microseconds")
+        for offset, event in enumerate(events, start=1):
+            try:
+                await transaction.execute(
+                    "INSERT INTO events (stream_id, version, event_type, data, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        stream_id,
+                        expected_version + offset,
+                        event.DESCRIPTOR.full_name,
+                        event.SerializeToString(),
+                        recorded_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise StaleStream(stream_id, expected_version) from None
+        return expected_version + len(events)
+
+    async def read(self, transaction: SqlTransaction, stream_id: str) -> list[RecordedEvent]:
+        """The stream's events in order ([] for an unknown stream)."""
+        rows = await transaction.fetch_all(
+            "SELECT version, event_type, data, recorded_at FROM events WHERE stream_id = ?"
+            " ORDER BY version",
+            (stream_id,),
+        )
+        return [
+            RecordedEvent(
+                stream_id,
+                row["version"],
+                self._types[row["event_type"]].FromString(row["data"]),
+                datetime.fromisoformat(row["recorded_at"]),
+            )
+            for row in rows
+        ]
+
+    async def version(self, transaction: SqlTransaction, stream_id: str) -> int:
+        """The number of events in the stream (0 for an unknown one)."""
+        row = await transaction.fetch_one(
+            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?", (stream_id,)
+        )
+        return int(row[0]) if row is not None else 0
