@@ -1,0 +1,1 @@
+"""The users API: accounts, logins and the keys that verify their tokens."""
