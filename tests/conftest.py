@@ -25,9 +25,13 @@ def _live_children(parent: int) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    """Fail the test that leaves a child process of the test run alive."""
-    yield
+    """Fail the test that leaves a child process of the test run alive. Processes that were
+    running when it began belong to a fixture shared by several tests (a module's stack),
+    which stops them when its last test is done, and is checked by the test after it."""
     if not Path("/proc/self/stat").exists():
+        yield
         return
-    leftovers = _live_children(os.getpid())
+    before = set(_live_children(os.getpid()))
+    yield
+    leftovers = [child for child in _live_children(os.getpid()) if child not in before]
     assert not leftovers, f"processes left running: {leftovers}"

@@ -1,0 +1,1 @@
+"""The delivery API: courier dispatch for orders."""

@@ -1,0 +1,1 @@
+"""foodmesh.delivery.v1: DeliveryService, generated from delivery.proto (scripts/gen_protos.py)."""
