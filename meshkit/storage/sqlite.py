@@ -154,7 +154,12 @@ class SqliteDatabase(AsyncClosing):
 
     async def _rollback_if_open(self) -> None:
         if self._connection.in_transaction:
-            await self._statements.execute("ROLLBACK")
+            try:
+                await self._statements.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                # Cancelled during COMMIT: the worker thread may still have committed.
+                if "no transaction is active" not in str(exc):
+                    raise
 
 
 async def _enable_wal(connection: aiosqlite.Connection, busy_timeout_s: float) -> None:

@@ -275,9 +275,8 @@ class DeliveriesStore(DatabaseStore):
                 return courier_id
         if not self.fleet.couriers:
             raise failed_precondition(f"{NO_COURIER}: the pool has no couriers")
-        raise failed_precondition(
-            f"{NO_COURIER}: all {self.fleet.couriers} couriers are on a trip; try again later"
-        )
+        on_trip = "the only courier is" if self.fleet.couriers == 1 else "every courier is"
+        raise failed_precondition(f"{NO_COURIER}: {on_trip} on a trip; try again later")
 
     async def _list_for_order(self, order_id: str) -> tuple[StoredDelivery, ...]:
         rows = await self._database.fetch_all(

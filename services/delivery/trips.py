@@ -17,6 +17,7 @@ ends (and its courier is free, and its history is written) on time even when nob
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -107,22 +108,35 @@ def is_due(status: DeliveryStatus, trip: Trip, now: datetime) -> bool:
 async def advancing(advance: Callable[[], Awaitable[int]], interval: float) -> AsyncIterator[None]:
     """Run `advance` (apply the due steps of every trip; the number applied) now and every
     `interval` seconds while the block runs. A failing run is logged and the next one tries
-    again: the steps stay due, and every read applies them anyway."""
+    again: the steps stay due, and every read applies them anyway.
+
+    When the block ends the task is told to stop and awaited, not cancelled: a run in
+    progress finishes its transaction (a cancel landing during COMMIT can surface as another
+    error), and the store it uses is closed only after it."""
+    stopping = asyncio.Event()
 
     async def loop() -> None:
-        while True:
+        while not stopping.is_set():
             try:
                 applied = await advance()
             except Exception:
+                if _cancelling():
+                    raise  # a cancellation that another error replaced: stop
                 _log.exception("applying due trip steps failed; trying again in %ss", interval)
             else:
                 if applied:
                     _log.debug("applied %d due trip steps", applied)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)
 
     task = asyncio.get_running_loop().create_task(loop(), name="trip progress")
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.wait({task})  # stopped before the store it uses is closed
+        stopping.set()
+        await task
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -63,6 +63,11 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
         earlier = await self._store.user_for_key(key)
         if earlier is not None:
             return earlier
+        if await self._store.credentials(email) is not None:
+            # Refused before the ~0.3 s of hashing (the store checks again, atomically).
+            raise Refusal(
+                grpc.StatusCode.ALREADY_EXISTS, f"email {email!r} belongs to another user"
+            )
         password_hash = await self._hasher.hash(request.password)
         outcome = await self._store.create(NewUser(email, display_name, password_hash), key)
         if outcome.created:
