@@ -64,7 +64,12 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
         if earlier is not None:
             return earlier
         if await self._store.credentials(email) is not None:
-            # Refused before the ~0.3 s of hashing (the store checks again, atomically).
+            # Refused before the ~0.3 s of hashing (the store checks again, atomically),
+            # unless the account is this request's own: a concurrent duplicate may have
+            # created it (with its key, in one transaction) since the lookup above.
+            earlier = await self._store.user_for_key(key)
+            if earlier is not None:
+                return earlier
             raise Refusal(
                 grpc.StatusCode.ALREADY_EXISTS, f"email {email!r} belongs to another user"
             )
