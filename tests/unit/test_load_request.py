@@ -107,19 +107,19 @@ def test_stubs_catalog_methods(
 
 def test_stubs_unknown_service_lists_known_ones() -> None:
     with pytest.raises(BadInput) as error:
-        method_from_stubs("foodmesh.payments.v1.PaymentService/Pay")
+        method_from_stubs("foodmesh.tips.v1.TipService/Pay")
     message = str(error.value)
-    assert message.startswith("unknown service foodmesh.payments.v1.PaymentService (known: ")
+    assert message.startswith("unknown service foodmesh.tips.v1.TipService (known: ")
     assert "foodmesh.catalog.v1.CatalogService" in message
     assert "foodmesh.orders.v1.OrderService" in message
 
 
 def test_stubs_unknown_method_lists_the_service_methods() -> None:
     with pytest.raises(BadInput) as error:
-        method_from_stubs("foodmesh.orders.v1.OrderService/CancelOrder")
+        method_from_stubs("foodmesh.orders.v1.OrderService/RefundOrder")
     assert str(error.value) == (
-        "service foodmesh.orders.v1.OrderService has no method CancelOrder"
-        " (methods: PlaceOrder, GetOrder)"
+        "service foodmesh.orders.v1.OrderService has no method RefundOrder"
+        " (methods: PlaceOrder, GetOrder, CancelOrder, WatchOrder)"
     )
 
 
@@ -156,9 +156,9 @@ async def test_reflection_unknown_service_lists_what_the_server_has(
     reflecting_server: str,
 ) -> None:
     with pytest.raises(BadInput) as error:
-        await method_from_reflection(reflecting_server, "foodmesh.payments.v1.PaymentService.Pay")
+        await method_from_reflection(reflecting_server, "foodmesh.tips.v1.TipService.Pay")
     assert str(error.value) == (
-        f"unknown service foodmesh.payments.v1.PaymentService at {reflecting_server} "
+        f"unknown service foodmesh.tips.v1.TipService at {reflecting_server} "
         "(the server has: foodmesh.catalog.v1.CatalogService, foodmesh.orders.v1.OrderService, "
         "grpc.reflection.v1alpha.ServerReflection)"
     )

@@ -33,40 +33,61 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     ORDER_STATUS_UNSPECIFIED: _OrderStatus.ValueType  # 0
     """Not set; never the status of a stored order."""
     ORDER_STATUS_PLACED: _OrderStatus.ValueType  # 1
-    """The order was accepted by the orders service and is waiting for the restaurant."""
+    """No longer set: orders placed before the checkout saga existed had it (the
+    order was stored, nothing was paid). Reads of such orders still return it.
+    """
     ORDER_STATUS_CONFIRMED: _OrderStatus.ValueType  # 2
-    """The restaurant accepted the order; set by the restaurant service."""
+    """The payment is captured and a courier is assigned."""
     ORDER_STATUS_PREPARING: _OrderStatus.ValueType  # 3
-    """The restaurant is preparing the food; set by the restaurant service."""
+    """Not set yet (there is no restaurant service); reserved for the kitchen."""
     ORDER_STATUS_OUT_FOR_DELIVERY: _OrderStatus.ValueType  # 4
-    """A courier picked the order up and is on the way; set by the delivery service."""
+    """The courier picked the food up and is on the way."""
     ORDER_STATUS_DELIVERED: _OrderStatus.ValueType  # 5
-    """The customer received the order; set by the delivery service. Final."""
+    """The customer received the order. Final."""
     ORDER_STATUS_CANCELLED: _OrderStatus.ValueType  # 6
-    """The order was cancelled by the customer, the restaurant or the courier
-    before delivery; set by the service that cancelled it. Final.
+    """The order was cancelled (CancelOrder) and compensated: the delivery is
+    cancelled and the payment refunded or voided. Final.
+    """
+    ORDER_STATUS_PENDING: _OrderStatus.ValueType  # 7
+    """The order exists and its checkout saga is running."""
+    ORDER_STATUS_REJECTED: _OrderStatus.ValueType  # 8
+    """The checkout failed (a declined payment, no courier, a participant down
+    past the saga's deadline) and what it had done is undone; rejection_reason
+    says why. Final.
     """
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
-    """OrderStatus is where an order is in its life. The orders service sets
-    ORDER_STATUS_PLACED; later services (restaurant, delivery) move it on.
+    """OrderStatus is where an order is in its life:
+
+      PENDING --checkout saga--> CONFIRMED --pickup--> OUT_FOR_DELIVERY --> DELIVERED
+         |                          |
+         +--> REJECTED              +--CancelOrder--> CANCELLED (also from PENDING)
     """
 
 ORDER_STATUS_UNSPECIFIED: OrderStatus.ValueType  # 0
 """Not set; never the status of a stored order."""
 ORDER_STATUS_PLACED: OrderStatus.ValueType  # 1
-"""The order was accepted by the orders service and is waiting for the restaurant."""
+"""No longer set: orders placed before the checkout saga existed had it (the
+order was stored, nothing was paid). Reads of such orders still return it.
+"""
 ORDER_STATUS_CONFIRMED: OrderStatus.ValueType  # 2
-"""The restaurant accepted the order; set by the restaurant service."""
+"""The payment is captured and a courier is assigned."""
 ORDER_STATUS_PREPARING: OrderStatus.ValueType  # 3
-"""The restaurant is preparing the food; set by the restaurant service."""
+"""Not set yet (there is no restaurant service); reserved for the kitchen."""
 ORDER_STATUS_OUT_FOR_DELIVERY: OrderStatus.ValueType  # 4
-"""A courier picked the order up and is on the way; set by the delivery service."""
+"""The courier picked the food up and is on the way."""
 ORDER_STATUS_DELIVERED: OrderStatus.ValueType  # 5
-"""The customer received the order; set by the delivery service. Final."""
+"""The customer received the order. Final."""
 ORDER_STATUS_CANCELLED: OrderStatus.ValueType  # 6
-"""The order was cancelled by the customer, the restaurant or the courier
-before delivery; set by the service that cancelled it. Final.
+"""The order was cancelled (CancelOrder) and compensated: the delivery is
+cancelled and the payment refunded or voided. Final.
+"""
+ORDER_STATUS_PENDING: OrderStatus.ValueType  # 7
+"""The order exists and its checkout saga is running."""
+ORDER_STATUS_REJECTED: OrderStatus.ValueType  # 8
+"""The checkout failed (a declined payment, no courier, a participant down
+past the saga's deadline) and what it had done is undone; rejection_reason
+says why. Final.
 """
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
@@ -116,6 +137,8 @@ class PlaceOrderRequest(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    DELIVERY_ADDRESS_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The id of the customer who orders. Required."""
     idempotency_key: _builtins.str
@@ -128,6 +151,12 @@ class PlaceOrderRequest(_message.Message):
       - An empty key means no deduplication: every request creates a new order.
     Keys are remembered as long as the order they created exists.
     """
+    payment_method: _builtins.str
+    """How the customer pays: a payment method of foodmesh.payments.v1 (e.g.
+    "pm_card_visa"). Required.
+    """
+    delivery_address: _builtins.str
+    """Where the food goes. Required."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderLine]:
         """The items to order, each item_id at most once; 1 to 100 lines."""
@@ -138,10 +167,12 @@ class PlaceOrderRequest(_message.Message):
         customer_id: _builtins.str = ...,
         lines: _abc.Iterable[Global___OrderLine] | None = ...,
         idempotency_key: _builtins.str = ...,
+        payment_method: _builtins.str = ...,
+        delivery_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "idempotency_key", b"idempotency_key", "lines", b"lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "delivery_address", b"delivery_address", "idempotency_key", b"idempotency_key", "lines", b"lines", "payment_method", b"payment_method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,6 +201,50 @@ class GetOrderRequest(_message.Message):
 Global___GetOrderRequest: _TypeAlias = GetOrderRequest  # noqa: Y015
 
 @_typing.final
+class CancelOrderRequest(_message.Message):
+    """CancelOrderRequest names the order to cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The id of the order to cancel. Required."""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelOrderRequest: _TypeAlias = CancelOrderRequest  # noqa: Y015
+
+@_typing.final
+class WatchOrderRequest(_message.Message):
+    """WatchOrderRequest names the order to follow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The id of the order to follow. Required."""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOrderRequest: _TypeAlias = WatchOrderRequest  # noqa: Y015
+
+@_typing.final
 class Order(_message.Message):
     """Order is a placed order with the prices charged."""
 
@@ -183,6 +258,12 @@ class Order(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REJECTION_REASON_FIELD_NUMBER: _builtins.int
+    PAYMENT_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    DELIVERY_ADDRESS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's unique id, assigned by the orders service."""
     customer_id: _builtins.str
@@ -195,6 +276,18 @@ class Order(_message.Message):
     """The ISO 4217 code of the currency of every price in the order, e.g. "EUR"."""
     status: Global___OrderStatus.ValueType
     """Where the order is in its life."""
+    rejection_reason: _builtins.str
+    """Why the order is REJECTED (e.g. "payment declined: insufficient_funds",
+    "no courier available") or CANCELLED; empty otherwise.
+    """
+    payment_id: _builtins.str
+    """The foodmesh.payments.v1 payment of the order, once authorized or declined."""
+    delivery_id: _builtins.str
+    """The foodmesh.delivery.v1 delivery of the order, once scheduled."""
+    payment_method: _builtins.str
+    """How the customer pays, as requested."""
+    delivery_address: _builtins.str
+    """Where the food goes, as requested."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderLine]:
         """The ordered items, in the order of the request, with the unit price charged."""
@@ -202,6 +295,10 @@ class Order(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the orders service created the order."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the order last changed."""
 
     def __init__(
         self,
@@ -214,10 +311,16 @@ class Order(_message.Message):
         currency: _builtins.str = ...,
         status: Global___OrderStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        rejection_reason: _builtins.str = ...,
+        payment_id: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
+        payment_method: _builtins.str = ...,
+        delivery_address: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency", b"currency", "customer_id", b"customer_id", "lines", b"lines", "order_id", b"order_id", "restaurant_id", b"restaurant_id", "status", b"status", "total_cents", b"total_cents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency", b"currency", "customer_id", b"customer_id", "delivery_address", b"delivery_address", "delivery_id", b"delivery_id", "lines", b"lines", "order_id", b"order_id", "payment_id", b"payment_id", "payment_method", b"payment_method", "rejection_reason", b"rejection_reason", "restaurant_id", b"restaurant_id", "status", b"status", "total_cents", b"total_cents", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

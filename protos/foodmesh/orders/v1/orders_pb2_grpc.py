@@ -27,7 +27,10 @@ if _version_not_supported:
 
 class OrderServiceStub:
     """OrderService places orders and returns them. Prices and availability come
-    from foodmesh.catalog.v1.CatalogService at the time the order is placed.
+    from foodmesh.catalog.v1.CatalogService at the time the order is placed; the
+    checkout is a saga over users, payments and delivery (see the README):
+    authorize the payment, schedule a delivery, capture the payment, with a
+    compensation for each step that can be undone.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, the connection broke, or the catalog could not be reached),
@@ -51,11 +54,24 @@ class OrderServiceStub:
                 request_serializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.GetOrderRequest.SerializeToString,
                 response_deserializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.FromString,
                 _registered_method=True)
+        self.CancelOrder = channel.unary_unary(
+                '/foodmesh.orders.v1.OrderService/CancelOrder',
+                request_serializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.CancelOrderRequest.SerializeToString,
+                response_deserializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.FromString,
+                _registered_method=True)
+        self.WatchOrder = channel.unary_stream(
+                '/foodmesh.orders.v1.OrderService/WatchOrder',
+                request_serializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.WatchOrderRequest.SerializeToString,
+                response_deserializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
     """OrderService places orders and returns them. Prices and availability come
-    from foodmesh.catalog.v1.CatalogService at the time the order is placed.
+    from foodmesh.catalog.v1.CatalogService at the time the order is placed; the
+    checkout is a saga over users, payments and delivery (see the README):
+    authorize the payment, schedule a delivery, capture the payment, with a
+    compensation for each step that can be undone.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, the connection broke, or the catalog could not be reached),
@@ -64,22 +80,29 @@ class OrderServiceServicer:
     """
 
     def PlaceOrder(self, request, context):
-        """PlaceOrder creates an order in status ORDER_STATUS_PLACED and returns it.
+        """PlaceOrder checks the customer (foodmesh.users.v1.UserService.GetUser),
+        prices the lines, creates the order in ORDER_STATUS_PENDING and runs its
+        checkout saga. It returns when the saga has reached ORDER_STATUS_CONFIRMED
+        or ORDER_STATUS_REJECTED (with rejection_reason), or, when the caller's
+        deadline comes first, returns the order as PENDING while the saga goes on
+        (WatchOrder follows it).
 
         PlaceOrder has side effects, so the mesh retries it only when the request
         cannot have reached the server. Set idempotency_key to make a retry by the
-        caller safe: it then returns the order the first call created.
+        caller safe: it then returns the order the first call created, in its
+        current state.
 
         Errors:
         INVALID_ARGUMENT     the message names the field: customer_id is empty;
+        payment_method or delivery_address is empty;
         lines is empty or has more than 100 entries;
         lines[i].item_id is empty;
         lines[i].quantity is not between 1 and 1000;
         lines[i].unit_price_cents is negative;
         lines[i].item_id repeats an earlier line's item_id;
         idempotency_key is longer than 255 characters.
-        NOT_FOUND            a line's item_id is not in the catalog (the message
-        names the item).
+        NOT_FOUND            customer_id names no user, or a line's item_id is
+        not in the catalog (the message names the field).
         FAILED_PRECONDITION  a line's item is not available; a line's non-zero
         unit_price_cents differs from the catalog's current
         price (the customer saw a stale price); or the items
@@ -104,6 +127,36 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelOrder(self, request, context):
+        """CancelOrder cancels an order: its delivery is cancelled first, then its
+        payment is refunded (captured) or voided (authorized); the order ends
+        ORDER_STATUS_CANCELLED. It returns the order once cancelled, or, when the
+        caller's deadline comes first, as it is while the compensation goes on.
+        Cancelling a cancelled order returns it unchanged.
+
+        Errors:
+        INVALID_ARGUMENT     order_id is empty.
+        NOT_FOUND            no order has this order_id.
+        FAILED_PRECONDITION  the food is picked up already, or the order is
+        REJECTED or DELIVERED (the message names the state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOrder(self, request, context):
+        """WatchOrder sends the order's current state at once, then the order again
+        on every change, and ends after a final state (REJECTED, CANCELLED,
+        DELIVERED).
+
+        Errors:
+        INVALID_ARGUMENT  order_id is empty.
+        NOT_FOUND         no order has this order_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +170,16 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     request_deserializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.GetOrderRequest.FromString,
                     response_serializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.SerializeToString,
             ),
+            'CancelOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOrder,
+                    request_deserializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.CancelOrderRequest.FromString,
+                    response_serializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.SerializeToString,
+            ),
+            'WatchOrder': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOrder,
+                    request_deserializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.WatchOrderRequest.FromString,
+                    response_serializer=foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'foodmesh.orders.v1.OrderService', rpc_method_handlers)
@@ -127,7 +190,10 @@ def add_OrderServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class OrderService:
     """OrderService places orders and returns them. Prices and availability come
-    from foodmesh.catalog.v1.CatalogService at the time the order is placed.
+    from foodmesh.catalog.v1.CatalogService at the time the order is placed; the
+    checkout is a saga over users, payments and delivery (see the README):
+    authorize the payment, schedule a delivery, capture the payment, with a
+    compensation for each step that can be undone.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, the connection broke, or the catalog could not be reached),
@@ -178,6 +244,60 @@ class OrderService:
             target,
             '/foodmesh.orders.v1.OrderService/GetOrder',
             foodmesh_dot_orders_dot_v1_dot_orders__pb2.GetOrderRequest.SerializeToString,
+            foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foodmesh.orders.v1.OrderService/CancelOrder',
+            foodmesh_dot_orders_dot_v1_dot_orders__pb2.CancelOrderRequest.SerializeToString,
+            foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/foodmesh.orders.v1.OrderService/WatchOrder',
+            foodmesh_dot_orders_dot_v1_dot_orders__pb2.WatchOrderRequest.SerializeToString,
             foodmesh_dot_orders_dot_v1_dot_orders__pb2.Order.FromString,
             options,
             channel_credentials,

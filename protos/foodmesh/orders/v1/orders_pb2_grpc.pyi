@@ -32,7 +32,10 @@ GRPC_VERSION: str
 
 class OrderServiceStub:
     """OrderService places orders and returns them. Prices and availability come
-    from foodmesh.catalog.v1.CatalogService at the time the order is placed.
+    from foodmesh.catalog.v1.CatalogService at the time the order is placed; the
+    checkout is a saga over users, payments and delivery (see the README):
+    authorize the payment, schedule a delivery, capture the payment, with a
+    compensation for each step that can be undone.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, the connection broke, or the catalog could not be reached),
@@ -45,22 +48,29 @@ class OrderServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrderServiceAsyncStub: ...
     PlaceOrder: _grpc.UnaryUnaryMultiCallable[_orders_pb2.PlaceOrderRequest, _orders_pb2.Order]
-    """PlaceOrder creates an order in status ORDER_STATUS_PLACED and returns it.
+    """PlaceOrder checks the customer (foodmesh.users.v1.UserService.GetUser),
+    prices the lines, creates the order in ORDER_STATUS_PENDING and runs its
+    checkout saga. It returns when the saga has reached ORDER_STATUS_CONFIRMED
+    or ORDER_STATUS_REJECTED (with rejection_reason), or, when the caller's
+    deadline comes first, returns the order as PENDING while the saga goes on
+    (WatchOrder follows it).
 
     PlaceOrder has side effects, so the mesh retries it only when the request
     cannot have reached the server. Set idempotency_key to make a retry by the
-    caller safe: it then returns the order the first call created.
+    caller safe: it then returns the order the first call created, in its
+    current state.
 
     Errors:
       INVALID_ARGUMENT     the message names the field: customer_id is empty;
+                           payment_method or delivery_address is empty;
                            lines is empty or has more than 100 entries;
                            lines[i].item_id is empty;
                            lines[i].quantity is not between 1 and 1000;
                            lines[i].unit_price_cents is negative;
                            lines[i].item_id repeats an earlier line's item_id;
                            idempotency_key is longer than 255 characters.
-      NOT_FOUND            a line's item_id is not in the catalog (the message
-                           names the item).
+      NOT_FOUND            customer_id names no user, or a line's item_id is
+                           not in the catalog (the message names the field).
       FAILED_PRECONDITION  a line's item is not available; a line's non-zero
                            unit_price_cents differs from the catalog's current
                            price (the customer saw a stale price); or the items
@@ -77,11 +87,36 @@ class OrderServiceStub:
       INVALID_ARGUMENT  order_id is empty (the message names "order_id").
       NOT_FOUND         no order has this order_id.
     """
+    CancelOrder: _grpc.UnaryUnaryMultiCallable[_orders_pb2.CancelOrderRequest, _orders_pb2.Order]
+    """CancelOrder cancels an order: its delivery is cancelled first, then its
+    payment is refunded (captured) or voided (authorized); the order ends
+    ORDER_STATUS_CANCELLED. It returns the order once cancelled, or, when the
+    caller's deadline comes first, as it is while the compensation goes on.
+    Cancelling a cancelled order returns it unchanged.
+
+    Errors:
+      INVALID_ARGUMENT     order_id is empty.
+      NOT_FOUND            no order has this order_id.
+      FAILED_PRECONDITION  the food is picked up already, or the order is
+                           REJECTED or DELIVERED (the message names the state).
+    """
+    WatchOrder: _grpc.UnaryStreamMultiCallable[_orders_pb2.WatchOrderRequest, _orders_pb2.Order]
+    """WatchOrder sends the order's current state at once, then the order again
+    on every change, and ends after a final state (REJECTED, CANCELLED,
+    DELIVERED).
+
+    Errors:
+      INVALID_ARGUMENT  order_id is empty.
+      NOT_FOUND         no order has this order_id.
+    """
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
     """OrderService places orders and returns them. Prices and availability come
-    from foodmesh.catalog.v1.CatalogService at the time the order is placed.
+    from foodmesh.catalog.v1.CatalogService at the time the order is placed; the
+    checkout is a saga over users, payments and delivery (see the README):
+    authorize the payment, schedule a delivery, capture the payment, with a
+    compensation for each step that can be undone.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, the connection broke, or the catalog could not be reached),
@@ -91,22 +126,29 @@ class OrderServiceAsyncStub(OrderServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PlaceOrder: _aio.UnaryUnaryMultiCallable[_orders_pb2.PlaceOrderRequest, _orders_pb2.Order]  # type: ignore[assignment]
-    """PlaceOrder creates an order in status ORDER_STATUS_PLACED and returns it.
+    """PlaceOrder checks the customer (foodmesh.users.v1.UserService.GetUser),
+    prices the lines, creates the order in ORDER_STATUS_PENDING and runs its
+    checkout saga. It returns when the saga has reached ORDER_STATUS_CONFIRMED
+    or ORDER_STATUS_REJECTED (with rejection_reason), or, when the caller's
+    deadline comes first, returns the order as PENDING while the saga goes on
+    (WatchOrder follows it).
 
     PlaceOrder has side effects, so the mesh retries it only when the request
     cannot have reached the server. Set idempotency_key to make a retry by the
-    caller safe: it then returns the order the first call created.
+    caller safe: it then returns the order the first call created, in its
+    current state.
 
     Errors:
       INVALID_ARGUMENT     the message names the field: customer_id is empty;
+                           payment_method or delivery_address is empty;
                            lines is empty or has more than 100 entries;
                            lines[i].item_id is empty;
                            lines[i].quantity is not between 1 and 1000;
                            lines[i].unit_price_cents is negative;
                            lines[i].item_id repeats an earlier line's item_id;
                            idempotency_key is longer than 255 characters.
-      NOT_FOUND            a line's item_id is not in the catalog (the message
-                           names the item).
+      NOT_FOUND            customer_id names no user, or a line's item_id is
+                           not in the catalog (the message names the field).
       FAILED_PRECONDITION  a line's item is not available; a line's non-zero
                            unit_price_cents differs from the catalog's current
                            price (the customer saw a stale price); or the items
@@ -123,10 +165,35 @@ class OrderServiceAsyncStub(OrderServiceStub):
       INVALID_ARGUMENT  order_id is empty (the message names "order_id").
       NOT_FOUND         no order has this order_id.
     """
+    CancelOrder: _aio.UnaryUnaryMultiCallable[_orders_pb2.CancelOrderRequest, _orders_pb2.Order]  # type: ignore[assignment]
+    """CancelOrder cancels an order: its delivery is cancelled first, then its
+    payment is refunded (captured) or voided (authorized); the order ends
+    ORDER_STATUS_CANCELLED. It returns the order once cancelled, or, when the
+    caller's deadline comes first, as it is while the compensation goes on.
+    Cancelling a cancelled order returns it unchanged.
+
+    Errors:
+      INVALID_ARGUMENT     order_id is empty.
+      NOT_FOUND            no order has this order_id.
+      FAILED_PRECONDITION  the food is picked up already, or the order is
+                           REJECTED or DELIVERED (the message names the state).
+    """
+    WatchOrder: _aio.UnaryStreamMultiCallable[_orders_pb2.WatchOrderRequest, _orders_pb2.Order]  # type: ignore[assignment]
+    """WatchOrder sends the order's current state at once, then the order again
+    on every change, and ends after a final state (REJECTED, CANCELLED,
+    DELIVERED).
+
+    Errors:
+      INVALID_ARGUMENT  order_id is empty.
+      NOT_FOUND         no order has this order_id.
+    """
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrderService places orders and returns them. Prices and availability come
-    from foodmesh.catalog.v1.CatalogService at the time the order is placed.
+    from foodmesh.catalog.v1.CatalogService at the time the order is placed; the
+    checkout is a saga over users, payments and delivery (see the README):
+    authorize the payment, schedule a delivery, capture the payment, with a
+    compensation for each step that can be undone.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, the connection broke, or the catalog could not be reached),
@@ -140,22 +207,29 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orders_pb2.PlaceOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orders_pb2.Order, _abc.Awaitable[_orders_pb2.Order]]:
-        """PlaceOrder creates an order in status ORDER_STATUS_PLACED and returns it.
+        """PlaceOrder checks the customer (foodmesh.users.v1.UserService.GetUser),
+        prices the lines, creates the order in ORDER_STATUS_PENDING and runs its
+        checkout saga. It returns when the saga has reached ORDER_STATUS_CONFIRMED
+        or ORDER_STATUS_REJECTED (with rejection_reason), or, when the caller's
+        deadline comes first, returns the order as PENDING while the saga goes on
+        (WatchOrder follows it).
 
         PlaceOrder has side effects, so the mesh retries it only when the request
         cannot have reached the server. Set idempotency_key to make a retry by the
-        caller safe: it then returns the order the first call created.
+        caller safe: it then returns the order the first call created, in its
+        current state.
 
         Errors:
           INVALID_ARGUMENT     the message names the field: customer_id is empty;
+                               payment_method or delivery_address is empty;
                                lines is empty or has more than 100 entries;
                                lines[i].item_id is empty;
                                lines[i].quantity is not between 1 and 1000;
                                lines[i].unit_price_cents is negative;
                                lines[i].item_id repeats an earlier line's item_id;
                                idempotency_key is longer than 255 characters.
-          NOT_FOUND            a line's item_id is not in the catalog (the message
-                               names the item).
+          NOT_FOUND            customer_id names no user, or a line's item_id is
+                               not in the catalog (the message names the field).
           FAILED_PRECONDITION  a line's item is not available; a line's non-zero
                                unit_price_cents differs from the catalog's current
                                price (the customer saw a stale price); or the items
@@ -176,6 +250,40 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors:
           INVALID_ARGUMENT  order_id is empty (the message names "order_id").
+          NOT_FOUND         no order has this order_id.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelOrder(
+        self,
+        request: _orders_pb2.CancelOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orders_pb2.Order, _abc.Awaitable[_orders_pb2.Order]]:
+        """CancelOrder cancels an order: its delivery is cancelled first, then its
+        payment is refunded (captured) or voided (authorized); the order ends
+        ORDER_STATUS_CANCELLED. It returns the order once cancelled, or, when the
+        caller's deadline comes first, as it is while the compensation goes on.
+        Cancelling a cancelled order returns it unchanged.
+
+        Errors:
+          INVALID_ARGUMENT     order_id is empty.
+          NOT_FOUND            no order has this order_id.
+          FAILED_PRECONDITION  the food is picked up already, or the order is
+                               REJECTED or DELIVERED (the message names the state).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchOrder(
+        self,
+        request: _orders_pb2.WatchOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orders_pb2.Order], _abc.AsyncIterator[_orders_pb2.Order]]:
+        """WatchOrder sends the order's current state at once, then the order again
+        on every change, and ends after a final state (REJECTED, CANCELLED,
+        DELIVERED).
+
+        Errors:
+          INVALID_ARGUMENT  order_id is empty.
           NOT_FOUND         no order has this order_id.
         """
 
