@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
+from mesh.core.deadline import inbound_deadline
 from meshkit.events.store import StaleStream
 from meshkit.saga.lease import SagaLeases
 from meshkit.saga.steps import Progress, State, Step, StepContext
@@ -118,9 +119,13 @@ class SagaRunner(Generic[State]):
         running = self._running(saga_id)
         if running is not None:
             return running
-        task = asyncio.get_running_loop().create_task(
-            self._drive_leased(saga_id), name=f"saga {saga_id}"
-        )
+        # The saga outlives the call that starts it: its task keeps the caller's trace (one
+        # trace from PlaceOrder to every step) but not the inbound call's deadline, which
+        # would otherwise bound every step's call (mesh/core/deadline.py).
+        with inbound_deadline(None):
+            task = asyncio.get_running_loop().create_task(
+                self._drive_leased(saga_id), name=f"saga {saga_id}"
+            )
         self._driving[saga_id] = task
         task.add_done_callback(lambda _: self._forget(saga_id, task))
         return task
@@ -272,7 +277,7 @@ class SagaRunner(Generic[State]):
                 delay = step.retry.delay(attempt)
                 if self._clock() + delay >= deadline:
                     return self.definition.failed(
-                        state, step.name, f"{reason} (no time left to retry)"
+                        state, step.name, f"{reason} (no time left before the saga's deadline)"
                     )
                 log.info(
                     "%s %s: %s; retrying in %.1fs", self.definition.name, saga_id, reason, delay

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from mesh.core.deadline import Deadline, current_deadline, inbound_deadline
 from meshkit.events import StaleStream
 from meshkit.saga import (
     NON_RETRYABLE,
@@ -448,6 +449,28 @@ async def test_the_steps_run_in_order_once_each_and_the_saga_completes(
     assert await other.take("saga-1"), "the lease was released: another can take it at once"
 
 
+async def test_a_saga_started_while_serving_a_call_outlives_its_deadline(
+    database: SqliteDatabase, clock: FakeClock
+) -> None:
+    """The steps' calls are not bounded by the deadline of the call that started the saga
+    (PlaceOrder's caller may give up after 2 s; the saga goes on)."""
+    parts, journal = Participants(), Journal()
+    seen: list[Deadline | None] = []
+    action = parts.do("a")
+
+    async def step(state: Saga, context: StepContext) -> Sequence[Message]:
+        seen.append(current_deadline())
+        return await action(state, context)
+
+    steps = [Step("a", step, parts.undo("a"))]
+    saga_runner = runner(Definition(steps), journal, database, clock)
+    with inbound_deadline(Deadline.after(2.0)):
+        assert current_deadline() is not None
+        final = await run(saga_runner, clock, "saga-1")
+    assert final is not None and final.progress.ended
+    assert seen == [None]
+
+
 async def test_an_ended_saga_is_not_driven_again(
     database: SqliteDatabase, clock: FakeClock
 ) -> None:
@@ -546,7 +569,7 @@ async def test_a_step_still_failing_at_the_deadline_stops_and_compensates(
     assert [c.timeout for c in parts.do("b").calls] == [5, 5, 5, 3]
     assert journal.values("saga-1") == [
         "done:a",
-        "failed:b:b: UNAVAILABLE: down (no time left to retry)",
+        "failed:b:b: UNAVAILABLE: down (no time left before the saga's deadline)",
         "undone:b",
         "undone:a",
         "aborted",
