@@ -1,31 +1,96 @@
-"""`python -m services.orders`: one orders instance; it prices orders through catalog,
-which it finds in Consul and calls on a mesh channel."""
+"""`python -m services.orders`: one orders instance. It checks customers with users, prices
+orders through catalog, and runs each checkout saga over payments and delivery, all found in
+Consul and called on mesh channels. Sagas that another instance left unfinished (it crashed,
+or stopped) are taken over once their lease lapses: at start, and every lease period."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from foodmesh.catalog.v1 import catalog_pb2_grpc
+from foodmesh.delivery.v1 import delivery_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from foodmesh.payments.v1 import payments_pb2_grpc
+from foodmesh.users.v1 import users_pb2_grpc
+from meshkit.saga import SagaLeases, SagaRunner
+from services.cli import positive_seconds
+from services.orders.checkout import DEFAULT_SAGA_TIMEOUT_S, Checkout
 from services.orders.servicer import OrderServicer
+from services.orders.state import OrderState
 from services.orders.store import OrdersStore
 from services.runtime import ServiceRuntime
 
 SERVICE = "orders"
+log = logging.getLogger(__name__)
+
+
+def flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--saga-timeout",
+        type=positive_seconds,
+        default=DEFAULT_SAGA_TIMEOUT_S,
+        help="seconds a checkout may take before it gives up and compensates "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=positive_seconds,
+        default=5.0,
+        help="seconds an instance holds a saga without renewing; a crashed instance's "
+        "sagas are taken over after this (default: %(default)s)",
+    )
+
+
+@asynccontextmanager
+async def recovering(runner: SagaRunner[OrderState], store: OrdersStore) -> AsyncIterator[None]:
+    """Resume unfinished sagas whose lease is free or lapsed, now and every lease period."""
+
+    async def loop() -> None:
+        while True:
+            started = await runner.recover(await store.unfinished())
+            if started:
+                log.info("resumed %d unfinished checkout sagas", started)
+            await asyncio.sleep(runner.leases.ttl)
+
+    task = asyncio.get_running_loop().create_task(loop(), name="saga recovery")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await runner.close()
 
 
 async def main(argv: list[str]) -> int:
-    async with ServiceRuntime.started(SERVICE, argv) as runtime:
+    async with ServiceRuntime.started(SERVICE, argv, flags) as runtime:
+        args = runtime.args
         store = await runtime.closing(OrdersStore.open(runtime.database_path()))
-        catalog = runtime.channel("catalog")
+        payments = payments_pb2_grpc.PaymentServiceStub(runtime.channel("payments"))
+        delivery = delivery_pb2_grpc.DeliveryServiceStub(runtime.channel("delivery"))
+        runner = SagaRunner(
+            Checkout(payments, delivery, timeout_s=args.saga_timeout),
+            store,
+            SagaLeases(store.database, runtime.instance_id, ttl=args.lease_seconds),
+            tracer=runtime.tracing.tracer if runtime.tracing is not None else None,
+        )
         server = runtime.server()
         server.add_service(
             orders_pb2.DESCRIPTOR.services_by_name["OrderService"],
             orders_pb2_grpc.add_OrderServiceServicer_to_server,
-            OrderServicer(catalog_pb2_grpc.CatalogServiceStub(catalog), store),
+            OrderServicer(
+                users=users_pb2_grpc.UserServiceStub(runtime.channel("users")),
+                catalog=catalog_pb2_grpc.CatalogServiceStub(runtime.channel("catalog")),
+                delivery=delivery,
+                store=store,
+                runner=runner,
+            ),
         )
-        return await server.run()
+        async with recovering(runner, store):
+            return await server.run()
 
 
 if __name__ == "__main__":

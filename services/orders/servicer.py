@@ -1,47 +1,62 @@
-"""foodmesh.orders.v1.OrderService: places orders at the catalog's current prices.
+"""foodmesh.orders.v1.OrderService: checkout as a saga over users, catalog, payments and
+delivery (services/orders/checkout.py), with orders as event streams (store.py, state.py).
 
-The order of work is the point. Everything the request alone can show wrong is refused first,
-before any call or write. A retry with a used idempotency key is answered from the store
-without asking the catalog (the item may have sold out since; the order exists all the same).
-Prices and availability are then read from the catalog service through its stub, all lines at
-once, with the inbound call's remaining time as the timeout: never from a local copy, because
-the catalog's instances own the prices. Only then is the order written, in one transaction.
+The order of work in PlaceOrder is the point. Everything the request alone can show wrong is
+refused first, before any call or write. A retry with a used idempotency key is answered from
+the store without asking anyone (the item may have sold out since; the order exists all the
+same). Then the customer is checked with users and the lines are priced by the catalog, all at
+once, within the inbound call's deadline: an unknown customer or item means no order at all.
+Only then is the order written (OrderPlaced), and its saga started on this instance; the call
+waits for the saga's answer (CONFIRMED or REJECTED) until the caller's deadline, and returns
+the order as PENDING when the deadline comes first, while the saga goes on.
 
-Failures of the catalog keep their code (UNAVAILABLE, DEADLINE_EXCEEDED, ...) and say that
-the catalog failed, so callers and the mesh's retry policy can tell a dependency outage from
-a bug (INTERNAL). A line that repeats an earlier line's item is refused rather than merged:
-merging would make the stored lines differ from the request the caller sees echoed.
+Failures of a dependency keep their code (UNAVAILABLE, DEADLINE_EXCEEDED, ...) and say which
+dependency failed, so callers and the mesh's retry policy can tell an outage from a bug
+(INTERNAL). A line that repeats an earlier line's item is refused rather than merged: merging
+would make the stored lines differ from the request the caller sees echoed.
+
+Delivery progress reaches an order by asking delivery (GetDelivery) when the order is read or
+watched; the events issue replaces that with delivery's events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 
 import grpc
+from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
-from services.orders.store import (
-    IdempotencyConflict,
-    IdempotencyKey,
-    NewOrder,
-    OrderLine,
-    OrdersStore,
-    OrderTotalOutOfRange,
-    StoredOrder,
+from foodmesh.orders.v1 import events_pb2, orders_pb2, orders_pb2_grpc
+from meshkit.events import StaleStream
+from meshkit.saga import SagaRunner
+from meshkit.storage.idempotency import key_problem
+from services.orders.state import (
+    FINAL,
+    SETTLED,
+    OrderState,
+    OrderStatus,
+    order_message,
 )
+from services.orders.store import OrdersStore
+from services.refusals import Refusal, failed_precondition, invalid, not_found, refusing, status_of
 
 MAX_LINES = 100
 MAX_QUANTITY = 1000
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-DEFAULT_CATALOG_TIMEOUT_S = 5.0
+MAX_TEXT_LENGTH = 500
+DEFAULT_DEPENDENCY_TIMEOUT_S = 5.0
+WATCH_POLL_S = 0.1
+DELIVERY_POLL_S = 0.5
 
-# Catalog failures whose code the caller gets unchanged; any other catalog error becomes
-# UNAVAILABLE, since the caller's request was valid and the fault lies with the dependency.
-_PASSED_ON_CATALOG_CODES = frozenset(
+# Dependency failures whose code the caller gets unchanged; any other error of a dependency
+# becomes UNAVAILABLE, since the caller's request was valid and the fault lies elsewhere.
+_PASSED_ON_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -52,100 +67,249 @@ _PASSED_ON_CATALOG_CODES = frozenset(
 
 ServicerContext = grpc.aio.ServicerContext[object, object]
 _log = logging.getLogger(__name__)
+_STATUS = {
+    orders_pb2.OrderStatus.Value(f"ORDER_STATUS_{status.value}"): status for status in OrderStatus
+}
 
 
 class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
-    """Places and returns orders; asks the catalog service for prices on every new order."""
+    """Places orders through the checkout saga, cancels them, and follows them."""
 
     def __init__(
         self,
-        catalog: catalog_pb2_grpc.CatalogServiceAsyncStub,
-        store: OrdersStore,
         *,
-        catalog_timeout_s: float = DEFAULT_CATALOG_TIMEOUT_S,
+        users: users_pb2_grpc.UserServiceAsyncStub,
+        catalog: catalog_pb2_grpc.CatalogServiceAsyncStub,
+        delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub,
+        store: OrdersStore,
+        runner: SagaRunner[OrderState],
+        dependency_timeout_s: float = DEFAULT_DEPENDENCY_TIMEOUT_S,
     ) -> None:
-        """catalog: a CatalogServiceStub on any grpc.aio channel (the mesh's, in production).
-        catalog_timeout_s: the catalog call's timeout when the inbound call has no deadline."""
+        """Stubs on any grpc.aio channel (the mesh's, in production). dependency_timeout_s:
+        a dependency call's timeout when the inbound call has no deadline."""
+        self._users = users
         self._catalog = catalog
+        self._delivery = delivery
         self._store = store
-        self._catalog_timeout_s = catalog_timeout_s
+        self._runner = runner
+        self._dependency_timeout_s = dependency_timeout_s
 
+    @refusing
     async def PlaceOrder(
         self, request: orders_pb2.PlaceOrderRequest, context: ServicerContext
     ) -> orders_pb2.Order:
         problem = request_problem(request)
         if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        requested = [
-            OrderLine(ln.item_id, ln.quantity, ln.unit_price_cents) for ln in request.lines
-        ]
-        idempotency = None
-        if request.idempotency_key:
-            idempotency = IdempotencyKey.for_request(
-                request.idempotency_key, request.customer_id, requested
-            )
-            try:
-                earlier = await self._store.find_by_idempotency_key(idempotency)
-            except IdempotencyConflict as conflict:
-                await context.abort(grpc.StatusCode.ALREADY_EXISTS, _conflict_message(conflict))
-            if earlier is not None:
-                _log.info("order %s returned again for its idempotency key", earlier.order_id)
-                return order_message(earlier)
-
-        items = await self._catalog_items(requested, context)
-        problem = catalog_problem(requested, items)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
-        new_order = NewOrder(
-            customer_id=request.customer_id,
-            restaurant_id=items[0].restaurant_id,
-            currency=items[0].currency,
-            lines=tuple(
-                OrderLine(line.item_id, line.quantity, item.price_cents)
-                for line, item in zip(requested, items, strict=True)
-            ),
+            raise invalid(problem)
+        key = self._store.placing.key_of(request)
+        earlier = await self._store.order_for_key(key)
+        if earlier is not None:
+            _log.info("order %s returned again for its idempotency key", earlier.order_id)
+            return await self._settled(earlier.order_id, context, SETTLED)
+        timeout = await self._dependency_timeout(context)
+        items, _ = await asyncio.gather(
+            self._catalog_items(request.lines, timeout), self._check_customer(request, timeout)
         )
-        try:
-            placed = await self._store.place(new_order, idempotency)
-        except IdempotencyConflict as conflict:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, _conflict_message(conflict))
-        except OrderTotalOutOfRange as error:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
-        if placed.created:
+        problem = catalog_problem(request.lines, items)
+        if problem is not None:
+            raise failed_precondition(problem)
+        placed = order_placed(request, items)
+        state, created = await self._store.place(placed, key)
+        if created:
             _log.info(
                 "placed order %s for customer %r: %d lines, %d %s",
-                placed.order.order_id,
-                placed.order.customer_id,
-                len(placed.order.lines),
-                placed.order.total_cents,
-                placed.order.currency,
+                state.order_id,
+                placed.customer_id,
+                len(placed.lines),
+                placed.total_cents,
+                placed.currency,
             )
-        return order_message(placed.order)
+            await self._runner.start(state.order_id)
+        return await self._settled(state.order_id, context, SETTLED)
 
+    @refusing
     async def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: ServicerContext
     ) -> orders_pb2.Order:
-        if not request.order_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "order_id must not be empty")
-        order = await self._store.get(request.order_id)
-        if order is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"order_id {request.order_id!r}: no such order"
-            )
-        return order_message(order)
+        order, _ = await self._view(request.order_id)
+        return await self._with_delivery_progress(order)
 
-    async def _catalog_items(
-        self, lines: Sequence[OrderLine], context: ServicerContext
-    ) -> list[catalog_pb2.Item]:
-        """Each line's catalog item, fetched concurrently within the inbound deadline; aborts
-        the call on the first line (in request order) the catalog could not answer."""
+    @refusing
+    async def CancelOrder(
+        self, request: orders_pb2.CancelOrderRequest, context: ServicerContext
+    ) -> orders_pb2.Order:
+        order, _ = await self._view(request.order_id)
+        while True:
+            state, version = await self._store.load(request.order_id)
+            events = await self._cancellation(state, context)
+            if not events:
+                break
+            try:
+                await self._store.record(state.order_id, version, events)
+            except StaleStream:
+                continue  # the saga moved on meanwhile: decide again
+            _log.info("order %s: cancellation requested", state.order_id)
+            break
+        await self._runner.start(order.order_id)
+        return await self._settled(order.order_id, context, FINAL)
+
+    async def WatchOrder(
+        self, request: orders_pb2.WatchOrderRequest, context: ServicerContext
+    ) -> AsyncIterator[orders_pb2.Order]:
+        try:
+            order, _ = await self._view(request.order_id)
+        except Refusal as refusal:
+            status = status_of(refusal)
+            assert status is not None
+            await context.abort(*status)
+        order = await self._with_delivery_progress(order)
+        yield order
+        sent = order.SerializeToString()
+        last_delivery_check = asyncio.get_running_loop().time()
+        while _STATUS[order.status] not in FINAL:
+            await asyncio.sleep(WATCH_POLL_S)
+            found = await self._store.get(request.order_id)
+            assert found is not None
+            order, _ = found
+            now = asyncio.get_running_loop().time()
+            if now - last_delivery_check >= DELIVERY_POLL_S:
+                order = await self._with_delivery_progress(order)
+                last_delivery_check = now
+            current = order.SerializeToString()
+            if current != sent:
+                yield order
+                sent = current
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _view(self, order_id: str) -> tuple[orders_pb2.Order, int]:
+        if not order_id:
+            raise invalid("order_id must not be empty")
+        found = await self._store.get(order_id)
+        if found is None:
+            raise not_found(f"order_id {order_id!r}: no such order")
+        return found
+
+    async def _settled(
+        self, order_id: str, context: ServicerContext, until: frozenset[OrderStatus]
+    ) -> orders_pb2.Order:
+        """The order once its status is in `until`, or as it is when the caller's deadline
+        is near (a little time is kept to send the answer)."""
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        give_up = None if remaining is None else loop.time() + remaining - 0.05
+        while True:
+            order, _ = await self._view(order_id)
+            if _STATUS[order.status] in until:
+                return order
+            if give_up is not None and loop.time() >= give_up:
+                return order
+            await asyncio.sleep(
+                WATCH_POLL_S
+                if give_up is None
+                else max(0.0, min(WATCH_POLL_S, give_up - loop.time()))
+            )
+
+    async def _cancellation(
+        self, state: OrderState, context: ServicerContext
+    ) -> list[events_pb2.CancellationRequested | events_pb2.StepCompensated]:
+        """What to record to cancel the order now ([] when nothing: already cancelling or
+        cancelled); refuses an order that cannot be cancelled any more."""
+        if state.status in (OrderStatus.REJECTED, OrderStatus.DELIVERED):
+            raise failed_precondition(
+                f"order {state.order_id!r} is {state.status.value}: only a PENDING or "
+                "CONFIRMED order can be cancelled"
+            )
+        if state.status is OrderStatus.OUT_FOR_DELIVERY:
+            raise failed_precondition(
+                f"order {state.order_id!r} is OUT_FOR_DELIVERY: the food is picked up already"
+            )
+        if state.status is OrderStatus.CANCELLED or state.progress.failure is not None:
+            return []
+        requested = events_pb2.CancellationRequested(order_id=state.order_id)
+        if state.status is OrderStatus.PENDING:
+            return [requested]
+        # CONFIRMED: the delivery is cancelled first, here, so that an order whose food is
+        # picked up is refused before its payment is touched.
+        timeout = await self._dependency_timeout(context)
+        try:
+            await self._delivery.CancelDelivery(
+                delivery_pb2.CancelDeliveryRequest(
+                    delivery_id=state.delivery_id,
+                    idempotency_key=f"{state.order_id}/cancel-order/{state.delivery_id}",
+                ),
+                timeout=timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise failed_precondition(
+                    f"order {state.order_id!r} cannot be cancelled: {error.details()}"
+                ) from None
+            raise _dependency_failure("delivery", "cancelling the delivery", error) from None
+        return [
+            requested,
+            events_pb2.StepCompensated(order_id=state.order_id, step="schedule_delivery"),
+        ]
+
+    async def _with_delivery_progress(self, order: orders_pb2.Order) -> orders_pb2.Order:
+        """The order, with its delivery's pickup or arrival recorded if delivery reports
+        one the order does not show yet (best effort: an unreachable delivery changes
+        nothing)."""
+        status = _STATUS[order.status]
+        if status not in (OrderStatus.CONFIRMED, OrderStatus.OUT_FOR_DELIVERY):
+            return order
+        try:
+            delivery = await self._delivery.GetDelivery(
+                delivery_pb2.GetDeliveryRequest(delivery_id=order.delivery_id),
+                timeout=self._dependency_timeout_s,
+            )
+        except grpc.aio.AioRpcError:
+            return order
+        events: list[events_pb2.OrderPickedUp | events_pb2.OrderDelivered] = []
+        picked = delivery.status in (
+            delivery_pb2.DELIVERY_STATUS_PICKED_UP,
+            delivery_pb2.DELIVERY_STATUS_DELIVERED,
+        )
+        if picked and status is OrderStatus.CONFIRMED:
+            events.append(events_pb2.OrderPickedUp(order_id=order.order_id))
+        if delivery.status == delivery_pb2.DELIVERY_STATUS_DELIVERED:
+            events.append(events_pb2.OrderDelivered(order_id=order.order_id))
+        if not events:
+            return order
+        state, version = await self._store.load(order.order_id)
+        if state.progress.failure is not None or state.status.value != status.value:
+            return order_message(state)
+        try:
+            state, _ = await self._store.record(order.order_id, version, events)
+        except StaleStream:
+            state, _ = await self._store.load(order.order_id)
+        return order_message(state)
+
+    async def _dependency_timeout(self, context: ServicerContext) -> float:
         timeout = context.time_remaining()
         if timeout is None:
-            timeout = self._catalog_timeout_s
+            return self._dependency_timeout_s
         if timeout <= 0:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to ask the catalog service"
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to call dependencies")
+        return timeout
+
+    async def _check_customer(
+        self, request: orders_pb2.PlaceOrderRequest, timeout: float
+    ) -> users_pb2.User:
+        try:
+            return await self._users.GetUser(
+                users_pb2.GetUserRequest(user_id=request.customer_id), timeout=timeout
             )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise not_found(f"customer_id {request.customer_id!r}: no such user") from None
+            raise _dependency_failure("users", "checking customer_id", error) from None
+
+    async def _catalog_items(
+        self, lines: Sequence[orders_pb2.OrderLine], timeout: float
+    ) -> list[catalog_pb2.Item]:
+        """Each line's catalog item, fetched concurrently; refuses on the first line (in
+        request order) the catalog could not answer."""
         results = await asyncio.gather(
             *(
                 self._catalog.GetItem(
@@ -158,12 +322,62 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         items: list[catalog_pb2.Item] = []
         for index, (line, result) in enumerate(zip(lines, results, strict=True)):
             if isinstance(result, grpc.aio.AioRpcError):
-                code, message = _catalog_failure(index, line.item_id, result)
-                await context.abort(code, message)
+                if result.code() == grpc.StatusCode.NOT_FOUND:
+                    raise not_found(
+                        f"lines[{index}].item_id {line.item_id!r}: no such item in the catalog"
+                    )
+                raise _dependency_failure(
+                    "catalog", f"pricing lines[{index}] (item {line.item_id!r})", result
+                )
             if isinstance(result, BaseException):
                 raise result
             items.append(result)
         return items
+
+
+def order_placed(
+    request: orders_pb2.PlaceOrderRequest, items: Sequence[catalog_pb2.Item]
+) -> events_pb2.OrderPlaced:
+    """The first event of a new order: the request's lines at the catalog's prices."""
+    lines = [
+        orders_pb2.OrderLine(
+            item_id=line.item_id, quantity=line.quantity, unit_price_cents=item.price_cents
+        )
+        for line, item in zip(request.lines, items, strict=True)
+    ]
+    create_time = Timestamp()
+    create_time.FromDatetime(datetime.now(UTC))
+    return events_pb2.OrderPlaced(
+        order_id=str(uuid.uuid4()),
+        customer_id=request.customer_id,
+        restaurant_id=items[0].restaurant_id,
+        lines=lines,
+        total_cents=order_total_cents(lines),
+        currency=items[0].currency,
+        payment_method=request.payment_method,
+        delivery_address=request.delivery_address,
+        create_time=create_time,
+    )
+
+
+INT64_MAX = 2**63 - 1
+
+
+def order_total_cents(lines: Sequence[orders_pb2.OrderLine]) -> int:
+    """The sum of quantity * unit_price_cents; OUT_OF_RANGE when it exceeds int64."""
+    total = sum(line.quantity * line.unit_price_cents for line in lines)
+    if total > INT64_MAX:
+        raise Refusal(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"the order total of {total} cents exceeds the largest total, {INT64_MAX}",
+        )
+    return total
+
+
+def _dependency_failure(service: str, doing: str, error: grpc.aio.AioRpcError) -> Refusal:
+    code = error.code()
+    message = f"the {service} service failed while {doing}: {code.name}: {error.details()}"
+    return Refusal(code if code in _PASSED_ON_CODES else grpc.StatusCode.UNAVAILABLE, message)
 
 
 def request_problem(request: orders_pb2.PlaceOrderRequest) -> str | None:
@@ -174,11 +388,15 @@ def request_problem(request: orders_pb2.PlaceOrderRequest) -> str | None:
         return "lines must not be empty: an order needs at least one line"
     if len(request.lines) > MAX_LINES:
         return f"lines has {len(request.lines)} entries; an order has at most {MAX_LINES}"
-    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        return (
-            f"idempotency_key has {len(request.idempotency_key)} characters; "
-            f"the most is {MAX_IDEMPOTENCY_KEY_LENGTH}"
-        )
+    for name in ("payment_method", "delivery_address"):
+        value = getattr(request, name)
+        if not value.strip():
+            return f"{name} must not be empty"
+        if len(value) > MAX_TEXT_LENGTH:
+            return f"{name} has {len(value)} characters; the most is {MAX_TEXT_LENGTH}"
+    key = key_problem(request.idempotency_key)
+    if key is not None:
+        return key
     first_line_of_item: dict[str, int] = {}
     for index, line in enumerate(request.lines):
         field = f"lines[{index}]"
@@ -197,7 +415,9 @@ def request_problem(request: orders_pb2.PlaceOrderRequest) -> str | None:
     return None
 
 
-def catalog_problem(lines: Sequence[OrderLine], items: Sequence[catalog_pb2.Item]) -> str | None:
+def catalog_problem(
+    lines: Sequence[orders_pb2.OrderLine], items: Sequence[catalog_pb2.Item]
+) -> str | None:
     """Why the catalog's items refuse these lines (naming the line and item), or None."""
     first = items[0]
     for index, (line, item) in enumerate(zip(lines, items, strict=True)):
@@ -223,46 +443,3 @@ def catalog_problem(lines: Sequence[OrderLine], items: Sequence[catalog_pb2.Item
                 "an order has one currency"
             )
     return None
-
-
-def order_message(order: StoredOrder) -> orders_pb2.Order:
-    """The wire form of a stored order."""
-    create_time = Timestamp()
-    create_time.FromDatetime(order.create_time)
-    return orders_pb2.Order(
-        order_id=order.order_id,
-        customer_id=order.customer_id,
-        restaurant_id=order.restaurant_id,
-        lines=[
-            orders_pb2.OrderLine(
-                item_id=line.item_id,
-                quantity=line.quantity,
-                unit_price_cents=line.unit_price_cents,
-            )
-            for line in order.lines
-        ],
-        total_cents=order.total_cents,
-        currency=order.currency,
-        status=orders_pb2.OrderStatus.Value(f"ORDER_STATUS_{order.status.value}"),
-        create_time=create_time,
-    )
-
-
-def _catalog_failure(
-    index: int, item_id: str, error: grpc.aio.AioRpcError
-) -> tuple[grpc.StatusCode, str]:
-    code = error.code()
-    if code == grpc.StatusCode.NOT_FOUND:
-        return code, f"lines[{index}].item_id {item_id!r}: no such item in the catalog"
-    message = (
-        f"the catalog service failed while pricing lines[{index}] (item {item_id!r}): "
-        f"{code.name}: {error.details()}"
-    )
-    return (code if code in _PASSED_ON_CATALOG_CODES else grpc.StatusCode.UNAVAILABLE), message
-
-
-def _conflict_message(conflict: IdempotencyConflict) -> str:
-    return (
-        f"{conflict}: another customer_id or other lines; "
-        "a retry must repeat the request exactly, and a new order needs a new key"
-    )

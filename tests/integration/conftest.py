@@ -11,11 +11,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from foodmesh.orders.v1 import orders_pb2
@@ -26,6 +28,9 @@ from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FAILING = ("--fault-abort", "UNAVAILABLE", "--fault-abort-percent", "100")
 """Flags that make a service instance fail every call (its health checks still pass)."""
+MANY_COURIERS = ("--couriers", "1000")
+"""delivery flags for tests that place more orders than the default pool has couriers for
+(each courier carries one delivery for the whole trip)."""
 
 
 @dataclass
@@ -121,27 +126,79 @@ class Stack:
             ignore=(OSError,),
         )
 
+    def start_platform(
+        self,
+        *,
+        orders: int = 1,
+        catalog: int = 1,
+        delivery: Sequence[str] = (),
+        orders_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> dict[str, list[ServiceProcess]]:
+        """users, catalog, payments, delivery and orders, each passing in Consul; `delivery`
+        and `orders_args` are extra flags of those services, `env` extra environment of all.
+
+        It waits until every running instance of these services passes, those started
+        before too (catalogs with other flags, say); a service none is started of
+        (catalog=0) is not waited for."""
+        started = {
+            "users": [self.start("users", env=env)],
+            "catalog": [self.start("catalog", env=env) for _ in range(catalog)],
+            "payments": [self.start("payments", env=env)],
+            "delivery": [self.start("delivery", *delivery, env=env)],
+            "orders": [self.start("orders", *orders_args, env=env) for _ in range(orders)],
+        }
+        for name in started:
+            running = {p.port for p in self.processes if p.name == name and not p.stopped}
+            if running:
+                self.wait_passing(name, running)
+        return started
+
+    def customer(self, email: str = "ada@example.com") -> str:
+        """A user created through the users service; its user_id."""
+        from foodmesh.users.v1 import users_pb2, users_pb2_grpc
+
+        users = next(p for p in self.processes if p.name == "users" and not p.stopped)
+        with grpc.insecure_channel(users.address) as channel:
+            user = users_pb2_grpc.UserServiceStub(channel).CreateUser(
+                users_pb2.CreateUserRequest(
+                    email=email, display_name=email.split("@")[0], password="correct horse"
+                ),
+                timeout=10,
+            )
+        return str(user.user_id)
+
     def stop_all(self) -> None:
-        for service in reversed(self.processes):
-            if service.proc.poll() is None:
-                service.stop()
+        """Stop every running process, all at once: each one's drain delay then passes
+        together (a platform is seven processes), not one after the other."""
+        running = [s for s in reversed(self.processes) if s.proc.poll() is None]
+        if running:
+            with ThreadPoolExecutor(len(running)) as pool:
+                list(pool.map(lambda service: service.stop(), running))
 
 
 def order(
-    key: str, *, customer: str = "alice", item: str = "roma-margherita", quantity: int = 2
+    key: str,
+    *,
+    customer: str,
+    item: str = "roma-margherita",
+    quantity: int = 2,
+    payment_method: str = "pm_card_visa",
 ) -> orders_pb2.PlaceOrderRequest:
-    """A PlaceOrder request of one line."""
+    """A PlaceOrder request of one line, paid by `payment_method`."""
     return orders_pb2.PlaceOrderRequest(
         customer_id=customer,
         lines=[orders_pb2.OrderLine(item_id=item, quantity=quantity)],
         idempotency_key=key,
+        payment_method=payment_method,
+        delivery_address="1 Test Street",
     )
 
 
 def count_orders(stack: Stack) -> int:
     """Orders in the stack's orders database, read from its file."""
     with sqlite3.connect(stack.data_dir / "orders.db") as db:
-        return int(db.execute("SELECT COUNT(*) FROM orders").fetchone()[0])
+        return int(db.execute("SELECT COUNT(*) FROM order_views").fetchone()[0])
 
 
 @pytest.fixture

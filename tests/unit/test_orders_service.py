@@ -1,30 +1,44 @@
-"""OrderService on a real in-process grpc.aio server, pricing orders through a real catalog
-server on a plain channel, as it does through the mesh in production."""
+"""OrderService on a real in-process grpc.aio server, with real users, catalog, payments and
+delivery servers on their own SQLite files, as it runs through the mesh in production: the
+request checks that name their field and store nothing, pricing, the checkout saga's answers
+(CONFIRMED, REJECTED, PENDING at the caller's deadline), idempotency under concurrent
+duplicates on two instances of one file, dependency failures that keep their code, and
+cancelling and watching an order."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
+from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.testing import InProcessServer, MockChannel
+from meshkit.saga import SagaLeases, SagaRunner, StepRetry
 from meshkit.storage.sqlite import SqliteDatabase
 from services.datadir import database_path
-from services.orders.servicer import DEFAULT_CATALOG_TIMEOUT_S, OrderServicer
-from services.orders.store import (
-    IdempotencyKey,
-    NewOrder,
-    OrderLine,
-    OrdersStore,
-)
+from services.delivery.servicer import DeliveryServicer
+from services.delivery.store import DeliveriesStore
+from services.delivery.trips import Fleet
+from services.orders.checkout import Checkout
+from services.orders.servicer import DEFAULT_DEPENDENCY_TIMEOUT_S, OrderServicer, order_placed
+from services.orders.state import OrderState
+from services.orders.store import OrdersStore
+from services.payments.servicer import PaymentServicer
+from services.payments.store import PaymentsStore
+from services.users.passwords import PasswordHasher, ScryptParams
+from services.users.servicer import UserServicer
+from services.users.store import UsersStore
+from services.users.tokens import TokenIssuer, TokenSettings
 from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
     UNAVAILABLE_ITEM_ID,
@@ -34,12 +48,18 @@ from tests.unit.demo_services import (
 )
 
 if TYPE_CHECKING:
-    from foodmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
     from foodmesh.orders.v1.orders_pb2_grpc import OrderServiceAsyncStub as OrdersStub
 
 MARGHERITA, CARBONARA = AVAILABLE_ITEM_ID, "roma-carbonara"  # 850 and 1250 EUR cents
 SUSHI = "sakura-miso-soup"
-ORDER_TABLES = ("orders", "order_lines", "idempotency_keys")
+VISA, DECLINED = "pm_card_visa", "pm_card_chargeDeclinedInsufficientFunds"
+ORDER_TABLES = ("order_views", "events", "idempotent_requests")
+NOTHING_STORED = dict.fromkeys(ORDER_TABLES, 0)
+FAST_RETRY = StepRetry(initial_interval=0.05, maximum_interval=0.2)
+S = orders_pb2.OrderStatus
+PENDING, CONFIRMED = S.ORDER_STATUS_PENDING, S.ORDER_STATUS_CONFIRMED
+REJECTED, CANCELLED = S.ORDER_STATUS_REJECTED, S.ORDER_STATUS_CANCELLED
+WAIT_S = 10.0
 
 
 def line(item_id: str, quantity: int = 1, unit_price_cents: int = 0) -> orders_pb2.OrderLine:
@@ -48,67 +68,232 @@ def line(item_id: str, quantity: int = 1, unit_price_cents: int = 0) -> orders_p
     )
 
 
-def order_request(*lines: orders_pb2.OrderLine, key: str = "") -> orders_pb2.PlaceOrderRequest:
-    return orders_pb2.PlaceOrderRequest(
-        customer_id="alice", lines=list(lines) or [line(MARGHERITA)], idempotency_key=key
-    )
+def order_request(*lines: orders_pb2.OrderLine, **fields: Any) -> orders_pb2.PlaceOrderRequest:
+    values: dict[str, Any] = {
+        "customer_id": "",  # filled in with the platform's customer by Platform.place
+        "lines": list(lines) or [line(MARGHERITA)],
+        "payment_method": VISA,
+        "delivery_address": "1 Test Street",
+    }
+    values.update(fields)
+    return orders_pb2.PlaceOrderRequest(**values)
 
 
 @asynccontextmanager
-async def orders_server(
-    db_path: Path, catalog: CatalogServiceAsyncStub
-) -> AsyncIterator[OrdersStub]:
-    """An orders service on db_path pricing through catalog; yields a stub that calls it."""
-    async with await OrdersStore.open(db_path) as store:
-        add = orders_pb2_grpc.add_OrderServiceServicer_to_server
-        async with InProcessServer((add, OrderServicer(catalog, store))) as server:
-            yield orders_pb2_grpc.OrderServiceStub(server.channel)
+async def serving(*services: Any) -> AsyncIterator[InProcessServer]:
+    async with InProcessServer(*services) as server:
+        yield server
+
+
+@asynccontextmanager
+async def users_server(db: Path) -> AsyncIterator[InProcessServer]:
+    async with await UsersStore.open(db) as store:
+        tokens = TokenIssuer(store.keys, TokenSettings("foodmesh-users", "foodmesh", 3600))
+        servicer = UserServicer(store, PasswordHasher(ScryptParams(log2_n=10, r=8, p=1)), tokens)
+        async with serving((users_pb2_grpc.add_UserServiceServicer_to_server, servicer)) as s:
+            yield s
+
+
+class GatedPayments(PaymentServicer):
+    """Payments whose AuthorizePayment waits until the test opens the gate."""
+
+    def __init__(self, store: PaymentsStore, gate: asyncio.Event) -> None:
+        super().__init__(store)
+        self.gate = gate
+
+    async def AuthorizePayment(
+        self, request: payments_pb2.AuthorizePaymentRequest, context: Any
+    ) -> payments_pb2.Payment:
+        await self.gate.wait()
+        return await super().AuthorizePayment(request, context)
+
+
+@asynccontextmanager
+async def payments_server(db: Path, gate: asyncio.Event) -> AsyncIterator[InProcessServer]:
+    async with await PaymentsStore.open(db) as store:
+        add = payments_pb2_grpc.add_PaymentServiceServicer_to_server
+        async with serving((add, GatedPayments(store, gate))) as server:
+            yield server
+
+
+@asynccontextmanager
+async def delivery_server(db: Path, couriers: int) -> AsyncIterator[InProcessServer]:
+    fleet = Fleet(couriers=couriers, trip_seconds=600)  # nobody arrives during a test
+    async with await DeliveriesStore.open(db, fleet=fleet) as store:
+        add = delivery_pb2_grpc.add_DeliveryServiceServicer_to_server
+        async with serving((add, DeliveryServicer(store))) as server:
+            yield server
+
+
+@dataclass
+class Participants:
+    """Stubs on the servers the orders service depends on."""
+
+    users: users_pb2_grpc.UserServiceAsyncStub
+    catalog: catalog_pb2_grpc.CatalogServiceAsyncStub
+    payments: payments_pb2_grpc.PaymentServiceAsyncStub
+    delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub
+
+
+@asynccontextmanager
+async def orders_server(db: Path, participants: Participants) -> AsyncIterator[OrdersStub]:
+    """An orders instance on db over these participants; yields a stub that calls it."""
+    async with await OrdersStore.open(db) as store:
+        checkout = Checkout(
+            participants.payments,
+            participants.delivery,
+            retry=FAST_RETRY,
+        )
+        runner: SagaRunner[OrderState] = SagaRunner(
+            checkout, store, SagaLeases(store.database, f"orders-{id(store)}", ttl=5.0)
+        )
+        servicer = OrderServicer(
+            users=participants.users,
+            catalog=participants.catalog,
+            delivery=participants.delivery,
+            store=store,
+            runner=runner,
+        )
+        try:
+            add = orders_pb2_grpc.add_OrderServiceServicer_to_server
+            async with serving((add, servicer)) as server:
+                yield orders_pb2_grpc.OrderServiceStub(server.channel)
+        finally:
+            await runner.close()
 
 
 @dataclass
 class Platform:
-    """A catalog server and an orders server on their own database files."""
+    """An orders server and its four participants, each on its own database file."""
 
-    catalog_db: Path
-    orders_db: Path
-    catalog_channel: grpc.aio.Channel
+    data_dir: Path
+    participants: Participants
     orders: OrdersStub
-    stop_catalog: AsyncExitStack
+    customer_id: str
+    stops: dict[str, AsyncExitStack]
+
+    @property
+    def orders_db(self) -> Path:
+        return database_path(self.data_dir, "orders")
+
+    async def place(
+        self, request: orders_pb2.PlaceOrderRequest, **call: Any
+    ) -> orders_pb2.Order:
+        return await self.orders.PlaceOrder(self.for_customer(request), **call)
+
+    def for_customer(self, request: orders_pb2.PlaceOrderRequest) -> orders_pb2.PlaceOrderRequest:
+        mine = orders_pb2.PlaceOrderRequest()
+        mine.CopyFrom(request)
+        if not mine.customer_id:
+            mine.customer_id = self.customer_id
+        return mine
+
+    async def stop(self, *participants: str) -> None:
+        """Stop these participants' servers: a call to them fails with UNAVAILABLE."""
+        for name in participants:
+            await self.stops[name].aclose()
 
     async def stored_rows(self) -> dict[str, int]:
         return {table: await count_rows(self.orders_db, table) for table in ORDER_TABLES}
 
+    async def payments_of(self, order_id: str) -> list[payments_pb2.Payment]:
+        listed = await self.participants.payments.ListPayments(
+            payments_pb2.ListPaymentsRequest(order_id=order_id)
+        )
+        return list(listed.payments)
+
+    async def deliveries_of(self, order_id: str) -> list[delivery_pb2.Delivery]:
+        listed = await self.participants.delivery.ListDeliveries(
+            delivery_pb2.ListDeliveriesRequest(order_id=order_id)
+        )
+        return list(listed.deliveries)
+
     async def set_catalog_item(self, item_id: str, column: str, value: object) -> None:
         """Change an item as an operator would: in the catalog's file, from outside."""
-        async with await SqliteDatabase.open(self.catalog_db) as database:
-            async with database.transaction() as transaction:
+        async with await SqliteDatabase.open(database_path(self.data_dir, "catalog")) as db:
+            async with db.transaction() as transaction:
                 changed = await transaction.execute(
                     f"UPDATE items SET {column} = ? WHERE item_id = ?", (value, item_id)
                 )
         assert changed == 1
 
 
+async def start_platform(
+    tmp_path: Path, *, couriers: int = 50, payments_gate: asyncio.Event | None = None
+) -> tuple[AsyncExitStack, Platform]:
+    """The platform on tmp_path; payments authorize once payments_gate is set (at once when
+    none is given)."""
+    if payments_gate is None:
+        payments_gate = asyncio.Event()
+        payments_gate.set()
+    gate = payments_gate
+    data_dir = tmp_path / "data"
+    stack = AsyncExitStack()
+    stops: dict[str, AsyncExitStack] = {}
+    servers: dict[str, Callable[[Path], Any]] = {
+        "users": users_server,
+        "catalog": catalog_server,
+        "payments": lambda db: payments_server(db, gate),
+        "delivery": lambda db: delivery_server(db, couriers),
+    }
+    stubs: dict[str, Any] = {}
+    stub_types = {
+        "users": users_pb2_grpc.UserServiceStub,
+        "catalog": catalog_pb2_grpc.CatalogServiceStub,
+        "payments": payments_pb2_grpc.PaymentServiceStub,
+        "delivery": delivery_pb2_grpc.DeliveryServiceStub,
+    }
+    for name, server_of in servers.items():
+        stops[name] = AsyncExitStack()
+        stack.push_async_exit(stops[name])
+        server = await stops[name].enter_async_context(server_of(database_path(data_dir, name)))
+        # A channel of its own, outliving the server: calls after a stop are UNAVAILABLE.
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+        stubs[name] = stub_types[name](channel)
+    participants = Participants(**stubs)
+    user = await participants.users.CreateUser(
+        users_pb2.CreateUserRequest(
+            email="ada@example.com", display_name="Ada", password="correct horse battery"
+        )
+    )
+    orders = await stack.enter_async_context(
+        orders_server(database_path(data_dir, "orders"), participants)
+    )
+    return stack, Platform(data_dir, participants, orders, user.user_id, stops)
+
+
 @pytest.fixture
 async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
-    data_dir = tmp_path / "data"
-    catalog_db, orders_db = database_path(data_dir, "catalog"), database_path(data_dir, "orders")
-    async with AsyncExitStack() as stack, AsyncExitStack() as catalog_stack:
-        server = await catalog_stack.enter_async_context(catalog_server(catalog_db))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
-        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
-        orders = await stack.enter_async_context(orders_server(orders_db, catalog))
-        yield Platform(catalog_db, orders_db, channel, orders, catalog_stack)
+    stack, started = await start_platform(tmp_path)
+    async with stack:
+        yield started
 
 
-NOTHING_STORED = dict.fromkeys(ORDER_TABLES, 0)
+async def watched_until(
+    platform: Platform, order_id: str, done: Callable[[orders_pb2.Order], bool]
+) -> list[orders_pb2.Order]:
+    """What WatchOrder sends until `done` holds for an update (within WAIT_S)."""
+    sent: list[orders_pb2.Order] = []
+    call = platform.orders.WatchOrder(
+        orders_pb2.WatchOrderRequest(order_id=order_id), timeout=WAIT_S
+    )
+    async for order in call:
+        sent.append(order)
+        if done(order):
+            call.cancel()
+            return sent
+    raise AssertionError(f"the watch ended before the condition held: {sent}")
 
 
-async def test_place_order_prices_lines_from_the_catalog(platform: Platform) -> None:
-    order = await platform.orders.PlaceOrder(
+# -- placing an order -----------------------------------------------------------------------
+
+
+async def test_place_order_prices_lines_and_confirms_through_the_saga(platform: Platform) -> None:
+    order = await platform.place(
         order_request(line(MARGHERITA, 2), line(CARBONARA, 1, unit_price_cents=1250))
     )
-    assert order.order_id
-    assert order.customer_id == "alice"
+    assert order.status == CONFIRMED
+    assert order.customer_id == platform.customer_id
     assert order.restaurant_id == "trattoria-roma"
     assert [(ln.item_id, ln.quantity, ln.unit_price_cents) for ln in order.lines] == [
         (MARGHERITA, 2, 850),
@@ -116,30 +301,63 @@ async def test_place_order_prices_lines_from_the_catalog(platform: Platform) -> 
     ]
     assert order.total_cents == 2 * 850 + 1250
     assert order.currency == "EUR"
-    assert order.status == orders_pb2.ORDER_STATUS_PLACED
-    assert order.HasField("create_time")
+    assert (order.payment_method, order.delivery_address) == (VISA, "1 Test Street")
     assert order.create_time.seconds > 0
+    assert order.update_time.ToDatetime() >= order.create_time.ToDatetime()
+
+    [payment] = await platform.payments_of(order.order_id)
+    assert payment.payment_id == order.payment_id
+    assert payment.status == payments_pb2.PAYMENT_STATUS_CAPTURED
+    assert payment.amount_cents == order.total_cents
+    [delivery] = await platform.deliveries_of(order.order_id)
+    assert delivery.delivery_id == order.delivery_id
+    assert delivery.status == delivery_pb2.DELIVERY_STATUS_ASSIGNED
 
     fetched = await platform.orders.GetOrder(orders_pb2.GetOrderRequest(order_id=order.order_id))
     assert fetched == order
-    assert await platform.stored_rows() == {"orders": 1, "order_lines": 2, "idempotency_keys": 0}
 
 
 async def test_next_order_takes_a_changed_catalog_price(platform: Platform) -> None:
-    before = await platform.orders.PlaceOrder(order_request())
+    before = await platform.place(order_request())
     await platform.set_catalog_item(MARGHERITA, "price_cents", 990)
-    after = await platform.orders.PlaceOrder(order_request())
+    after = await platform.place(order_request())
     assert before.total_cents == 850
     assert after.lines[0].unit_price_cents == 990
     assert after.total_cents == 990
 
 
-LONG_KEY = "k" * 256
+async def test_declined_card_rejects_the_order_with_the_reason(platform: Platform) -> None:
+    order = await platform.place(order_request(payment_method=DECLINED))
+    assert order.status == REJECTED
+    assert "insufficient_funds" in order.rejection_reason
+    [payment] = await platform.payments_of(order.order_id)
+    assert payment.status == payments_pb2.PAYMENT_STATUS_DECLINED
+    assert await platform.deliveries_of(order.order_id) == []
+
+
+async def test_no_courier_voids_the_payment_and_rejects(tmp_path: Path) -> None:
+    stack, platform = await start_platform(tmp_path, couriers=1)
+    async with stack:
+        first = await platform.place(order_request())
+        second = await platform.place(order_request())
+        assert first.status == CONFIRMED
+        assert second.status == REJECTED
+        assert "schedule_delivery" in second.rejection_reason
+        [payment] = await platform.payments_of(second.order_id)
+        assert payment.status == payments_pb2.PAYMENT_STATUS_VOIDED
+
+
+LONG_TEXT = "x" * 501
 INVALID_REQUESTS = {
-    "customer_id": orders_pb2.PlaceOrderRequest(lines=[line(MARGHERITA)]),
-    "lines must not be empty": orders_pb2.PlaceOrderRequest(customer_id="alice"),
+    "customer_id must not be empty": orders_pb2.PlaceOrderRequest(
+        lines=[line(MARGHERITA)], payment_method=VISA, delivery_address="1 Test Street"
+    ),
+    "lines must not be empty": order_request(lines=[]),
     "lines has 101": order_request(*(line(f"item-{n}") for n in range(101))),
-    "idempotency_key": order_request(key=LONG_KEY),
+    "idempotency_key": order_request(idempotency_key="k" * 256),
+    "payment_method must not be empty": order_request(payment_method=" "),
+    "delivery_address must not be empty": order_request(delivery_address=""),
+    "delivery_address has 501 characters": order_request(delivery_address=LONG_TEXT),
     "lines[1].item_id must": order_request(line(MARGHERITA), line("")),
     "lines[0].quantity": order_request(line(MARGHERITA, 0)),
     "lines[1].quantity": order_request(line(CARBONARA), line(MARGHERITA, -3)),
@@ -152,56 +370,50 @@ INVALID_REQUESTS = {
 
 
 @pytest.mark.parametrize("field", INVALID_REQUESTS)
-async def test_invalid_request_is_refused_before_calling_the_catalog(
+async def test_invalid_request_is_refused_before_any_call_or_write(
     platform: Platform, field: str
 ) -> None:
-    await platform.stop_catalog.aclose()  # any catalog call would now fail with UNAVAILABLE
-    error = await rpc_error(platform.orders.PlaceOrder(INVALID_REQUESTS[field]))
+    await platform.stop("users", "catalog")  # any call to them would fail with UNAVAILABLE
+    request = INVALID_REQUESTS[field]
+    if field.startswith("customer_id"):
+        call = platform.orders.PlaceOrder(request)
+    else:
+        call = platform.place(request)
+    error = await rpc_error(call)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (error.details() or "")
     assert await platform.stored_rows() == NOTHING_STORED
 
 
-async def test_unknown_item_is_not_found_naming_line_and_item(platform: Platform) -> None:
-    error = await rpc_error(
-        platform.orders.PlaceOrder(order_request(line(MARGHERITA), line("no-such-dish")))
-    )
+async def test_unknown_customer_is_not_found_and_stores_nothing(platform: Platform) -> None:
+    error = await rpc_error(platform.place(order_request(customer_id="nobody")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "lines[1].item_id 'no-such-dish'" in (error.details() or "")
+    assert "customer_id 'nobody'" in (error.details() or "")
     assert await platform.stored_rows() == NOTHING_STORED
 
 
-async def test_unavailable_item_is_failed_precondition(platform: Platform) -> None:
-    error = await rpc_error(platform.orders.PlaceOrder(order_request(line(UNAVAILABLE_ITEM_ID))))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert UNAVAILABLE_ITEM_ID in (error.details() or "")
-    assert await platform.stored_rows() == NOTHING_STORED
-
-
-async def test_stale_price_is_failed_precondition_naming_both_prices(platform: Platform) -> None:
-    error = await rpc_error(platform.orders.PlaceOrder(order_request(line(MARGHERITA, 1, 800))))
-    details = error.details() or ""
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert MARGHERITA in details
-    assert "800" in details
-    assert "850" in details
-    assert await platform.stored_rows() == NOTHING_STORED
-
-
-async def test_items_of_two_restaurants_are_failed_precondition(platform: Platform) -> None:
-    error = await rpc_error(
-        platform.orders.PlaceOrder(order_request(line(MARGHERITA), line(SUSHI)))
-    )
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert SUSHI in (error.details() or "")
+@pytest.mark.parametrize(
+    ("lines", "code", "named"),
+    [
+        ((line(MARGHERITA), line("no-such-dish")), "NOT_FOUND", "lines[1].item_id 'no-such-dish'"),
+        ((line(UNAVAILABLE_ITEM_ID),), "FAILED_PRECONDITION", UNAVAILABLE_ITEM_ID),
+        ((line(MARGHERITA, 1, 800),), "FAILED_PRECONDITION", "is 800, but item"),
+        ((line(MARGHERITA), line(SUSHI)), "FAILED_PRECONDITION", SUSHI),
+    ],
+    ids=["unknown item", "unavailable item", "stale price", "two restaurants"],
+)
+async def test_what_the_catalog_refuses_names_the_line_and_stores_nothing(
+    platform: Platform, lines: tuple[orders_pb2.OrderLine, ...], code: str, named: str
+) -> None:
+    error = await rpc_error(platform.place(order_request(*lines)))
+    assert error.code() == grpc.StatusCode[code]
+    assert named in (error.details() or "")
     assert await platform.stored_rows() == NOTHING_STORED
 
 
 async def test_items_in_two_currencies_are_failed_precondition(platform: Platform) -> None:
     await platform.set_catalog_item(CARBONARA, "currency", "CHF")
-    error = await rpc_error(
-        platform.orders.PlaceOrder(order_request(line(MARGHERITA), line(CARBONARA)))
-    )
+    error = await rpc_error(platform.place(order_request(line(MARGHERITA), line(CARBONARA))))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "CHF" in (error.details() or "")
     assert await platform.stored_rows() == NOTHING_STORED
@@ -209,17 +421,20 @@ async def test_items_in_two_currencies_are_failed_precondition(platform: Platfor
 
 async def test_total_beyond_int64_is_out_of_range(platform: Platform) -> None:
     await platform.set_catalog_item(MARGHERITA, "price_cents", 2**62)
-    error = await rpc_error(platform.orders.PlaceOrder(order_request(line(MARGHERITA, 2))))
+    error = await rpc_error(platform.place(order_request(line(MARGHERITA, 2))))
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "total" in (error.details() or "")
     assert await platform.stored_rows() == NOTHING_STORED
 
 
-async def test_catalog_down_is_unavailable_and_stores_nothing(platform: Platform) -> None:
-    await platform.stop_catalog.aclose()
-    error = await rpc_error(platform.orders.PlaceOrder(order_request()))
+@pytest.mark.parametrize("down", ["catalog", "users"])
+async def test_a_pricing_dependency_down_is_unavailable_naming_it(
+    platform: Platform, down: str
+) -> None:
+    await platform.stop(down)
+    error = await rpc_error(platform.place(order_request()))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "catalog service failed" in (error.details() or "")
+    assert f"the {down} service failed" in (error.details() or "")
     assert await platform.stored_rows() == NOTHING_STORED
 
 
@@ -236,22 +451,20 @@ class ScriptedCatalog(catalog_pb2_grpc.CatalogServiceServicer):
         self.time_remaining.append(context.time_remaining())
         await context.abort(self.failure, "scripted failure")
 
-    async def ListItems(
-        self,
-        request: catalog_pb2.ListItemsRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> catalog_pb2.ListItemsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
 
 @asynccontextmanager
 async def orders_on_scripted_catalog(
-    tmp_path: Path, catalog: ScriptedCatalog
+    platform: Platform, catalog: ScriptedCatalog
 ) -> AsyncIterator[OrdersStub]:
-    """Orders in front of a scripted catalog that no server serves: a MockChannel answers."""
+    """A second orders instance whose catalog is scripted: a MockChannel answers."""
     channel = MockChannel((catalog_pb2_grpc.add_CatalogServiceServicer_to_server, catalog))
-    stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-    async with orders_server(tmp_path / "orders.db", stub) as orders:
+    participants = Participants(
+        platform.participants.users,
+        catalog_pb2_grpc.CatalogServiceStub(channel),
+        platform.participants.payments,
+        platform.participants.delivery,
+    )
+    async with orders_server(platform.orders_db, participants) as orders:
         yield orders
 
 
@@ -266,105 +479,201 @@ async def orders_on_scripted_catalog(
     ],
 )
 async def test_catalog_failure_keeps_its_code_and_is_never_internal(
-    tmp_path: Path, catalog_code: grpc.StatusCode, expected_code: grpc.StatusCode
+    platform: Platform, catalog_code: grpc.StatusCode, expected_code: grpc.StatusCode
 ) -> None:
-    async with orders_on_scripted_catalog(tmp_path, ScriptedCatalog(catalog_code)) as orders:
-        error = await rpc_error(orders.PlaceOrder(order_request(), timeout=30))
+    async with orders_on_scripted_catalog(platform, ScriptedCatalog(catalog_code)) as orders:
+        error = await rpc_error(orders.PlaceOrder(platform.for_customer(order_request())))
     assert error.code() == expected_code
     assert "catalog service failed" in (error.details() or "")
-    assert await count_rows(tmp_path / "orders.db", "orders") == 0
+    assert await platform.stored_rows() == NOTHING_STORED
 
 
-async def test_catalog_call_gets_the_inbound_remaining_time(tmp_path: Path) -> None:
+async def test_dependency_calls_get_the_inbound_remaining_time(platform: Platform) -> None:
     catalog = ScriptedCatalog(grpc.StatusCode.UNAVAILABLE)
-    async with orders_on_scripted_catalog(tmp_path, catalog) as orders:
-        await rpc_error(orders.PlaceOrder(order_request(), timeout=30))
-        await rpc_error(orders.PlaceOrder(order_request()))
+    async with orders_on_scripted_catalog(platform, catalog) as orders:
+        request = platform.for_customer(order_request())
+        await rpc_error(orders.PlaceOrder(request, timeout=30))
+        await rpc_error(orders.PlaceOrder(request))
     with_deadline, without_deadline = catalog.time_remaining
     assert with_deadline is not None and 0 < with_deadline <= 30 + 0.5
-    assert without_deadline is not None and 0 < without_deadline <= DEFAULT_CATALOG_TIMEOUT_S + 0.5
+    assert without_deadline is not None
+    assert 0 < without_deadline <= DEFAULT_DEPENDENCY_TIMEOUT_S + 0.5
 
 
-async def test_same_key_and_request_returns_the_first_order(platform: Platform) -> None:
-    first = await platform.orders.PlaceOrder(order_request(key="key-1"))
-    await platform.set_catalog_item(MARGHERITA, "available", 0)
-    retry = await platform.orders.PlaceOrder(order_request(key="key-1"))
-    assert retry == first
-    assert await platform.stored_rows() == {"orders": 1, "order_lines": 1, "idempotency_keys": 1}
+# -- the caller's deadline and watching -------------------------------------------------------
 
 
-async def test_retry_is_answered_even_while_the_catalog_is_down(platform: Platform) -> None:
-    first = await platform.orders.PlaceOrder(order_request(key="key-1"))
-    await platform.stop_catalog.aclose()
-    retry = await platform.orders.PlaceOrder(order_request(key="key-1"))
-    assert retry.order_id == first.order_id
+async def test_a_deadline_before_the_saga_ends_answers_pending_and_the_saga_goes_on(
+    tmp_path: Path,
+) -> None:
+    gate = asyncio.Event()
+    stack, platform = await start_platform(tmp_path, payments_gate=gate)
+    async with stack:
+        pending = await platform.place(order_request(), timeout=0.5)
+        assert pending.status == PENDING
+        assert pending.payment_id == ""
+        gate.set()
+        sent = await watched_until(platform, pending.order_id, lambda o: o.status != PENDING)
+    assert sent[0].status == PENDING
+    assert sent[-1].status == CONFIRMED
+    assert sent[-1].payment_id
+
+
+async def test_watch_sends_each_change_until_the_order_is_final(platform: Platform) -> None:
+    order = await platform.place(order_request())
+    cancelling = asyncio.ensure_future(
+        platform.orders.CancelOrder(orders_pb2.CancelOrderRequest(order_id=order.order_id))
+    )
+    sent = await watched_until(platform, order.order_id, lambda o: o.status == CANCELLED)
+    await cancelling
+    assert [o.status for o in sent] == [CONFIRMED, CANCELLED]
 
 
 @pytest.mark.parametrize(
-    "other_request",
-    [
-        order_request(line(MARGHERITA, 2), key="key-1"),
-        order_request(line(CARBONARA), key="key-1"),
-        order_request(line(MARGHERITA, 1, 850), key="key-1"),
-        orders_pb2.PlaceOrderRequest(
-            customer_id="bob", lines=[line(MARGHERITA)], idempotency_key="key-1"
+    ("order_id", "code"), [("", "INVALID_ARGUMENT"), ("no-such-order", "NOT_FOUND")]
+)
+async def test_reading_no_order_names_the_order_id(
+    platform: Platform, order_id: str, code: str
+) -> None:
+    calls = {
+        "GetOrder": platform.orders.GetOrder(orders_pb2.GetOrderRequest(order_id=order_id)),
+        "CancelOrder": platform.orders.CancelOrder(
+            orders_pb2.CancelOrderRequest(order_id=order_id)
         ),
+    }
+    for method, call in calls.items():
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode[code], method
+        assert "order_id" in (error.details() or ""), method
+    with pytest.raises(grpc.aio.AioRpcError) as watched:
+        async for _ in platform.orders.WatchOrder(orders_pb2.WatchOrderRequest(order_id=order_id)):
+            pass
+    assert watched.value.code() == grpc.StatusCode[code]
+    assert "order_id" in (watched.value.details() or "")
+
+
+# -- cancelling -----------------------------------------------------------------------------
+
+
+async def test_cancelling_a_confirmed_order_refunds_and_frees_the_courier(
+    platform: Platform,
+) -> None:
+    order = await platform.place(order_request())
+    request = orders_pb2.CancelOrderRequest(order_id=order.order_id)
+    cancelled = await platform.orders.CancelOrder(request)
+    assert cancelled.status == CANCELLED
+    assert "cancelled by the customer" in cancelled.rejection_reason
+    [payment] = await platform.payments_of(order.order_id)
+    assert payment.status == payments_pb2.PAYMENT_STATUS_REFUNDED
+    [delivery] = await platform.deliveries_of(order.order_id)
+    assert delivery.status == delivery_pb2.DELIVERY_STATUS_CANCELLED
+    again = await platform.orders.CancelOrder(request)
+    assert again.status == CANCELLED
+    assert [p.status for p in await platform.payments_of(order.order_id)] == [
+        payments_pb2.PAYMENT_STATUS_REFUNDED
+    ]
+
+
+async def test_a_rejected_order_cannot_be_cancelled(platform: Platform) -> None:
+    order = await platform.place(order_request(payment_method=DECLINED))
+    error = await rpc_error(
+        platform.orders.CancelOrder(orders_pb2.CancelOrderRequest(order_id=order.order_id))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "REJECTED" in (error.details() or "")
+
+
+# -- idempotency ----------------------------------------------------------------------------
+
+
+async def test_same_key_and_request_returns_the_first_order(platform: Platform) -> None:
+    first = await platform.place(order_request(idempotency_key="key-1"))
+    await platform.set_catalog_item(MARGHERITA, "available", 0)
+    retry = await platform.place(order_request(idempotency_key="key-1"))
+    assert retry == first
+    assert (await platform.stored_rows())["order_views"] == 1
+    assert len(await platform.payments_of(first.order_id)) == 1
+
+
+async def test_retry_is_answered_even_while_the_dependencies_are_down(
+    platform: Platform,
+) -> None:
+    first = await platform.place(order_request(idempotency_key="key-1"))
+    await platform.stop("users", "catalog", "payments", "delivery")
+    retry = await platform.place(order_request(idempotency_key="key-1"))
+    assert retry.order_id == first.order_id
+    assert retry.status == CONFIRMED
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        order_request(line(MARGHERITA, 2)),
+        order_request(line(CARBONARA)),
+        order_request(line(MARGHERITA, 1, 850)),
+        order_request(payment_method="pm_card_mastercard"),
+        order_request(delivery_address="2 Other Street"),
+        order_request(customer_id="bob"),
     ],
+    ids=["quantity", "item", "price", "payment_method", "delivery_address", "customer_id"],
 )
 async def test_same_key_with_another_request_is_already_exists(
-    platform: Platform, other_request: orders_pb2.PlaceOrderRequest
+    platform: Platform, other: orders_pb2.PlaceOrderRequest
 ) -> None:
-    await platform.orders.PlaceOrder(order_request(key="key-1"))
-    error = await rpc_error(platform.orders.PlaceOrder(other_request))
+    await platform.place(order_request(idempotency_key="key-1"))
+    reused = orders_pb2.PlaceOrderRequest()
+    reused.CopyFrom(other)
+    reused.idempotency_key = "key-1"
+    before = await platform.stored_rows()
+    error = await rpc_error(platform.place(reused))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "idempotency_key 'key-1'" in (error.details() or "")
-    assert await platform.stored_rows() == {"orders": 1, "order_lines": 1, "idempotency_keys": 1}
+    assert await platform.stored_rows() == before
 
 
 async def test_empty_key_does_not_deduplicate(platform: Platform) -> None:
-    first = await platform.orders.PlaceOrder(order_request())
-    second = await platform.orders.PlaceOrder(order_request())
+    first = await platform.place(order_request())
+    second = await platform.place(order_request())
     assert first.order_id != second.order_id
-    assert await platform.stored_rows() == {"orders": 2, "order_lines": 2, "idempotency_keys": 0}
+    assert (await platform.stored_rows())["order_views"] == 2
 
 
-async def test_concurrent_duplicates_on_two_servers_create_one_order(platform: Platform) -> None:
-    catalog = catalog_pb2_grpc.CatalogServiceStub(platform.catalog_channel)
-    async with orders_server(platform.orders_db, catalog) as second_instance:
+async def test_concurrent_duplicates_on_two_instances_make_one_order_and_one_payment(
+    platform: Platform,
+) -> None:
+    async with orders_server(platform.orders_db, platform.participants) as second_instance:
         instances = (platform.orders, second_instance)
-        orders = await asyncio.gather(
-            *(instances[n % 2].PlaceOrder(order_request(key="dup")) for n in range(16))
-        )
+        request = platform.for_customer(order_request(idempotency_key="dup"))
+        orders = await asyncio.gather(*(instances[n % 2].PlaceOrder(request) for n in range(16)))
     assert len({order.order_id for order in orders}) == 1
-    assert await platform.stored_rows() == {"orders": 1, "order_lines": 1, "idempotency_keys": 1}
+    assert {order.status for order in orders} == {CONFIRMED}
+    assert (await platform.stored_rows())["order_views"] == 1
+    assert len(await platform.payments_of(orders[0].order_id)) == 1
+    assert len(await platform.deliveries_of(orders[0].order_id)) == 1
 
 
 async def test_concurrent_place_on_two_stores_of_one_file_creates_one_order(
     tmp_path: Path,
 ) -> None:
     db_path = tmp_path / "orders.db"
-    lines = (OrderLine(MARGHERITA, 1, 0),)
-    key = IdempotencyKey.for_request("dup", "alice", lines)
-    new_order = NewOrder("alice", "trattoria-roma", "EUR", (OrderLine(MARGHERITA, 1, 850),))
+    request = orders_pb2.PlaceOrderRequest(
+        customer_id="alice",
+        lines=[line(MARGHERITA)],
+        payment_method=VISA,
+        delivery_address="1 Test Street",
+        idempotency_key="dup",
+    )
+    item = catalog_pb2.Item(
+        item_id=MARGHERITA, restaurant_id="trattoria-roma", price_cents=850, currency="EUR"
+    )
     first, second = await asyncio.gather(OrdersStore.open(db_path), OrdersStore.open(db_path))
     async with first, second:
         placed = await asyncio.gather(
-            *((first, second)[n % 2].place(new_order, key) for n in range(20))
+            *(
+                store.place(order_placed(request, [item]), store.placing.key_of(request))
+                for store in (first, second) * 10
+            )
         )
-    assert sum(result.created for result in placed) == 1
-    assert len({result.order.order_id for result in placed}) == 1
-    assert await count_rows(db_path, "orders") == 1
-
-
-async def test_get_order_without_order_id_is_invalid_argument(platform: Platform) -> None:
-    error = await rpc_error(platform.orders.GetOrder(orders_pb2.GetOrderRequest()))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "order_id" in (error.details() or "")
-
-
-async def test_get_unknown_order_is_not_found_naming_it(platform: Platform) -> None:
-    error = await rpc_error(
-        platform.orders.GetOrder(orders_pb2.GetOrderRequest(order_id="no-such-order"))
-    )
-    assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "no-such-order" in (error.details() or "")
+    assert sum(created for _, created in placed) == 1
+    assert len({state.order_id for state, _ in placed}) == 1
+    assert await count_rows(db_path, "order_views") == 1
