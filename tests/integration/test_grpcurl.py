@@ -26,8 +26,14 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+Running = tuple[ServiceProcess, ServiceProcess]
+"""catalog and orders."""
+
+
 @pytest.fixture
-def running(stack: Stack) -> tuple[ServiceProcess, ServiceProcess]:
+def running(stack: Stack) -> Running:
+    """catalog and orders alone: enough to list, describe and refuse bad input (orders
+    calls none of its dependencies for those); placing an order starts the platform."""
     catalog = stack.start("catalog")
     orders = stack.start("orders")
     stack.wait_passing("catalog", {catalog.port})
@@ -35,7 +41,7 @@ def running(stack: Stack) -> tuple[ServiceProcess, ServiceProcess]:
     return catalog, orders
 
 
-def test_list_shows_service_health_and_reflection(running: tuple[ServiceProcess, ...]) -> None:
+def test_list_shows_service_health_and_reflection(running: Running) -> None:
     catalog, orders = running
     listed = grpcurl(orders.address, "list")
     assert listed.returncode == 0, listed.stderr
@@ -51,7 +57,7 @@ def test_list_shows_service_health_and_reflection(running: tuple[ServiceProcess,
     ]
 
 
-def test_describe_a_method(running: tuple[ServiceProcess, ...]) -> None:
+def test_describe_a_method(running: Running) -> None:
     # stock grpcio-reflection fails here with "Symbol not found" (grpc/grpc#34743)
     _, orders = running
     described = grpcurl(orders.address, "describe", "foodmesh.orders.v1.OrderService.GetOrder")
@@ -60,8 +66,10 @@ def test_describe_a_method(running: tuple[ServiceProcess, ...]) -> None:
     assert "NO_SIDE_EFFECTS" in described.stdout
 
 
-def test_list_items_and_place_order(running: tuple[ServiceProcess, ...]) -> None:
-    catalog, orders = running
+def test_list_items_and_place_order(stack: Stack) -> None:
+    platform = stack.start_platform()
+    (catalog,), (orders,) = platform["catalog"], platform["orders"]
+    customer = stack.customer()
     listed = grpcurl(
         "-d",
         '{"restaurant_id": "sakura-sushi", "page_size": 2}',
@@ -74,16 +82,18 @@ def test_list_items_and_place_order(running: tuple[ServiceProcess, ...]) -> None
     assert all(i["restaurant_id"] == "sakura-sushi" for i in page["items"])
 
     body = {
-        "customer_id": "grace",
+        "customer_id": customer,
         "idempotency_key": "grpcurl-1",
         "lines": [{"item_id": "roma-carbonara", "quantity": 2}],
+        "payment_method": "pm_card_visa",
+        "delivery_address": "1 Test Street",
     }
     placed = grpcurl(
         "-d", json.dumps(body), orders.address, "foodmesh.orders.v1.OrderService/PlaceOrder"
     )
     assert placed.returncode == 0, placed.stderr
     order = json.loads(placed.stdout)
-    assert order["total_cents"] == "2500" and order["status"] == "ORDER_STATUS_PLACED"
+    assert order["total_cents"] == "2500" and order["status"] == "ORDER_STATUS_CONFIRMED"
 
     got = grpcurl(
         "-d",
@@ -94,9 +104,14 @@ def test_list_items_and_place_order(running: tuple[ServiceProcess, ...]) -> None
     assert json.loads(got.stdout)["order_id"] == order["order_id"]
 
 
-def test_bad_input_is_reported_with_its_code(running: tuple[ServiceProcess, ...]) -> None:
+def test_bad_input_is_reported_with_its_code(running: Running) -> None:
     _, orders = running
-    body = {"customer_id": "grace", "lines": [{"item_id": "roma-carbonara", "quantity": 0}]}
+    body = {
+        "customer_id": "grace",  # refused before the customer is looked up
+        "lines": [{"item_id": "roma-carbonara", "quantity": 0}],
+        "payment_method": "pm_card_visa",
+        "delivery_address": "1 Test Street",
+    }
     refused = grpcurl(
         "-d", json.dumps(body), orders.address, "foodmesh.orders.v1.OrderService/PlaceOrder"
     )
@@ -105,7 +120,7 @@ def test_bad_input_is_reported_with_its_code(running: tuple[ServiceProcess, ...]
     assert "lines[0].quantity" in refused.stderr
 
 
-def test_health_check_answers_serving(running: tuple[ServiceProcess, ...]) -> None:
+def test_health_check_answers_serving(running: Running) -> None:
     catalog, _ = running
     health = grpcurl(
         "-d",

@@ -15,6 +15,7 @@ import os
 import pty
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -23,8 +24,15 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from foodmesh.orders.v1 import orders_pb2
 from scripts.processes import free_tcp_port, wait_until
-from tests.integration.conftest import PROJECT_ROOT, ServiceProcess, Stack, count_orders
+from tests.integration.conftest import (
+    MANY_COURIERS,
+    PROJECT_ROOT,
+    ServiceProcess,
+    Stack,
+    count_orders,
+)
 
 GET_ITEM = "foodmesh.catalog.v1.CatalogService/GetItem"
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
@@ -181,21 +189,27 @@ def test_consul_target_spreads_calls_over_the_instances(stack: Stack) -> None:
 
 
 def test_placeholders_make_every_order_new_across_workers(stack: Stack) -> None:
-    stack.start("catalog")
-    stack.start("orders")
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 1)
+    stack.start_platform(delivery=MANY_COURIERS)  # 60 orders: more than the default couriers
     body = json.dumps(
         {
-            "customer_id": "load-{{worker}}",
+            "customer_id": stack.customer(),
             "idempotency_key": "{{uuid}}",
             "lines": [{"item_id": "{{choice roma-margherita,roma-carbonara}}", "quantity": 1}],
+            "payment_method": "pm_card_visa",
+            "delivery_address": "{{worker}} Load Street",
         }
     )
     report = report_of(meshctl(stack, "orders", PLACE_ORDER, "-d", body, "-n", "60", "-c", "4",
                                "--workers", "2", "-O", "json"))  # fmt: skip
     assert report["status_counts"] == {"OK": 60}
     assert count_orders(stack) == 60  # no idempotency key repeated
+    with sqlite3.connect(stack.data_dir / "orders.db") as db:
+        rows = db.execute("SELECT data FROM order_views").fetchall()
+    placed = [orders_pb2.Order.FromString(data) for (data,) in rows]
+    assert {o.status for o in placed} == {orders_pb2.ORDER_STATUS_CONFIRMED}
+    assert {o.delivery_address for o in placed} == {"0 Load Street", "1 Load Street"}, (
+        "each worker fills in its own number"
+    )
 
 
 def test_plot_and_csv(stack: Stack, tmp_path: Path) -> None:

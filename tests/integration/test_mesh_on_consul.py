@@ -1,5 +1,6 @@
-"""The walking skeleton end to end: real Consul, real catalog and orders processes, calls
-across services on mesh channels, graceful shutdown, Consul restarts and outages."""
+"""The walking skeleton end to end: real Consul, real catalog and orders processes (with the
+users, payments and delivery services a checkout needs), calls across services on mesh
+channels, graceful shutdown, Consul restarts and outages."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import mesh
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from scripts.processes import wait_until_async
-from tests.integration.conftest import Stack, count_orders, order
+from tests.integration.conftest import MANY_COURIERS, ServiceProcess, Stack, count_orders, order
+
+PLATFORM = ("users", "catalog", "payments", "delivery", "orders")
 
 
 async def test_instances_register_with_grpc_checks_and_meta(stack: Stack) -> None:
     catalogs = [stack.start("catalog"), stack.start("catalog")]
-    orders = stack.start("orders")
+    orders = stack.start("orders")  # registers without its dependencies: none is called
     stack.wait_passing("catalog", {c.port for c in catalogs})
     stack.wait_passing("orders", {orders.port})
 
@@ -43,6 +46,22 @@ def orders_id(stack: Stack) -> str:
     return str(stack.passing("orders")[0]["Service"]["ID"])
 
 
+def platform_passing(stack: Stack) -> None:
+    """Wait until every running instance of the platform's services passes."""
+    for name in PLATFORM:
+        stack.wait_passing(
+            name, {p.port for p in stack.processes if p.name == name and not p.stopped}
+        )
+
+
+def started(stack: Stack, *names: str) -> dict[str, ServiceProcess]:
+    """One instance of each of `names`, all passing."""
+    processes = {name: stack.start(name) for name in names}
+    for name, process in processes.items():
+        stack.wait_passing(name, {process.port})
+    return processes
+
+
 async def test_port_zero_registers_the_bound_port(stack: Stack) -> None:
     stack.start("catalog", port=0)
     stack.wait_passing("catalog", 1)
@@ -56,18 +75,16 @@ async def test_port_zero_registers_the_bound_port(stack: Stack) -> None:
 
 
 async def test_order_placed_across_services_through_mesh_channels(stack: Stack) -> None:
-    stack.start("catalog")
-    stack.start("catalog")
-    stack.start("orders")
-    stack.wait_passing("catalog", 2)
-    stack.wait_passing("orders", 1)
+    stack.start_platform(catalog=2)
+    customer = stack.customer()
     async with mesh.channel("orders", consul=stack.settings) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
-        placed = await stub.PlaceOrder(order("k-1", quantity=3), timeout=10)
+        placed = await stub.PlaceOrder(order("k-1", customer=customer, quantity=3), timeout=10)
         fetched = await stub.GetOrder(orders_pb2.GetOrderRequest(order_id=placed.order_id))
     assert placed.total_cents == 3 * 850 and placed.currency == "EUR"
     assert placed.lines[0].unit_price_cents == 850
-    assert placed.status == orders_pb2.ORDER_STATUS_PLACED
+    assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
+    assert placed.customer_id == customer and placed.payment_id and placed.delivery_id
     assert fetched == placed
     async with mesh.channel("catalog", consul=stack.settings) as channel:
         page = await catalog_pb2_grpc.CatalogServiceStub(channel).ListItems(
@@ -77,10 +94,13 @@ async def test_order_placed_across_services_through_mesh_channels(stack: Stack) 
 
 
 async def test_bad_input_gets_clear_status_and_stores_nothing(stack: Stack) -> None:
-    stack.start("catalog")
-    stack.start("orders")
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 1)
+    # No order is stored, so no checkout starts: payments and delivery are not needed.
+    started(stack, "users", "catalog", "orders")
+    customer = stack.customer()
+    no_payment_method = order("", customer=customer)
+    no_payment_method.ClearField("payment_method")
+    no_address = order("", customer=customer)
+    no_address.delivery_address = "  "
     cases = [
         (order("", customer=""), grpc.StatusCode.INVALID_ARGUMENT, "customer_id"),
         (
@@ -88,10 +108,21 @@ async def test_bad_input_gets_clear_status_and_stores_nothing(stack: Stack) -> N
             grpc.StatusCode.INVALID_ARGUMENT,
             "lines",
         ),
-        (order("", quantity=0), grpc.StatusCode.INVALID_ARGUMENT, "lines[0].quantity"),
-        (order("", item="no-such-dish"), grpc.StatusCode.NOT_FOUND, "no-such-dish"),
+        (no_payment_method, grpc.StatusCode.INVALID_ARGUMENT, "payment_method"),
+        (no_address, grpc.StatusCode.INVALID_ARGUMENT, "delivery_address"),
         (
-            order("", item="roma-truffle-risotto"),
+            order("", customer=customer, quantity=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "lines[0].quantity",
+        ),
+        (order("", customer="nobody"), grpc.StatusCode.NOT_FOUND, "customer_id 'nobody'"),
+        (
+            order("", customer=customer, item="no-such-dish"),
+            grpc.StatusCode.NOT_FOUND,
+            "no-such-dish",
+        ),
+        (
+            order("", customer=customer, item="roma-truffle-risotto"),
             grpc.StatusCode.FAILED_PRECONDITION,
             "roma-truffle-risotto",
         ),
@@ -111,25 +142,20 @@ async def test_bad_input_gets_clear_status_and_stores_nothing(stack: Stack) -> N
 
 
 async def test_idempotency_key_across_two_orders_instances(stack: Stack) -> None:
-    stack.start("catalog")
-    stack.start("orders")
-    stack.start("orders")
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 2)
+    stack.start_platform(orders=2)
+    request = order("same-key", customer=stack.customer())
     async with mesh.channel("orders", consul=stack.settings) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
-        placed = await asyncio.gather(
-            *[stub.PlaceOrder(order("same-key"), timeout=10) for _ in range(12)]
-        )
+        placed = await asyncio.gather(*[stub.PlaceOrder(request, timeout=10) for _ in range(12)])
     assert len({o.order_id for o in placed}) == 1
+    assert {o.status for o in placed} == {orders_pb2.ORDER_STATUS_CONFIRMED}
     assert count_orders(stack) == 1
 
 
 async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
-    catalogs = [stack.start("catalog"), stack.start("catalog")]
-    orders = stack.start("orders")
-    stack.wait_passing("catalog", 2)
-    stack.wait_passing("orders", 1)
+    platform = stack.start_platform(catalog=2, delivery=MANY_COURIERS)
+    catalogs, (orders,) = platform["catalog"], platform["orders"]
+    customer = stack.customer()
     failures: list[aio.AioRpcError] = []
     placed: list[int] = []
     succeeded = 0
@@ -149,7 +175,9 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
                 n += 1
                 try:
                     if worker % 2:
-                        await orders_stub.PlaceOrder(order(f"w{worker}-{n}"), timeout=10)
+                        await orders_stub.PlaceOrder(
+                            order(f"w{worker}-{n}", customer=customer), timeout=10
+                        )
                         placed.append(n)
                     else:
                         await catalog_stub.GetItem(
@@ -162,7 +190,9 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
         workers = [asyncio.create_task(steady(i)) for i in range(4)]
         # orders must be pricing through both catalogs before one of them goes
         await wait_until_async(
-            lambda: succeeded >= 40 and len(placed) >= 20 and "2 endpoint(s)" in orders.log(),
+            lambda: (
+                succeeded >= 40 and len(placed) >= 20 and "catalog: 2 endpoint(s)" in orders.log()
+            ),
             timeout=30,
             message="no traffic through orders to both catalogs",
         )
@@ -190,40 +220,46 @@ async def test_sigterm_deregisters_and_no_call_fails(stack: Stack) -> None:
 
 
 async def test_consul_restart_leads_to_reregistration(stack: Stack) -> None:
-    catalog = stack.start("catalog")
-    orders = stack.start("orders")
-    stack.wait_passing("catalog", {catalog.port})
-    stack.wait_passing("orders", {orders.port})
-    ids = {stack.passing("catalog")[0]["Service"]["ID"], orders_id(stack)}
+    platform = stack.start_platform()
+    (catalog,) = platform["catalog"]
+    customer = stack.customer()
 
+    def ids() -> dict[str, str]:
+        return {name: str(stack.passing(name)[0]["Service"]["ID"]) for name in PLATFORM}
+
+    before = ids()
     stack.agent.restart()
-    stack.wait_passing("catalog", {catalog.port})  # a dev agent forgot; they come back
-    stack.wait_passing("orders", {orders.port})
-    assert {stack.passing("catalog")[0]["Service"]["ID"], orders_id(stack)} == ids
+    platform_passing(stack)  # a dev agent forgot; they come back
+    assert ids() == before
     assert "forgot" in catalog.log()
     async with mesh.channel("orders", consul=stack.settings) as channel:
         placed = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
-            order("after-restart"), timeout=10
+            order("after-restart", customer=customer), timeout=10
         )
     assert placed.total_cents == 1700
+    assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
 
 
 async def test_consul_outage_keeps_calls_working(stack: Stack) -> None:
-    stack.start("catalog")
-    stack.start("catalog")
-    stack.start("orders")
-    stack.wait_passing("catalog", 2)
-    stack.wait_passing("orders", 1)
+    stack.start_platform(catalog=2, delivery=MANY_COURIERS)  # 12 orders: more than 10 trips
+    customer = stack.customer()
     async with mesh.channel("orders", consul=stack.settings) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
-        await stub.PlaceOrder(order("before"), timeout=10)  # both hops have resolved
+        # every hop has resolved: orders to users and catalog, its checkout to payments and
+        # delivery
+        before = await stub.PlaceOrder(order("before", customer=customer), timeout=10)
+        assert before.status == orders_pb2.ORDER_STATUS_CONFIRMED, before
 
         stack.agent.kill()
-        during = [await stub.PlaceOrder(order(f"during-{i}"), timeout=10) for i in range(10)]
+        during = [
+            await stub.PlaceOrder(order(f"during-{i}", customer=customer), timeout=10)
+            for i in range(10)
+        ]
         assert len({o.order_id for o in during}) == 10
+        assert {o.status for o in during} == {orders_pb2.ORDER_STATUS_CONFIRMED}
 
         stack.agent.start()  # an empty agent: instances re-register, watches resume
-        stack.wait_passing("catalog", 2)
-        stack.wait_passing("orders", 1)
-        after = await stub.PlaceOrder(order("after"), timeout=10)
+        platform_passing(stack)
+        after = await stub.PlaceOrder(order("after", customer=customer), timeout=10)
     assert after.total_cents == 1700
+    assert after.status == orders_pb2.ORDER_STATUS_CONFIRMED, after

@@ -17,6 +17,14 @@ from tests.integration.conftest import FAILING, Stack, order
 
 PLACE_ORDER = "/foodmesh.orders.v1.OrderService/PlaceOrder"
 GET_ITEM = "/foodmesh.catalog.v1.CatalogService/GetItem"
+AUTHORIZE = "/foodmesh.payments.v1.PaymentService/AuthorizePayment"
+CAPTURE = "/foodmesh.payments.v1.PaymentService/CapturePayment"
+CHECKOUT_CALLS = (
+    ("users", "/foodmesh.users.v1.UserService/GetUser"),
+    ("payments", AUTHORIZE),
+    ("delivery", "/foodmesh.delivery.v1.DeliveryService/ScheduleDelivery"),
+    ("payments", CAPTURE),
+)
 
 
 def scrape(stack: Stack, service: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -38,14 +46,13 @@ def value(
 
 
 async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
-    stack.start("catalog")
-    stack.start("orders")
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 1)
+    stack.start_platform()
+    customer = stack.customer()
     async with mesh.channel("orders", consul=stack.settings) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
         for n in range(3):
-            await stub.PlaceOrder(order(f"metrics-{n}"), timeout=10)
+            placed = await stub.PlaceOrder(order(f"metrics-{n}", customer=customer), timeout=10)
+            assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
         with pytest.raises(aio.AioRpcError):
             await stub.PlaceOrder(orders_pb2.PlaceOrderRequest(customer_id=""), timeout=10)
 
@@ -79,6 +86,17 @@ async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
     )
     assert value(orders, "mesh_healthy_endpoints", service="catalog") == 1
     assert value(orders, "mesh_circuit_breaker_state", service="catalog", state="closed") == 1
+    # the customer check and the checkout saga's calls, one of each per order
+    for service, method in CHECKOUT_CALLS:
+        assert (
+            value(orders, "mesh_client_calls_total", service=service, method=method, code="OK") == 3
+        ), (service, method)
+    payments = scrape(stack, "payments")
+    for method in (AUTHORIZE, CAPTURE):
+        assert (
+            value(payments, "mesh_server_calls_total", service="payments", method=method, code="OK")
+            == 3
+        ), method
     catalog = scrape(stack, "catalog")
     assert (
         value(catalog, "mesh_server_calls_total", service="catalog", method=GET_ITEM, code="OK")
@@ -88,16 +106,17 @@ async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
 
 
 async def test_breaker_state_metric_says_open(stack: Stack) -> None:
-    stack.start("catalog", *FAILING)
-    stack.start("orders")
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 1)
+    # No order is stored while catalog fails, so no checkout starts: no payments, no delivery.
+    started = [stack.start("users"), stack.start("catalog", *FAILING), stack.start("orders")]
+    for process in started:
+        stack.wait_passing(process.name, {process.port})
+    customer = stack.customer()
     patient = ServicePolicy(breaker=BreakerPolicy(minimum_calls=1_000_000))
     async with mesh.channel("orders", consul=stack.settings, policy=patient) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
         for n in range(60):
             with pytest.raises(aio.AioRpcError) as err:
-                await stub.PlaceOrder(order(f"open-{n}"), timeout=10)
+                await stub.PlaceOrder(order(f"open-{n}", customer=customer), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             if "circuit for service 'catalog' is open" in (err.value.details() or ""):
                 break

@@ -1,6 +1,7 @@
-"""Resilience with real parts: a real Consul, real catalog and orders processes, calls through
-mesh channels. Instances are killed, stopped, slowed down or made to fail (the services'
---fault-* flags), and the callers must cope as the policies promise."""
+"""Resilience with real parts: a real Consul, real catalog and orders processes (with the
+users, payments and delivery services a checkout needs), calls through mesh channels.
+Instances are killed, stopped, slowed down or made to fail (the services' --fault-* flags),
+and the callers must cope as the policies promise."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from grpc import aio
 
 import mesh
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from foodmesh.orders.v1 import orders_pb2_grpc
+from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.client.subchannels import SubChannel
 from mesh.core.outcome import Classified
 from mesh.policy import BreakerPolicy, EjectionPolicy, ServicePolicy
 from mesh.server import MeshServer, ServerConfig
 from scripts.processes import wait_until_async
-from tests.integration.conftest import FAILING, ServiceProcess, Stack, count_orders, order
+from tests.integration.conftest import (
+    FAILING,
+    MANY_COURIERS,
+    ServiceProcess,
+    Stack,
+    count_orders,
+    order,
+)
 
 GET_ITEM = catalog_pb2.GetItemRequest(item_id="roma-carbonara")
 
@@ -31,10 +39,8 @@ def subchannel_of(channel: mesh.MeshChannel, process: ServiceProcess) -> SubChan
 
 
 async def test_sigkill_of_one_catalog_fails_no_call(stack: Stack) -> None:
-    catalogs = [stack.start("catalog") for _ in range(3)]
-    stack.start("orders")
-    stack.wait_passing("catalog", 3)
-    stack.wait_passing("orders", 1)
+    catalogs = stack.start_platform(catalog=3, delivery=MANY_COURIERS)["catalog"]
+    customer = stack.customer()
     failures: list[aio.AioRpcError] = []
     succeeded = 0
     stop = asyncio.Event()
@@ -69,7 +75,9 @@ async def test_sigkill_of_one_catalog_fails_no_call(stack: Stack) -> None:
                 n += 1
                 try:
                     if worker % 2:
-                        await orders_stub.PlaceOrder(order(f"kill-{worker}-{n}"), timeout=10)
+                        await orders_stub.PlaceOrder(
+                            order(f"kill-{worker}-{n}", customer=customer), timeout=10
+                        )
                     else:
                         await catalog_stub.GetItem(GET_ITEM, timeout=10)
                     succeeded += 1
@@ -99,9 +107,9 @@ async def test_sigkill_of_one_catalog_fails_no_call(stack: Stack) -> None:
 
 async def test_failing_catalogs_open_the_breaker_then_recover(stack: Stack) -> None:
     failing = [stack.start("catalog", *FAILING) for _ in range(2)]
-    orders = stack.start("orders")
-    stack.wait_passing("catalog", 2)  # health checks are exempt from injected faults
-    stack.wait_passing("orders", 1)
+    # health checks are exempt from injected faults: the failing catalogs pass too
+    (orders,) = stack.start_platform(catalog=0)["orders"]
+    customer = stack.customer()
     loop = asyncio.get_running_loop()
     # This test's own breaker towards orders would open first (orders answers UNAVAILABLE
     # while catalog fails); switch it off to watch the breaker inside orders.
@@ -113,9 +121,10 @@ async def test_failing_catalogs_open_the_breaker_then_recover(stack: Stack) -> N
         async def place(key: str) -> tuple[aio.AioRpcError | None, float]:
             started = loop.time()
             try:
-                await stub.PlaceOrder(order(key), timeout=10)
+                placed = await stub.PlaceOrder(order(key, customer=customer), timeout=10)
             except aio.AioRpcError as exc:
                 return exc, loop.time() - started
+            assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
             return None, loop.time() - started
 
         for n in range(100):
@@ -128,8 +137,8 @@ async def test_failing_catalogs_open_the_breaker_then_recover(stack: Stack) -> N
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert elapsed < 0.5, "an open circuit fails at once, far under the 10 s deadline"
 
-        for process in failing:
-            assert process.stop() == 0
+        stopped = await asyncio.gather(*(asyncio.to_thread(p.stop) for p in failing))
+        assert stopped == [0, 0]
         healthy = [stack.start("catalog") for _ in range(2)]
         stack.wait_passing("catalog", {p.port for p in healthy})
 
@@ -237,32 +246,31 @@ async def test_deadline_of_place_order_reaches_catalog(stack: Stack) -> None:
     )
     await catalog.start()
     try:
-        stack.start("orders")
+        # no catalog process: the recording catalog (not in stack.processes) is the only one
+        await asyncio.to_thread(stack.start_platform, catalog=0)
         await wait_until_async(
             lambda: len(stack.passing("catalog")) == 1,
             timeout=30,
             message="the recording catalog never passed",
         )
-        await wait_until_async(
-            lambda: len(stack.passing("orders")) == 1, timeout=30, message="orders never passed"
-        )
+        customer = await asyncio.to_thread(stack.customer)
         async with mesh.channel("orders", consul=stack.settings) as channel:
             stub = orders_pb2_grpc.OrderServiceStub(channel)
-            await stub.PlaceOrder(order("deadline-1", item="anything"), timeout=0.3)
-            await stub.PlaceOrder(order("deadline-2", item="anything"))
+            # without a deadline first: orders' channels have all resolved before the short one
+            placed = await stub.PlaceOrder(order("deadline-1", customer=customer, item="any"))
+            await stub.PlaceOrder(order("deadline-2", customer=customer, item="any"), timeout=0.3)
     finally:
         await catalog.stop()
-    short, default = recording.remaining
+    assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
+    default, short = recording.remaining
     assert short is not None and 0 < short < 0.3
     assert default is not None and default > 1
 
 
 async def test_place_order_is_not_retried_once_it_reached_orders(stack: Stack) -> None:
-    stack.start("catalog")
     stack.start("orders", *FAILING)
-    healthy = stack.start("orders")
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 2)
+    (healthy,) = stack.start_platform(delivery=MANY_COURIERS)["orders"]
+    customer = stack.customer()
     errors = 0
     async with mesh.channel("orders", consul=stack.settings) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
@@ -275,7 +283,7 @@ async def test_place_order_is_not_retried_once_it_reached_orders(stack: Stack) -
         for n in range(20):
             for _ in range(10):  # the caller retries with the same key until it succeeds
                 try:
-                    await stub.PlaceOrder(order(f"caller-retry-{n}"), timeout=10)
+                    await stub.PlaceOrder(order(f"caller-retry-{n}", customer=customer), timeout=10)
                     break
                 except aio.AioRpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,9 +1,11 @@
-"""Traces with real parts: catalog and orders processes export OTLP to a local receiver (the
-one developers use), and one PlaceOrder must be one trace across both hops, retries shown."""
+"""Traces with real parts: the platform's processes (users, catalog, payments, delivery,
+orders) export OTLP to a local receiver (the one developers use), and one PlaceOrder must be
+one trace across every hop, its checkout saga's steps and the catalog's retries shown."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,13 +13,30 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
 
 import mesh
-from foodmesh.orders.v1 import orders_pb2_grpc
+from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.telemetry.receiver import SpanRecord, TraceReceiver
 from mesh.telemetry.tracing import tracing_to
 from tests.integration.conftest import FAILING, Stack, order
 
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
 GET_ITEM = "foodmesh.catalog.v1.CatalogService/GetItem"
+AUTHORIZE = "foodmesh.payments.v1.PaymentService/AuthorizePayment"
+SCHEDULE = "foodmesh.delivery.v1.DeliveryService/ScheduleDelivery"
+CAPTURE = "foodmesh.payments.v1.PaymentService/CapturePayment"
+SERVED = {
+    "orders": PLACE_ORDER,
+    "users": "foodmesh.users.v1.UserService/GetUser",
+    "catalog": GET_ITEM,
+    "payments": CAPTURE,
+    "delivery": SCHEDULE,
+}
+"""A server span each service has in every PlaceOrder trace."""
+STEPS = {
+    "saga step authorize_payment": AUTHORIZE,
+    "saga step schedule_delivery": SCHEDULE,
+    "saga step capture_payment": CAPTURE,
+}
+"""The checkout saga's steps, in their order, and the call each makes."""
 
 
 @pytest.fixture
@@ -43,23 +62,25 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
 ) -> None:
     export = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     failing = stack.start("catalog", *FAILING, env=export)
-    healthy = stack.start("catalog", env=export)
-    orders = stack.start("orders", "--policy", str(_round_robin(stack)), env=export)
-    stack.wait_passing("catalog", 2)
-    stack.wait_passing("orders", 1)
+    platform = stack.start_platform(
+        env=export, orders_args=("--policy", str(_round_robin(stack)))
+    )  # waits for the failing catalog too
+    (healthy,), (orders,) = platform["catalog"], platform["orders"]
+    customer = stack.customer()
 
     tracing = tracing_to(receiver.endpoint, Resource.create({"service.name": "shop"}))
     try:
         async with mesh.channel("orders", consul=stack.settings, tracing=tracing) as channel:
             stub = orders_pb2_grpc.OrderServiceStub(channel)
             for n in range(4):  # round robin in orders: some start on the failing catalog
-                await stub.PlaceOrder(order(f"traced-{n}"), timeout=10)
+                placed = await stub.PlaceOrder(order(f"traced-{n}", customer=customer), timeout=10)
+                assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
     finally:
         # the exporter blocks while it sends: off the loop, which serves the receiver
         await asyncio.to_thread(tracing.shutdown)
 
     def complete(spans: list[SpanRecord]) -> bool:
-        # Every PlaceOrder's trace, not just enough spans overall: the three processes export
+        # Every PlaceOrder's trace, not just enough spans overall: the six processes export
         # on their own schedules. gRPC's own spans are named by the path ("/pkg.Service/M"),
         # the mesh's by OpenTelemetry's RPC convention ("pkg.Service/M").
         roots = [
@@ -70,12 +91,13 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
         servers = {
             (s.trace_id, s.service_name)
             for s in spans
-            if s.kind == "SERVER" and (named(s, PLACE_ORDER) or named(s, GET_ITEM))
+            if s.kind == "SERVER" and named(s, SERVED.get(s.service_name, ""))
         }
+        steps = {(s.trace_id, s.name) for s in spans if s.service_name == "orders"}
         return len(roots) == 4 and all(
-            (root.trace_id, service) in servers
+            all((root.trace_id, service) in servers for service in SERVED)
+            and all((root.trace_id, step) in steps for step in STEPS)
             for root in roots
-            for service in ("orders", "catalog")
         )
 
     spans = await receiver.wait_for(complete, timeout=30)
@@ -87,9 +109,9 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
     assert len(shop_calls) == 4
     assert len({s.trace_id for s in shop_calls}) == 4, "one trace per PlaceOrder"
     traces = receiver.traces()
-    assert all(len({s.service_name for s in traces[c.trace_id]}) == 3 for c in shop_calls), (
-        "every trace crosses shop -> orders -> catalog"
-    )
+    assert all(
+        {s.service_name for s in traces[c.trace_id]} == {"shop", *SERVED} for c in shop_calls
+    ), "every trace crosses shop -> orders -> users, catalog, payments and delivery"
 
     retried = 0
     for call in shop_calls:
@@ -117,13 +139,42 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
             assert second.attributes["mesh.retry"] is True
             assert second.attributes["server.port"] == healthy.port
             assert second.status_code != "ERROR"
+        checkout_is_under_place_order(trace, server)
     assert retried >= 1, "a retry shows as two attempt spans under one call span"
-    placed = [line for line in orders.log().splitlines() if "placed order" in line]
-    assert len(placed) == 4
+    placed_lines = [line for line in orders.log().splitlines() if "placed order" in line]
+    assert len(placed_lines) == 4
     assert {c.trace_id for c in shop_calls} == {
-        line.split(" trace=")[1].split()[0] for line in placed
+        line.split(" trace=")[1].split()[0] for line in placed_lines
     }, "a log line written while serving a call carries that call's trace id"
     assert not [s for s in spans if "grpc.health" in s.name], "health checks make no spans"
+
+
+def checkout_is_under_place_order(trace: list[SpanRecord], server: SpanRecord) -> None:
+    """The saga's steps are spans of orders under its PlaceOrder server span, one after the
+    other, each above the server span of the payments or delivery call it makes."""
+    by_id = {s.span_id: s for s in trace}
+
+    def ancestors(span: SpanRecord) -> list[SpanRecord]:
+        found = []
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            found.append(span)
+        return found
+
+    steps = sorted((s for s in trace if s.name in STEPS), key=lambda s: s.start_ns)
+    assert [s.name for s in steps] == list(STEPS), "a span per step, in order, none retried"
+    for earlier, later in itertools.pairwise(steps):
+        assert later.start_ns >= earlier.end_ns, "a step starts once the one before it ended"
+    for step in steps:
+        assert step.service_name == "orders" and server in ancestors(step)
+        assert step.attributes["saga.name"] == "checkout"
+        (called,) = [
+            s
+            for s in trace
+            if s.kind == "SERVER" and named(s, STEPS[step.name]) and step in ancestors(s)
+        ]
+        assert called.service_name == ("delivery" if "delivery" in step.name else "payments")
+        assert called.status_code != "ERROR"
 
 
 def _round_robin(stack: Stack) -> object:
@@ -142,10 +193,8 @@ async def test_sampling_follows_the_environment_and_the_parent(
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0",
     }
-    stack.start("catalog", env=export)
-    stack.start("orders", env=export)
-    stack.wait_passing("catalog", 1)
-    stack.wait_passing("orders", 1)
+    stack.start_platform(env=export)
+    customer = stack.customer()
 
     async def place(sampler: Sampler | None, key: str) -> str:
         tracing = tracing_to(
@@ -155,20 +204,28 @@ async def test_sampling_follows_the_environment_and_the_parent(
             async with mesh.channel("orders", consul=stack.settings, tracing=tracing) as channel:
                 stub = orders_pb2_grpc.OrderServiceStub(channel)
                 with tracing.tracer.start_as_current_span("checkout") as span:
-                    await stub.PlaceOrder(order(key), timeout=10)
+                    await stub.PlaceOrder(order(key, customer=customer), timeout=10)
                     return f"{span.get_span_context().trace_id:032x}"
         finally:
             await asyncio.to_thread(tracing.shutdown)
 
     async with mesh.channel("orders", consul=stack.settings) as untraced:  # no trace at all
-        await orders_pb2_grpc.OrderServiceStub(untraced).PlaceOrder(order("plain"), timeout=10)
+        await orders_pb2_grpc.OrderServiceStub(untraced).PlaceOrder(
+            order("plain", customer=customer), timeout=10
+        )
     dropped = await place(ALWAYS_OFF, "unsampled")
     kept = await place(ALWAYS_ON, "sampled")
 
-    def kept_from_both(spans: list[SpanRecord]) -> bool:
-        return {s.service_name for s in spans if s.trace_id == kept} >= {"orders", "catalog"}
+    def kept_from_all(spans: list[SpanRecord]) -> bool:
+        # each process's server span of the kept trace (payments' is the saga's last call)
+        served = {
+            (s.service_name, s.name.lstrip("/"))
+            for s in spans
+            if s.trace_id == kept and s.kind == "SERVER"
+        }
+        return served >= set(SERVED.items())
 
-    spans = await receiver.wait_for(kept_from_both, timeout=30)
+    spans = await receiver.wait_for(kept_from_all, timeout=30)
     # each process exports in order, so anything of the earlier calls would be here by now
     assert {s.trace_id for s in spans} == {kept}, "only the sampled caller's trace exists"
     assert not [s for s in spans if s.trace_id == dropped]
