@@ -1,17 +1,28 @@
-"""The dev stack's demo order: one order placed through the mesh, and how it is shown.
+"""The dev stack's demo: a user who logs in and places two orders through the mesh, and how
+they are shown.
 
-Why: instances that all pass their health checks can still be wired wrong. One real order
-proves the whole path works (our process -> Consul -> orders -> Consul -> catalog), the way a
-user's app would take it: a mesh channel that finds ``orders`` in Consul. It is traced too, from
-our process on, under one root span, so that its trace id can be printed and its waterfall drawn.
+Why: instances that all pass their health checks can still be wired wrong. The demo takes the
+paths a user's app takes, on mesh channels that find users and orders in Consul: it creates
+the demo user, logs in, and places two orders whose checkout sagas end the two ways a checkout
+ends. One paid with a card that works must come back CONFIRMED (our process -> orders ->
+users, catalog, payments, delivery); one paid with a card that is declined must come back
+REJECTED, with nothing left to undo. An order that ends otherwise fails the startup, as a call
+that fails does: the stack does not work, and the logs of the services involved say why.
+
+The data dir outlives a run, and the demo user with it: a rerun finds the email taken
+(ALREADY_EXISTS) and logs in all the same, so the user_id to use is always Login's. Each step
+is traced from our process on under a root span of its own, so that each trace id can be
+printed and its waterfall drawn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,69 +31,221 @@ from opentelemetry.sdk.resources import Resource
 
 import mesh
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.discovery import ConsulResolver, ConsulSettings
-from mesh.telemetry.tracing import tracing_to
+from mesh.telemetry.tracing import Tracing, tracing_to
 from scripts.dev_console import say
 from scripts.dev_processes import StartupFailed
 from scripts.dev_traces import ReceiverProcess, waterfall_command
 
-DEMO_CUSTOMER = "dev-stack"
+
+@dataclass(frozen=True)
+class DemoUser:
+    email: str
+    display_name: str
+    password: str
+
+
+DEMO_USER = DemoUser("demo@foodmesh.example", "Dev Stack Demo", "dev-stack-demo")
+DEMO_ADDRESS = "1 Demo Street, Springfield"
+PAYMENT_METHOD = "pm_card_visa"
+DECLINED_PAYMENT_METHOD = "pm_card_chargeDeclined"
+"""Stripe's test card that is always declined (generic_decline): the saga rejects the order."""
 DEMO_LINES = (("roma-margherita", 2), ("roma-carbonara", 1))
-DEMO_ORDER_TIMEOUT_S = 15.0
-DEMO_SPAN = "dev-stack demo order"
+DECLINED_LINES = (("roma-margherita", 1),)
+DEMO_CALL_TIMEOUT_S = 15.0
+"""Per call; PlaceOrder returns once its saga is CONFIRMED or REJECTED, well within this."""
+USER_SPAN = "dev-stack demo user"
+ORDER_SPAN = "dev-stack demo order"
+ORDER_SERVICES = ("orders", "payments", "delivery")
+"""Whose logs tell why an order failed: orders (which names any dependency that failed), and
+the participants of its checkout saga."""
+
+ServiceLogs = Mapping[str, Sequence[Path]]
+"""The log files of each service's instances, by service name."""
 
 
-def place_demo_order(
-    consul_addr: str, otlp_endpoint: str, orders_logs: Sequence[Path]
-) -> tuple[orders_pb2.Order, str]:
-    """Place one order through the mesh: orders found in the Consul at ``consul_addr``,
-    catalog behind it; traced to ``otlp_endpoint`` ("" for no tracing). Returns the order and
-    its trace id ("" when tracing is off); a failed call is a StartupFailed with
-    ``orders_logs``."""
-    try:
-        return asyncio.run(_place_order(consul_addr, otlp_endpoint))
-    except grpc.aio.AioRpcError as exc:
-        raise StartupFailed(
-            f"demo order failed: {exc.code().name}: {exc.details()}", orders_logs
-        ) from exc
+@dataclass(frozen=True)
+class PlacedOrder:
+    order: orders_pb2.Order
+    trace_id: str
+    """The trace of the PlaceOrder call; "" when tracing is off."""
 
 
-async def _place_order(consul_addr: str, otlp_endpoint: str) -> tuple[orders_pb2.Order, str]:
+@dataclass(frozen=True)
+class Demo:
+    """What the demo did: who it logged in as, and the two orders it placed."""
+
+    login: users_pb2.LoginResponse
+    created: bool
+    """False when the email was taken already (the user of an earlier run on this data dir)."""
+    user_trace_id: str
+    confirmed: PlacedOrder
+    rejected: PlacedOrder
+
+    @property
+    def user_id(self) -> str:
+        return str(self.login.user_id)
+
+
+def run_demo(consul_addr: str, otlp_endpoint: str, logs: ServiceLogs) -> Demo:
+    """Create (or find) the demo user, log in, and place the two demo orders, through the
+    Consul at ``consul_addr``; traced to ``otlp_endpoint`` ("" for no tracing). A failed call,
+    or an order that does not end as it should, is a StartupFailed with the logs (from
+    ``logs``) of the services involved."""
+    return asyncio.run(_run_demo(consul_addr, otlp_endpoint, logs))
+
+
+async def _run_demo(consul_addr: str, otlp_endpoint: str, logs: ServiceLogs) -> Demo:
     tracing = None
     if otlp_endpoint:
         tracing = tracing_to(otlp_endpoint, Resource.create({"service.name": "dev-stack"}))
     resolver = ConsulResolver(ConsulSettings.parse(consul_addr))
-    channel = mesh.channel("orders", resolver=resolver, tracing=tracing)
+    users_channel = mesh.channel("users", resolver=resolver, tracing=tracing)
+    orders_channel = mesh.channel("orders", resolver=resolver, tracing=tracing)
     try:
-        request = orders_pb2.PlaceOrderRequest(
-            customer_id=DEMO_CUSTOMER,
-            lines=[orders_pb2.OrderLine(item_id=i, quantity=q) for i, q in DEMO_LINES],
-            idempotency_key=f"dev-stack-{uuid.uuid4().hex}",
+        users = users_pb2_grpc.UserServiceStub(users_channel)
+        orders = orders_pb2_grpc.OrderServiceStub(orders_channel)
+        with _failing_as_startup("the demo user", _logs_of(logs, ("users",))):
+            created, login, user_trace_id = await _log_in(users, tracing)
+        placing = _Placing(orders, tracing, _logs_of(logs, ORDER_SERVICES), login.user_id)
+        confirmed = await placing.place(
+            PAYMENT_METHOD, DEMO_LINES, expected=orders_pb2.ORDER_STATUS_CONFIRMED
         )
-        stub = orders_pb2_grpc.OrderServiceStub(channel)
-        # One root span over the call, so that the whole order is one trace we can name.
-        root = (
-            tracing.tracer.start_as_current_span(DEMO_SPAN)
-            if tracing is not None
-            else contextlib.nullcontext()
+        rejected = await placing.place(
+            DECLINED_PAYMENT_METHOD, DECLINED_LINES, expected=orders_pb2.ORDER_STATUS_REJECTED
         )
-        with root as span:
-            order: orders_pb2.Order = await stub.PlaceOrder(request, timeout=DEMO_ORDER_TIMEOUT_S)
-        trace_id = "" if span is None else trace.format_trace_id(span.get_span_context().trace_id)
-        return order, trace_id
+        return Demo(login, created, user_trace_id, confirmed, rejected)
     finally:
-        await channel.close()
+        await orders_channel.close()
+        await users_channel.close()
         await resolver.close()
         if tracing is not None:
             await asyncio.to_thread(tracing.shutdown)  # flushes; the exporter blocks
 
 
-def show_order(order: orders_pb2.Order, trace_id: str, receiver: ReceiverProcess | None) -> None:
+async def _log_in(
+    users: users_pb2_grpc.UserServiceAsyncStub, tracing: Tracing | None
+) -> tuple[bool, users_pb2.LoginResponse, str]:
+    """Create the demo user unless its email is taken, then log in: (created, Login's
+    answer, trace id)."""
+    with _root_span(tracing, USER_SPAN) as trace_id:
+        created = True
+        try:
+            await users.CreateUser(
+                users_pb2.CreateUserRequest(
+                    email=DEMO_USER.email,
+                    display_name=DEMO_USER.display_name,
+                    password=DEMO_USER.password,
+                    # Makes a retry of this very call safe; a rerun is told ALREADY_EXISTS.
+                    idempotency_key=f"dev-stack-{uuid.uuid4().hex}",
+                ),
+                timeout=DEMO_CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            created = False
+        login: users_pb2.LoginResponse = await users.Login(
+            users_pb2.LoginRequest(email=DEMO_USER.email, password=DEMO_USER.password),
+            timeout=DEMO_CALL_TIMEOUT_S,
+        )
+    return created, login, trace_id
+
+
+@dataclass(frozen=True)
+class _Placing:
+    """Places the demo user's orders on ``orders``; ``logs`` tell why one failed."""
+
+    orders: orders_pb2_grpc.OrderServiceAsyncStub
+    tracing: Tracing | None
+    logs: Sequence[Path]
+    customer_id: str
+
+    async def place(
+        self,
+        payment_method: str,
+        lines: Sequence[tuple[str, int]],
+        *,
+        expected: orders_pb2.OrderStatus.ValueType,
+    ) -> PlacedOrder:
+        """Place one order; a StartupFailed unless it ends ``expected``."""
+        request = orders_pb2.PlaceOrderRequest(
+            customer_id=self.customer_id,
+            lines=[orders_pb2.OrderLine(item_id=item, quantity=n) for item, n in lines],
+            idempotency_key=f"dev-stack-{uuid.uuid4().hex}",
+            payment_method=payment_method,
+            delivery_address=DEMO_ADDRESS,
+        )
+        what = f"the demo order paid with {payment_method}"
+        with (
+            _failing_as_startup(what, self.logs),
+            _root_span(self.tracing, ORDER_SPAN) as trace_id,
+        ):
+            order: orders_pb2.Order = await self.orders.PlaceOrder(
+                request, timeout=DEMO_CALL_TIMEOUT_S
+            )
+        if order.status != expected:
+            reason = f": {order.rejection_reason}" if order.rejection_reason else ""
+            raise StartupFailed(
+                f"{what} is {status_name(order.status)}, not {status_name(expected)}{reason}",
+                self.logs,
+            )
+        return PlacedOrder(order, trace_id)
+
+
+@contextlib.contextmanager
+def _root_span(tracing: Tracing | None, name: str) -> Iterator[str]:
+    """One root span over the block, so that what it calls is one trace we can name; yields
+    its trace id ("" when tracing is off)."""
+    if tracing is None:
+        yield ""
+        return
+    with tracing.tracer.start_as_current_span(name) as span:
+        yield trace.format_trace_id(span.get_span_context().trace_id)
+
+
+@contextlib.contextmanager
+def _failing_as_startup(what: str, logs: Sequence[Path]) -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise StartupFailed(f"{what} failed: {exc.code().name}: {exc.details()}", logs) from exc
+
+
+def _logs_of(logs: ServiceLogs, services: Sequence[str]) -> list[Path]:
+    return [path for service in services for path in logs.get(service, ())]
+
+
+def status_name(status: orders_pb2.OrderStatus.ValueType) -> str:
+    return orders_pb2.OrderStatus.Name(status)
+
+
+def show_demo(demo: Demo, receiver: ReceiverProcess | None) -> None:
+    how = "created" if demo.created else "ALREADY_EXISTS: made by an earlier run"
+    say(
+        f"Demo user {DEMO_USER.email}: user_id {demo.user_id} ({how}; logged in: "
+        f"{demo.login.token_type} token, expires in {demo.login.expires_in} s)"
+    )
+    if demo.user_trace_id:
+        say(f"  trace {demo.user_trace_id}")
+    for placed in (demo.confirmed, demo.rejected):
+        show_order(placed, receiver)
+
+
+def show_order(placed: PlacedOrder, receiver: ReceiverProcess | None) -> None:
+    order = placed.order
     lines = ", ".join(f"{line.quantity} x {line.item_id}" for line in order.lines)
     total = f"{order.total_cents // 100}.{order.total_cents % 100:02d} {order.currency}"
-    say(f"Demo order through the mesh: order {order.order_id} for {order.customer_id}: {lines}")
-    say(f"  total {total} (total_cents {order.total_cents})")
-    if trace_id:
-        say(f"  trace {trace_id}")
-    if trace_id and receiver is not None:
-        say(f"  {waterfall_command(receiver.store, '--trace', trace_id)}")
+    say(
+        f"Demo order through the mesh, paid with {order.payment_method}: order {order.order_id} "
+        f"for {order.customer_id}: {lines}"
+    )
+    say(f"  total {total} (total_cents {order.total_cents}), to {order.delivery_address}")
+    reason = json.dumps(order.rejection_reason) if order.rejection_reason else "(none)"
+    say(f"  status {status_name(order.status)}, rejection_reason {reason}")
+    say(f"  payment_id {order.payment_id or '(none)'}, delivery_id {order.delivery_id or '(none)'}")
+    if placed.trace_id:
+        say(f"  trace {placed.trace_id}")
+    if placed.trace_id and receiver is not None:
+        say(f"  {waterfall_command(receiver.store, '--trace', placed.trace_id)}")

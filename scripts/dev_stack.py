@@ -1,18 +1,24 @@
-"""The whole platform on one machine, in one command: a Consul dev agent, two catalog and two
-orders instances, wired together through the mesh, and somewhere for their traces to go.
+"""The whole platform on one machine, in one command: a Consul dev agent, the five services
+(users, two catalog, payments, delivery, two orders) wired together through the mesh, and
+somewhere for their traces to go.
 
     python scripts/dev_stack.py            # runs until Ctrl-C (or SIGTERM)
-    python scripts/dev_stack.py --once     # start, place a demo order, stop (smoke test, CI)
+    python scripts/dev_stack.py --once     # start, run the demo, stop (smoke test, CI)
 
-Why: trying the mesh by hand takes five terminals and the right environment in each. This
-starts everything, waits until Consul sees every instance passing its health check, prints
-where the Consul UI, each instance's Prometheus endpoint (Consul meta ``metrics_port``) and the
-traces are, with grpcurl commands to paste, and proves the stack works by placing one order
-through the mesh (scripts/dev_demo.py). Traces go where OpenTelemetry's variables say, or to a
-local receiver the stack starts (scripts/dev_traces.py).
+Why: trying the mesh by hand takes eight terminals and the right environment in each. This
+starts everything, callers after what they call (orders once users, catalog, payments and
+delivery pass, so that the sagas it resumes at start find them), waits until Consul sees every
+instance passing its health check, and prints where the Consul UI, each instance's Prometheus
+endpoint (Consul meta ``metrics_port``) and the traces are. It proves the stack works with the
+demo (scripts/dev_demo.py): a user who logs in and places, through the mesh, one order that is
+CONFIRMED and one, paid with a declined card, that is REJECTED. Then it prints grpcurl commands
+to paste that use what the demo made (the user's id, the confirmed order's id), and a
+`meshctl load` command as that user. Delivery runs with short trips (``--trip-seconds``), so
+that the confirmed order is DELIVERED while one watches it. Traces go where OpenTelemetry's
+variables say, or to a local receiver the stack starts (scripts/dev_traces.py).
 
 It stops in the order that loses nothing: the services first, with SIGTERM, so that each goes
-NOT_SERVING and deregisters itself (orders before catalog, which it calls) and flushes its last
+NOT_SERVING and deregisters itself (orders before the services it calls) and flushes its last
 spans; then a check that Consul lists none of our instances any more; then the trace receiver,
 which those last spans had to reach; then Consul. Every child runs in its own process
 group (scripts/processes.spawn), so Ctrl-C in the terminal reaches only this script, which
@@ -66,7 +72,6 @@ for _root in reversed(IMPORT_ROOTS):
     if str(_root) not in sys.path:
         sys.path.insert(0, str(_root))
 
-from foodmesh.orders.v1 import orders_pb2  # noqa: E402
 from scripts import dev_demo  # noqa: E402
 from scripts.consul_agent import HOST, ConsulAgent  # noqa: E402
 from scripts.dev_console import say, shown, warn  # noqa: E402
@@ -89,23 +94,46 @@ from scripts.processes import log_tail, spawn, stop_process, wait_until  # noqa:
 DEFAULT_CONSUL_HTTP_PORT = 8500
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".dev" / "data"
 DEFAULT_LOG_DIR = PROJECT_ROOT / ".dev" / "logs"
-# (Consul service name, instances), in start order; stopped in reverse (callers first).
-SERVICES = (("catalog", 2), ("orders", 2))
+TIERS: tuple[tuple[tuple[str, int], ...], ...] = (
+    (("users", 1), ("catalog", 2), ("payments", 1), ("delivery", 1)),
+    (("orders", 2),),
+)
+"""(Consul service name, instances), tier by tier: a tier starts once every earlier tier
+passes in Consul, and a caller is in a later tier than what it calls (orders calls all the
+others). Stopped in reverse, callers first; the services of a tier together."""
+DEFAULT_TRIP_SECONDS = 20.0
+"""Delivery's trip time in the dev stack: the demo order is DELIVERED within the minute."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 LIST_ITEMS = "foodmesh.catalog.v1.CatalogService/ListItems"
+CREATE_USER = "foodmesh.users.v1.UserService/CreateUser"
+LOGIN = "foodmesh.users.v1.UserService/Login"
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
+WATCH_ORDER = "foodmesh.orders.v1.OrderService/WatchOrder"
 LIST_ITEMS_EXAMPLE = {"restaurant_id": "trattoria-roma"}
-PLACE_ORDER_EXAMPLE = {
-    "customer_id": "grpcurl-user",
-    "lines": [{"item_id": "roma-margherita", "quantity": 1}],
+CREATE_USER_EXAMPLE = {
+    "email": "you@foodmesh.example",
+    "display_name": "You",
+    "password": "correct horse battery",
+    "idempotency_key": "grpcurl-you",
 }
+"""A user of one's own. The fixed key makes it paste again safely: the same user comes back."""
+LOGIN_EXAMPLE = {"email": dev_demo.DEMO_USER.email, "password": dev_demo.DEMO_USER.password}
+ORDER_EXAMPLE = {
+    "lines": [{"item_id": "roma-margherita", "quantity": 1}],
+    "payment_method": dev_demo.PAYMENT_METHOD,
+    "delivery_address": dev_demo.DEMO_ADDRESS,
+}
+"""A PlaceOrder body without its customer_id, which is the demo user's (known once it ran)."""
 LOAD_EXAMPLE = {
-    "customer_id": "load-{{worker}}",
     "idempotency_key": "{{uuid}}",
     "lines": [{"item_id": "{{choice roma-margherita,roma-carbonara}}", "quantity": 1}],
+    "payment_method": dev_demo.PAYMENT_METHOD,
+    "delivery_address": dev_demo.DEMO_ADDRESS,
 }
-"""A PlaceOrder body for meshctl load: a new idempotency key per call (see meshctl/load)."""
+"""A PlaceOrder body for meshctl load, without its customer_id (the demo user's): a new
+idempotency key per call (see meshctl/load). Orders find no free courier once all are on a
+trip and are REJECTED then, which is an answer (OK), not an error."""
 
 WATCH_INTERVAL_S = 0.5
 CONSUL_API_ERRORS = (OSError, http.client.HTTPException, ValueError)
@@ -145,11 +173,13 @@ def grpcurl_command(address: str, method: str, request: dict[str, Any]) -> str:
     return shlex.join(["grpcurl", "-plaintext", "-d", json.dumps(request), address, method])
 
 
-def load_command(consul_addr: str) -> str:
-    """A `meshctl load` command line against the stack's orders, through the mesh."""
+def load_command(consul_addr: str, customer_id: str) -> str:
+    """A `meshctl load` command line against the stack's orders, through the mesh, placing
+    orders as the user ``customer_id``."""
     meshctl = shown(Path(sys.executable).with_name("meshctl"))
     words = [f"CONSUL_HTTP_ADDR={consul_addr}", meshctl, "load", "orders", PLACE_ORDER]
-    return shlex.join([*words, "-d", json.dumps(LOAD_EXAMPLE), "-c", "8", "-z", "10s"])
+    body = json.dumps({"customer_id": customer_id, **LOAD_EXAMPLE})
+    return shlex.join([*words, "-d", body, "-c", "8", "-z", "10s"])
 
 
 def service_env(consul_addr: str, receiver: ReceiverProcess | None) -> dict[str, str]:
@@ -171,23 +201,24 @@ class DevStack:
         self.services: list[ServiceProcess] = []
         self.receiver: ReceiverProcess | None = None
         self.otlp_endpoint = ""
-        """Where the services (and the demo order) export traces; "" when tracing is off."""
+        """Where the services (and the demo) export traces; "" when tracing is off."""
         self._consul_exit_reported = False
 
     # -- starting
 
     def start(self) -> None:
-        """Start the trace receiver if needed and Consul, then the services; return once all
-        of them pass in Consul."""
+        """Start the trace receiver if needed and Consul, then the services tier by tier;
+        return once all of them pass in Consul."""
         self._start_tracing()  # the receiver comes up while Consul does
         agent = self._start_consul()
         if self.receiver is not None:
             wait_for_receiver(self.receiver, self.options.startup_timeout)
             self.otlp_endpoint = self.receiver.endpoint
-        for service, count in SERVICES:
-            for number in range(1, count + 1):
-                self._start_service(agent, service, f"{service}-{number}")
-        self._wait_until_passing(agent)
+        for tier in TIERS:
+            for service, count in tier:
+                for number in range(1, count + 1):
+                    self._start_service(agent, service, f"{service}-{number}")
+            self._wait_until_passing(agent)
 
     def _start_tracing(self) -> None:
         """Pass OpenTelemetry's own endpoint through, or spawn the local receiver."""
@@ -228,12 +259,21 @@ class DevStack:
             str(self.options.data_dir),
             "--log-level",
             self.options.log_level,
+            *self._service_flags(service),
         ]
         env = service_env(agent.http_addr, self.receiver)
         proc = spawn(args, env=env, log_path=log_path, cwd=PROJECT_ROOT)
         self.services.append(ServiceProcess(name, service, proc, log_path))
 
+    def _service_flags(self, service: str) -> list[str]:
+        """What one service's instances get besides the flags all share."""
+        if service == "delivery":
+            # Enough couriers that a load test's checkouts are confirmed, not out of couriers.
+            return ["--trip-seconds", f"{self.options.trip_seconds:g}", "--couriers", "500"]
+        return []
+
     def _wait_until_passing(self, agent: ConsulAgent) -> None:
+        """Wait until every instance started so far passes in Consul."""
         timeout = self.options.startup_timeout
         try:
             wait_until(
@@ -251,7 +291,8 @@ class DevStack:
             ) from exc
 
     def _all_passing(self, agent: ConsulAgent) -> bool:
-        """Whether every instance passes its health check; fails fast if a process died."""
+        """Whether every instance started so far passes its health check; fails fast if a
+        process died."""
         for sp in self.services:
             if sp.proc.poll() is not None:
                 sp.exit_reported = True
@@ -265,7 +306,7 @@ class DevStack:
                 "the Consul agent exited while the services started", [agent.log_path]
             )
         by_pid = {str(sp.pid): sp for sp in self.services}
-        for service in dict(SERVICES):
+        for service in dict.fromkeys(sp.service for sp in self.services):
             for entry in agent.api(f"/v1/health/service/{service}?passing=1") or []:
                 registered = entry["Service"]
                 meta = registered.get("Meta") or {}
@@ -279,7 +320,7 @@ class DevStack:
     # -- using
 
     def describe(self) -> None:
-        """Print where everything is, and commands to try it."""
+        """Print where everything is."""
         agent = self._running_agent()
         say(f"Consul UI: {agent.ui_url}  (agent pid {agent.pid}, log {shown(agent.log_path)})")
         say(f"  export CONSUL_HTTP_ADDR={agent.http_addr}   # for mesh.channel() in your code")
@@ -293,20 +334,49 @@ class DevStack:
         for sp in self.services:
             say(f"  {sp.name:<10} {sp.metrics_url or '(none registered)'}")
         describe_traces(self.receiver, self.otlp_endpoint)
+
+    def run_demo(self) -> dev_demo.Demo:
+        """The demo user and its two orders (scripts/dev_demo.py), through this stack's
+        Consul, traced where the services' traces go."""
+        logs: dict[str, list[Path]] = {}
+        for sp in self.services:
+            logs.setdefault(sp.service, []).append(sp.log_path)
+        return dev_demo.run_demo(self._running_agent().http_addr, self.otlp_endpoint, logs)
+
+    def suggest(self, demo: dev_demo.Demo) -> None:
+        """Print commands to try, with what the demo made: its user, its confirmed order."""
+        agent = self._running_agent()
+        users, orders = self._first("users").address, self._first("orders").address
+        place_order = {"customer_id": demo.user_id, **ORDER_EXAMPLE}
+        watch_order = {"order_id": demo.confirmed.order.order_id}
+        trip = f"{self.options.trip_seconds:g}"
+        declined = dev_demo.DECLINED_PAYMENT_METHOD
+        catalog = self._first("catalog").address
+        tries = [
+            (grpcurl_command(catalog, LIST_ITEMS, LIST_ITEMS_EXAMPLE), "the menu"),
+            (
+                grpcurl_command(users, CREATE_USER, CREATE_USER_EXAMPLE),
+                "a user of your own (pasted again: the same user)",
+            ),
+            (
+                grpcurl_command(users, LOGIN, LOGIN_EXAMPLE),
+                "the demo user's access token and user_id",
+            ),
+            (
+                grpcurl_command(orders, PLACE_ORDER, place_order),
+                f"an order as the demo user: CONFIRMED (with {declined}: REJECTED)",
+            ),
+            (
+                grpcurl_command(orders, WATCH_ORDER, watch_order),
+                f"the confirmed demo order, until DELIVERED ({trip} s trips)",
+            ),
+            (load_command(agent.http_addr, demo.user_id), "load test, as the demo user"),
+        ]
         say("Try:")
-        say(f"  {grpcurl_command(self._first('catalog').address, LIST_ITEMS, LIST_ITEMS_EXAMPLE)}")
-        say(f"  {grpcurl_command(self._first('orders').address, PLACE_ORDER, PLACE_ORDER_EXAMPLE)}")
-        say(f"  {load_command(agent.http_addr)}   # load test")
+        for command, why in tries:
+            say(f"  {command}   # {why}")
         if self.receiver is not None:
             say(f"  {waterfall_command(self.receiver.store)}   # the most recent traces")
-
-    def place_demo_order(self) -> tuple[orders_pb2.Order, str]:
-        """Place the demo order (scripts/dev_demo.py) through this stack's Consul, traced where
-        the services' traces go. Returns the order and its trace id ("" when tracing is off)."""
-        orders_logs = [sp.log_path for sp in self.services if sp.service == "orders"]
-        return dev_demo.place_demo_order(
-            self._running_agent().http_addr, self.otlp_endpoint, orders_logs
-        )
 
     def watch(self) -> None:
         """Run until a signal arrives, reporting any child that dies meanwhile."""
@@ -346,11 +416,12 @@ class DevStack:
     # -- stopping
 
     def stop(self) -> bool:
-        """Stop services (callers first), check Consul forgot them, stop the trace receiver
-        (after the services' last spans), stop Consul; clean?"""
+        """Stop services (callers first, tier by tier), check Consul forgot them, stop the
+        trace receiver (after the services' last spans), stop Consul; clean?"""
         clean = True
-        for service, _ in reversed(SERVICES):
-            clean &= self._stop_all([sp for sp in self.services if sp.service == service])
+        for tier in reversed(TIERS):
+            names = {service for service, _ in tier}
+            clean &= self._stop_all([sp for sp in self.services if sp.service in names])
         clean &= self._check_deregistered()
         if self.receiver is not None:
             clean &= stop_receiver(self.receiver)
@@ -414,11 +485,19 @@ def port_number(text: str) -> int:
     return port
 
 
+def positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return seconds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python scripts/dev_stack.py",
-        description="Run a Consul dev agent with two catalog and two orders instances, "
-        "place a demo order through the mesh, and stop everything on Ctrl-C.",
+        description="Run a Consul dev agent with users, two catalog, payments, delivery and "
+        "two orders instances, run the demo (a user, a confirmed and a rejected order) through "
+        "the mesh, and stop everything on Ctrl-C.",
     )
     parser.add_argument(
         "--consul-http-port",
@@ -464,9 +543,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="how long every instance may take to pass in Consul (default: %(default)g)",
     )
     parser.add_argument(
+        "--trip-seconds",
+        type=positive_seconds,
+        default=DEFAULT_TRIP_SECONDS,
+        metavar="SECONDS",
+        help="how long a delivery's trip takes, pickup at half (default: %(default)g)",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
-        help="start, place the demo order, then stop and exit (smoke tests, CI)",
+        help="start, run the demo, then stop and exit (smoke tests, CI)",
     )
     options = parser.parse_args(argv)
     options.data_dir = options.data_dir.resolve()
@@ -475,12 +561,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(stack: DevStack, options: argparse.Namespace) -> int:
-    """Start, show, order, then wait for a signal (or not, with --once); the exit code."""
+    """Start, show, run the demo, suggest, then wait for a signal (or not, with --once); the
+    exit code."""
     started = time.monotonic()
     try:
         stack.start()
         stack.describe()
-        dev_demo.show_order(*stack.place_demo_order(), stack.receiver)
+        demo = stack.run_demo()
+        dev_demo.show_demo(demo, stack.receiver)
+        stack.suggest(demo)
         say(f"(started in {time.monotonic() - started:.1f}s)")
         if options.once:
             say("dev stack ok (--once); stopping")

@@ -2,14 +2,19 @@
 everything.
 
 Why: the dev stack is the first thing a new user runs, and its promises are all about real
-processes: four instances passing in Consul, a grpcurl command that can be pasted as printed,
-a waterfall command that shows the demo order's trace across orders and catalog, metrics URLs
-that serve Prometheus text, and after Ctrl-C (SIGINT to its process group, as a terminal sends
-it) exit code 0 with no consul agent, service or trace receiver left running. Where an OTLP
-endpoint is already set (a Jaeger; here a receiver of the test's own stands in for it), the
-services and the demo order export there and no receiver is started. The stack's output goes
-to a file that is polled with a deadline, which also checks that the script flushes what it
-prints.
+processes: seven instances of five services passing in Consul; a demo user and two demo orders
+through the mesh, one CONFIRMED and one (a declined card) REJECTED; grpcurl commands that can
+be pasted as printed (CreateUser, Login, PlaceOrder as the demo user, WatchOrder following the
+confirmed demo order to DELIVERED) and a `meshctl load` command that places orders without an
+error; a waterfall command that shows the confirmed order's trace across all five services;
+metrics URLs that serve Prometheus text; and after Ctrl-C (SIGINT to its process group, as a
+terminal sends it) exit code 0 with no consul agent, service or trace receiver left running.
+Where an OTLP endpoint is already set (a Jaeger; here a receiver of the test's own stands in
+for it), the services and the demo export there and no receiver is started. The demo again on
+a running stack finds its user's email taken and goes on as that user, as a rerun on the same
+data dir does. Deliveries take 2 s trips here (``--trip-seconds``), so that WatchOrder ends
+soon. The stack's output goes to a file that is polled with a deadline, which also checks that
+the script flushes what it prints.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from typing import Any
 
 import pytest
 
+from foodmesh.orders.v1 import orders_pb2
 from mesh.telemetry.receiver import read_store
+from scripts import dev_demo
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +47,22 @@ READY_LINE = "dev stack ready; press Ctrl-C to stop"
 START_TIMEOUT_S = 90.0
 EXIT_TIMEOUT_S = 60.0
 SPANS_TIMEOUT_S = 30.0
+TRIP_SECONDS = "2"
+SERVICES = {"users": 1, "catalog": 2, "payments": 1, "delivery": 1, "orders": 2}
+"""Instances of each service the dev stack starts."""
+DEMO_ORDER = re.compile(
+    r"^Demo order through the mesh, paid with (?P<payment_method>\S+): order (?P<order_id>\S+) "
+    r"for (?P<customer_id>\S+): (?P<lines>.+)\n"
+    r"  total (?P<total>.+) \(total_cents \d+\), to (?P<delivery_address>.+)\n"
+    r"  status (?P<status>\S+), rejection_reason (?P<rejection_reason>.+)\n"
+    r"  payment_id (?P<payment_id>\S+), delivery_id (?P<delivery_id>\S+)\n"
+    r"(?:  trace (?P<trace_id>[0-9a-f]{32})\n)?",
+    re.MULTILINE,
+)
+DEMO_USER = re.compile(
+    rf"^Demo user {re.escape(dev_demo.DEMO_USER.email)}: user_id (\S+) \((created|ALREADY_EXISTS)",
+    re.MULTILINE,
+)
 # A PlaceOrder counted by an orders instance's server metrics.
 SERVED_ORDER = re.compile(
     r'^mesh_server_calls_total\{[^}]*method="/foodmesh\.orders\.v1\.OrderService/PlaceOrder"'
@@ -149,11 +172,39 @@ def printed_pids(output: str) -> set[int]:
     return {int(pid) for pid in re.findall(r"\bpid (\d+)", output)}
 
 
-def printed_trace_id(output: str) -> str:
-    """The demo order's trace id, as the dev stack prints it."""
-    found = re.search(r"^  trace ([0-9a-f]{32})$", output, re.MULTILINE)
-    assert found, output
+def printed_orders(output: str) -> dict[str, dict[str, str]]:
+    """The demo orders as the dev stack prints them, by payment method: their fields."""
+    found = {m["payment_method"]: m.groupdict() for m in DEMO_ORDER.finditer(output)}
+    assert set(found) == {"pm_card_visa", "pm_card_chargeDeclined"}, output
+    return found
+
+
+def printed_user_id(output: str, how: str) -> str:
+    """The demo user's id, printed as ``how`` ("created" or "ALREADY_EXISTS")."""
+    found = DEMO_USER.search(output)
+    assert found and found.group(2) == how, output
     return found.group(1)
+
+
+def check_demo(output: str) -> tuple[str, dict[str, str]]:
+    """The demo user's id and the confirmed demo order, once both orders are as they
+    should be: one CONFIRMED with a payment and a delivery, one REJECTED for its card."""
+    user_id = printed_user_id(output, "created")
+    orders = printed_orders(output)
+    confirmed, rejected = orders["pm_card_visa"], orders["pm_card_chargeDeclined"]
+    assert confirmed["lines"] == "2 x roma-margherita, 1 x roma-carbonara", confirmed
+    assert confirmed["total"] == "29.50 EUR", confirmed
+    assert confirmed["status"] == "ORDER_STATUS_CONFIRMED", confirmed
+    assert confirmed["rejection_reason"] == "(none)", confirmed
+    assert "(none)" not in (confirmed["payment_id"], confirmed["delivery_id"]), confirmed
+    assert rejected["status"] == "ORDER_STATUS_REJECTED", rejected
+    assert rejected["rejection_reason"] == '"payment declined: generic_decline"', rejected
+    assert rejected["payment_id"] != "(none)" and rejected["delivery_id"] == "(none)", rejected
+    for order in orders.values():
+        assert order["customer_id"] == user_id, order
+        assert order["delivery_address"] == dev_demo.DEMO_ADDRESS, order
+    assert confirmed["order_id"] != rejected["order_id"]
+    return user_id, confirmed
 
 
 def printed_waterfall_command(output: str) -> list[str]:
@@ -170,8 +221,8 @@ def printed_waterfall_command(output: str) -> list[str]:
 
 def waterfall_of(command: list[str], trace_id: str) -> str:
     """Run the waterfall command; the drawing of trace ``trace_id`` once it shows a span of
-    orders and one of catalog (spans arrive after the services' batch delay). The terminal is
-    wide, so that span names are not cut short whatever terminal runs the tests."""
+    every service (spans arrive after the services' batch delay). The terminal is wide, so
+    that span names are not cut short whatever terminal runs the tests."""
     env = dict(os.environ, COLUMNS="200")
 
     def drawn() -> str:
@@ -187,8 +238,7 @@ def waterfall_of(command: list[str], trace_id: str) -> str:
         assert result.returncode == 0, result.stderr
         for block in result.stdout.split("\n\n"):
             if block.startswith(f"trace {trace_id}") and all(
-                re.search(rf"^{service}\s", block, re.MULTILINE)
-                for service in ("orders", "catalog")
+                re.search(rf"^{service}\s", block, re.MULTILINE) for service in SERVICES
             ):
                 return block
         return ""
@@ -200,7 +250,7 @@ def waterfall_of(command: list[str], trace_id: str) -> str:
             command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False
         )
         raise AssertionError(
-            f"no trace {trace_id} with orders and catalog in:\n{last.stdout}"
+            f"no trace {trace_id} with a span of each of {list(SERVICES)} in:\n{last.stdout}"
         ) from None
 
 
@@ -237,13 +287,28 @@ def stand_in_jaeger(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def printed_command(output: str, method: str) -> list[str]:
+    """The banner's grpcurl command for ``method``, its comment left out, as a shell would."""
     line = next(
         ln.strip()
         for ln in output.splitlines()
         if ln.strip().startswith("grpcurl") and method in ln
     )
-    args = shlex.split(line)
+    args = shlex.split(line, comments=True)
     return [grpcurl_binary(), *args[1:]]
+
+
+def run_printed(output: str, method: str) -> list[Any]:
+    """Run the banner's grpcurl command for ``method``; the messages it printed."""
+    result = subprocess.run(
+        printed_command(output, method), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"{method}: {result.stderr}"
+    decoder, text, messages = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].lstrip()
+    return messages
 
 
 def printed_load_command(output: str) -> tuple[dict[str, str], list[str]]:
@@ -258,13 +323,13 @@ def printed_load_command(output: str) -> tuple[dict[str, str], list[str]]:
 
 def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stack: Any) -> None:
     otlp_port = free_port()
-    run = start_dev_stack("--otlp-port", str(otlp_port))
+    run = start_dev_stack("--otlp-port", str(otlp_port), "--trip-seconds", TRIP_SECONDS)
     output = run.wait_for_line(READY_LINE)
 
     pids: set[int] = set()
-    for service in ("catalog", "orders"):
+    for service, count in SERVICES.items():
         passing = consul_get(run.consul_port, f"/v1/health/service/{service}?passing=1")
-        assert len(passing) == 2, f"{service}: {passing}"
+        assert len(passing) == count, f"{service}: {passing}"
         pids |= {int(entry["Service"]["Meta"]["pid"]) for entry in passing}
     agent_pid = re.search(r"agent pid (\d+)", output)
     assert agent_pid, output
@@ -274,15 +339,16 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     )
     assert receiver, output
     pids.add(int(receiver.group(1)))
-    assert len(pids) == 6
+    assert len(pids) == sum(SERVICES.values()) + 2
     assert pids <= printed_pids(output)
     assert all(pid_exists(pid) for pid in pids)
 
-    waterfall = waterfall_of(printed_waterfall_command(output), printed_trace_id(output))
+    user_id, confirmed = check_demo(output)
+    waterfall = waterfall_of(printed_waterfall_command(output), confirmed["trace_id"])
     assert "foodmesh.orders.v1.OrderService/PlaceOrder" in waterfall, waterfall
 
     metrics_urls = re.findall(r"http://127\.0\.0\.1:\d+/metrics", output)
-    assert len(metrics_urls) == 4, output
+    assert len(metrics_urls) == sum(SERVICES.values()), output
     texts = wait_until(
         lambda: metrics_counting_an_order(metrics_urls),
         timeout=SPANS_TIMEOUT_S,
@@ -290,30 +356,31 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     )
     assert all("# TYPE mesh_server_calls_total counter" in text for text in texts)
 
-    list_items = subprocess.run(
-        printed_command(output, "CatalogService/ListItems"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert list_items.returncode == 0, list_items.stderr
-    items = json.loads(list_items.stdout)["items"]
-    assert "roma-margherita" in {item["item_id"] for item in items}
+    # the grpcurl commands as printed
+    [listed] = run_printed(output, "CatalogService/ListItems")
+    assert "roma-margherita" in {item["item_id"] for item in listed["items"]}
+    [created] = run_printed(output, "UserService/CreateUser")
+    assert created["user_id"] not in ("", user_id), created
+    assert run_printed(output, "UserService/CreateUser") == [created]  # pasted again
+    [login] = run_printed(output, "UserService/Login")
+    assert login["user_id"] == user_id and login["token_type"] == "Bearer", login
+    [placed] = run_printed(output, "OrderService/PlaceOrder")
+    assert placed["status"] == "ORDER_STATUS_CONFIRMED", placed
+    assert placed["customer_id"] == user_id and placed["order_id"], placed
+    watched = run_printed(output, "OrderService/WatchOrder")  # ends after a final state
+    assert {order["order_id"] for order in watched} == {confirmed["order_id"]}, watched
+    assert watched[-1]["status"] == "ORDER_STATUS_DELIVERED", watched
 
-    place_order = subprocess.run(
-        printed_command(output, "OrderService/PlaceOrder"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert place_order.returncode == 0, place_order.stderr
-    assert json.loads(place_order.stdout)["order_id"]
+    # the demo again, as a rerun on this data dir runs it: the email is taken, same user
+    again = dev_demo.run_demo(f"127.0.0.1:{run.consul_port}", "", {})
+    assert not again.created and again.user_id == user_id
+    assert again.confirmed.order.status == orders_pb2.ORDER_STATUS_CONFIRMED
+    assert again.rejected.order.status == orders_pb2.ORDER_STATUS_REJECTED
 
     # the load test as printed, made short: 40 orders through the mesh, each a new one
     assignments, load = printed_load_command(output)
     assert load[load.index("-z") + 1] == "10s"
+    assert json.loads(load[load.index("-d") + 1])["customer_id"] == user_id
     load[load.index("-z") : load.index("-z") + 2] = ["-n", "40", "-O", "json"]
     loaded = subprocess.run(
         load,
@@ -339,7 +406,7 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
         consul_get(run.consul_port, "/v1/status/leader")
 
 
-def test_once_places_an_order_exports_to_the_set_endpoint_and_stops(
+def test_once_runs_the_demo_exports_to_the_set_endpoint_and_stops(
     start_dev_stack: Any, stand_in_jaeger: tuple[str, Path]
 ) -> None:
     endpoint, store = stand_in_jaeger
@@ -347,22 +414,25 @@ def test_once_places_an_order_exports_to_the_set_endpoint_and_stops(
     assert run.wait_for_exit(START_TIMEOUT_S) == 0, run.output()
 
     output = run.output()
-    order = re.search(r"order (\S+) for dev-stack: 2 x roma-margherita, 1 x roma-carbonara", output)
-    assert order, output
-    assert "total 29.50 EUR" in output
+    user_id, confirmed = check_demo(output)
     assert READY_LINE not in output
     assert f"Traces: exporting to {endpoint}" in output
     assert "local OTLP receiver" not in output
+    for method in ("ListItems", "CreateUser", "Login", "PlaceOrder", "WatchOrder"):
+        assert re.search(rf"^  grpcurl .*/{method}   # ", output, re.MULTILINE), method
+    assert user_id in printed_command(output, "OrderService/PlaceOrder")[3]
+    assert confirmed["order_id"] in printed_command(output, "OrderService/WatchOrder")[3]
     pids = printed_pids(output)
-    assert len(pids) == 5, output  # Consul and four instances: no receiver of its own
+    assert len(pids) == sum(SERVICES.values()) + 1, output  # and Consul: no receiver of its own
     assert [pid for pid in pids if pid_exists(pid)] == []
 
-    # The demo order's whole trace went where the environment said: our process, orders, catalog.
-    trace_id = printed_trace_id(output)
+    # The confirmed order's whole trace went where the environment said: our process and
+    # every service.
+    trace_id = confirmed["trace_id"]
     wait_until(
         lambda: (
             {s.service_name for s in read_store(store) if s.trace_id == trace_id}
-            >= {"dev-stack", "orders", "catalog"}
+            >= {"dev-stack", *SERVICES}
         ),
         timeout=SPANS_TIMEOUT_S,
         message=f"trace {trace_id} incomplete at the endpoint in the environment",
