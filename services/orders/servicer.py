@@ -28,12 +28,12 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import grpc
-from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
-from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from foodmesh.orders.v1 import events_pb2, orders_pb2, orders_pb2_grpc
+from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from meshkit.events import StaleStream
 from meshkit.saga import SagaRunner
 from meshkit.storage.idempotency import key_problem

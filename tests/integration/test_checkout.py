@@ -22,10 +22,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from grpc import aio
 
 import mesh
+from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from scripts.consul_agent import ConsulAgent
