@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 import mesh
 from mesh.policy import MeshPolicy
@@ -28,6 +31,7 @@ from mesh.server import MeshServer, new_instance_id
 from mesh.telemetry.logs import configure_logging
 from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.tracing import Tracing, tracing_from_env
+from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase
 from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
 from services.datadir import database_path
 
@@ -110,9 +114,13 @@ class ServiceRuntime:
         return database_path(self.args.data_dir, self.args.service_name)
 
     async def closing(self, opening: Awaitable[Closable]) -> Closable:
-        """What `opening` opens (a store), closed with the runtime."""
+        """What `opening` opens (a store), closed with the runtime; a store's database
+        commits are counted in the metrics (`foodmesh_db_commits_total`)."""
         opened = await opening
         self._opened.push_async_callback(opened.close)
+        if self.metrics is not None and isinstance(opened, DatabaseStore):
+            commits = _DatabaseCommits(self.args.service_name, opened.database)
+            self.metrics.registry.register(commits)
         return opened
 
     async def close(self) -> None:
@@ -123,3 +131,20 @@ class ServiceRuntime:
             await asyncio.to_thread(self.tracing.shutdown)
         if self.metrics is not None:
             self.metrics.stop()
+
+
+class _DatabaseCommits(Collector):
+    """The write transactions this instance committed to its service's database."""
+
+    def __init__(self, service: str, database: SqliteDatabase) -> None:
+        self._service = service
+        self._database = database
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "foodmesh_db_commits",
+            "Write transactions this instance committed to its service's database.",
+            labels=("service",),
+        )
+        family.add_metric((self._service,), self._database.commits)
+        yield family

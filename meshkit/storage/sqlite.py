@@ -83,6 +83,9 @@ class SqliteDatabase(AsyncClosing):
         self._statements = SqlTransaction(connection)
         self._lock = asyncio.Lock()
         self.path = path
+        self.commits = 0
+        """Write transactions committed through this connection (a cost per request that
+        the benchmarks report, and the `foodmesh_db_commits_total` metric)."""
 
     @classmethod
     async def open(
@@ -117,6 +120,7 @@ class SqliteDatabase(AsyncClosing):
         when it raises. Other processes' writers wait (up to the busy timeout) until it ends."""
         async with self._begin("BEGIN IMMEDIATE") as transaction:
             yield transaction
+        self.commits += 1
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[SqlTransaction]:
@@ -188,6 +192,10 @@ class DatabaseStore(AsyncClosing):
 
     def __init__(self, database: SqliteDatabase) -> None:
         self._database = database
+
+    @property
+    def database(self) -> SqliteDatabase:
+        return self._database
 
     async def close(self) -> None:
         """Close the database connection."""

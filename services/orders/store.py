@@ -59,10 +59,6 @@ class OrdersStore(DatabaseStore):
         """Open (or create) the orders file at path."""
         return cls(await SqliteDatabase.open(path, schema=SCHEMA))
 
-    @property
-    def database(self) -> SqliteDatabase:
-        return self._database
-
     async def order_for_key(self, key: IdempotencyKey | None) -> OrderState | None:
         """The order an earlier PlaceOrder with this key created (IdempotencyConflict when
         the key came with another request), or None."""

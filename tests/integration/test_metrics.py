@@ -3,17 +3,15 @@ meta, and after a known sequence of calls it reports the matching counts."""
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import pytest
 from grpc import aio
-from prometheus_client.parser import text_string_to_metric_families
 
 import mesh
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.policy import BreakerPolicy, ServicePolicy
 from tests.integration.conftest import FAILING, Stack, order
+from tests.integration.platform import scrape, value
 
 PLACE_ORDER = "/foodmesh.orders.v1.OrderService/PlaceOrder"
 GET_ITEM = "/foodmesh.catalog.v1.CatalogService/GetItem"
@@ -25,24 +23,6 @@ CHECKOUT_CALLS = (
     ("delivery", "/foodmesh.delivery.v1.DeliveryService/ScheduleDelivery"),
     ("payments", CAPTURE),
 )
-
-
-def scrape(stack: Stack, service: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    (entry,) = stack.passing(service)
-    port = int(entry["Service"]["Meta"]["metrics_port"])
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
@@ -91,6 +71,9 @@ async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
         assert (
             value(orders, "mesh_client_calls_total", service=service, method=method, code="OK") == 3
         ), (service, method)
+    # each checkout's records are write transactions of orders' database, five at least
+    # (placed, authorized, scheduled, captured, confirmed), each also counted by the store
+    assert value(orders, "foodmesh_db_commits_total", service="orders") >= 3 * 5
     payments = scrape(stack, "payments")
     for method in (AUTHORIZE, CAPTURE):
         assert (
