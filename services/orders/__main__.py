@@ -19,13 +19,15 @@ from foodmesh.payments.v1 import payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2_grpc
 from meshkit.saga import SagaLeases, SagaRunner
 from services.cli import positive_seconds
+from services.orders import crashpoints
 from services.orders.checkout import DEFAULT_SAGA_TIMEOUT_S, Checkout
 from services.orders.servicer import OrderServicer
-from services.orders.state import OrderState
+from services.orders.state import AUTHORIZE, CAPTURE, SCHEDULE, OrderState
 from services.orders.store import OrdersStore
 from services.runtime import ServiceRuntime
 
 SERVICE = "orders"
+STEPS = (AUTHORIZE, SCHEDULE, CAPTURE)
 log = logging.getLogger(__name__)
 
 
@@ -71,8 +73,12 @@ async def main(argv: list[str]) -> int:
         store = await runtime.closing(OrdersStore.open(runtime.database_path()))
         payments = payments_pb2_grpc.PaymentServiceStub(runtime.channel("payments"))
         delivery = delivery_pb2_grpc.DeliveryServiceStub(runtime.channel("delivery"))
+        try:
+            crash_at = crashpoints.from_environment(STEPS)
+        except ValueError as error:
+            raise SystemExit(f"orders: {error}") from None
         runner = SagaRunner(
-            Checkout(payments, delivery, timeout_s=args.saga_timeout),
+            Checkout(payments, delivery, timeout_s=args.saga_timeout, crash_at=crash_at),
             store,
             SagaLeases(store.database, runtime.instance_id, ttl=args.lease_seconds),
             tracer=runtime.tracing.tracer if runtime.tracing is not None else None,

@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from google.protobuf.message import Message
 
+from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from foodmesh.orders.v1 import events_pb2
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from meshkit.saga import Progress, Step, StepContext, StepRetry
+from services.orders.crashpoints import CrashPoint, crashing
 from services.orders.state import AUTHORIZE, CANCELLED_BY_CUSTOMER, CAPTURE, SCHEDULE, OrderState
 
 DEFAULT_SAGA_TIMEOUT_S = 30.0
@@ -45,14 +46,17 @@ class Checkout:
     timeout_s: float = DEFAULT_SAGA_TIMEOUT_S
     retry: StepRetry = field(default_factory=StepRetry)
     name: str = "checkout"
+    crash_at: CrashPoint | None = None
+    """Test-only: where this process kills itself (services/orders/crashpoints.py)."""
 
     @property
     def steps(self) -> Sequence[Step[OrderState]]:
-        return (
+        steps = (
             Step(AUTHORIZE, self.authorize, self.void, self.retry),
             Step(SCHEDULE, self.schedule, self.cancel_delivery, self.retry),
             Step(CAPTURE, self.capture, self.refund, self.retry),
         )
+        return steps if self.crash_at is None else crashing(steps, self.crash_at)
 
     # -- the saga's outcomes ------------------------------------------------------------
 

@@ -132,11 +132,13 @@ class Stack:
         orders: int = 1,
         catalog: int = 1,
         delivery: Sequence[str] = (),
+        payments: Sequence[str] = (),
         orders_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
     ) -> dict[str, list[ServiceProcess]]:
-        """users, catalog, payments, delivery and orders, each passing in Consul; `delivery`
-        and `orders_args` are extra flags of those services, `env` extra environment of all.
+        """users, catalog, payments, delivery and orders, each passing in Consul; `delivery`,
+        `payments` and `orders_args` are extra flags of those services, `env` extra
+        environment of all.
 
         It waits until every running instance of these services passes, those started
         before too (catalogs with other flags, say); a service none is started of
@@ -144,7 +146,7 @@ class Stack:
         started = {
             "users": [self.start("users", env=env)],
             "catalog": [self.start("catalog", env=env) for _ in range(catalog)],
-            "payments": [self.start("payments", env=env)],
+            "payments": [self.start("payments", *payments, env=env)],
             "delivery": [self.start("delivery", *delivery, env=env)],
             "orders": [self.start("orders", *orders_args, env=env) for _ in range(orders)],
         }

@@ -15,83 +15,23 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc import aio
 
-import mesh
-from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
-from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
-from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
+from foodmesh.delivery.v1 import delivery_pb2
+from foodmesh.orders.v1 import orders_pb2
+from foodmesh.payments.v1 import payments_pb2
 from scripts.consul_agent import ConsulAgent
 from scripts.processes import wait_until_async
 from tests.integration.conftest import Stack, count_orders, order
+from tests.integration.platform import Clients, clients, scrape, value
 
-Status = orders_pb2.OrderStatus
-PAYMENT = payments_pb2.PaymentStatus
-DELIVERY = delivery_pb2.DeliveryStatus
-ACTIVE_DELIVERY = (delivery_pb2.DELIVERY_STATUS_ASSIGNED, delivery_pb2.DELIVERY_STATUS_PICKED_UP)
+PLACE = "/foodmesh.orders.v1.OrderService/PlaceOrder"
 TRIP_SECONDS = "3"  # pickup at half the trip: time enough to cancel a confirmed order
-
-
-@dataclass
-class Clients:
-    """Stubs on mesh channels to the platform's services."""
-
-    orders: orders_pb2_grpc.OrderServiceAsyncStub
-    payments: payments_pb2_grpc.PaymentServiceAsyncStub
-    delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub
-
-    async def invariant_holds(self, order_id: str) -> orders_pb2.Order:
-        """The order, after checking the saga's invariant on it through payments and
-        delivery."""
-        found = await self.orders.GetOrder(orders_pb2.GetOrderRequest(order_id=order_id))
-        payments = await self.payments.ListPayments(
-            payments_pb2.ListPaymentsRequest(order_id=order_id)
-        )
-        deliveries = await self.delivery.ListDeliveries(
-            delivery_pb2.ListDeliveriesRequest(order_id=order_id)
-        )
-        paid = [PAYMENT.Name(p.status) for p in payments.payments]
-        sent = [DELIVERY.Name(d.status) for d in deliveries.deliveries]
-        status = Status.Name(found.status)
-        if found.status in (
-            orders_pb2.ORDER_STATUS_CONFIRMED,
-            orders_pb2.ORDER_STATUS_OUT_FOR_DELIVERY,
-            orders_pb2.ORDER_STATUS_DELIVERED,
-        ):
-            assert paid.count("PAYMENT_STATUS_CAPTURED") == 1, (status, paid)
-            assert not {"PAYMENT_STATUS_AUTHORIZED"} & set(paid), (status, paid)
-            assert len([s for s in sent if s != "DELIVERY_STATUS_CANCELLED"]) == 1, (status, sent)
-        elif found.status in (orders_pb2.ORDER_STATUS_REJECTED, orders_pb2.ORDER_STATUS_CANCELLED):
-            assert not {"PAYMENT_STATUS_AUTHORIZED", "PAYMENT_STATUS_CAPTURED"} & set(paid), (
-                status,
-                paid,
-            )
-            active = [d for d in deliveries.deliveries if d.status in ACTIVE_DELIVERY]
-            assert not active, (status, sent)
-        else:
-            raise AssertionError(f"order {order_id} is {status}, not final or confirmed")
-        return found
-
-
-@asynccontextmanager
-async def clients(stack: Stack) -> AsyncIterator[Clients]:
-    async with (
-        mesh.channel("orders", consul=stack.settings) as orders,
-        mesh.channel("payments", consul=stack.settings) as payments,
-        mesh.channel("delivery", consul=stack.settings) as delivery,
-    ):
-        yield Clients(
-            orders_pb2_grpc.OrderServiceStub(orders),
-            payments_pb2_grpc.PaymentServiceStub(payments),
-            delivery_pb2_grpc.DeliveryServiceStub(delivery),
-        )
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +196,52 @@ async def test_concurrent_duplicates_make_one_order_and_one_saga(
             payments_pb2.ListPaymentsRequest(order_id=order_id)
         )
         assert len(payments.payments) == 1, "one saga: one authorization"
+
+
+SAGA_CALLS = (
+    ("payments", "/foodmesh.payments.v1.PaymentService/AuthorizePayment"),
+    ("delivery", "/foodmesh.delivery.v1.DeliveryService/ScheduleDelivery"),
+    ("payments", "/foodmesh.payments.v1.PaymentService/CapturePayment"),
+)
+
+
+async def test_each_saga_is_driven_by_the_one_instance_that_placed_it(
+    platform: tuple[Stack, str],
+) -> None:
+    """Counted in each orders instance's own metrics: the participant calls an instance
+    makes are exactly one checkout's worth per order it placed, none for the other's."""
+    stack, customer = platform
+    ports = sorted(stack.passing_ports("orders"))
+    assert len(ports) == 2
+
+    def counts() -> dict[int, list[float]]:
+        counted = {}
+        for port in ports:
+            samples = scrape(stack, "orders", port)
+            placed = value(
+                samples, "mesh_server_calls_total", service="orders", method=PLACE, code="OK"
+            )
+            calls = [
+                value(samples, "mesh_client_calls_total", service=s, method=m, code="OK")
+                for s, m in SAGA_CALLS
+            ]
+            counted[port] = [placed, *calls]
+        return counted
+
+    before = counts()
+    async with clients(stack) as c:
+        placed = await asyncio.gather(
+            *(c.orders.PlaceOrder(order(key(), customer=customer), timeout=20) for _ in range(8))
+        )
+        for one in placed:
+            assert one.status == orders_pb2.ORDER_STATUS_CONFIRMED
+            await c.invariant_holds(one.order_id)
+    after = counts()
+    made = {port: [a - b for a, b in zip(after[port], before[port], strict=True)] for port in ports}
+    for port, (orders_placed, *calls) in made.items():
+        assert orders_placed > 0, f"the mesh channel balanced every order away from {port}"
+        assert calls == [orders_placed] * len(SAGA_CALLS), (port, made)
+    assert sum(m[0] for m in made.values()) == 8
 
 
 async def test_no_courier_voids_the_authorization_and_rejects(stack: Stack) -> None:

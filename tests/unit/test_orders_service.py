@@ -30,6 +30,7 @@ from services.delivery.servicer import DeliveryServicer
 from services.delivery.store import DeliveriesStore
 from services.delivery.trips import Fleet
 from services.orders.checkout import Checkout
+from services.orders.crashpoints import CRASH_ENV, CrashPoint
 from services.orders.servicer import DEFAULT_DEPENDENCY_TIMEOUT_S, OrderServicer, order_placed
 from services.orders.state import OrderState
 from services.orders.store import OrdersStore
@@ -677,3 +678,10 @@ async def test_concurrent_place_on_two_stores_of_one_file_creates_one_order(
     assert sum(created for _, created in placed) == 1
     assert len({state.order_id for state, _ in placed}) == 1
     assert await count_rows(db_path, "order_views") == 1
+
+
+@pytest.mark.parametrize("value", ["after", "during:capture_payment", "before:pay", ":"])
+def test_a_crash_switch_naming_no_point_is_refused_naming_the_variable(value: str) -> None:
+    with pytest.raises(ValueError, match=CRASH_ENV) as refused:
+        CrashPoint.parse(value, ("authorize_payment", "capture_payment"))
+    assert "before, after, before-undo, after-undo" in str(refused.value)
