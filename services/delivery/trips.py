@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -73,9 +73,10 @@ class Fleet:
         if not self.trip_seconds > 0:
             raise ValueError(f"trip_seconds must be > 0, got {self.trip_seconds}")
 
-    def courier_ids(self) -> list[str]:
-        """Every courier of the pool, in the order free ones are chosen."""
-        return [f"courier-{number}" for number in range(1, self.couriers + 1)]
+    def courier_ids(self) -> Iterator[str]:
+        """Every courier of the pool, in the order free ones are chosen (lazily: a pool of a
+        million costs what its busy couriers cost, not a million strings per schedule)."""
+        return (f"courier-{number}" for number in range(1, self.couriers + 1))
 
     def plan(self, start: datetime) -> Trip:
         """The trip of a delivery scheduled at `start`: pickup at half of it."""
