@@ -109,14 +109,14 @@ class SagaRunner(Generic[State]):
     async def start(self, saga_id: str) -> asyncio.Task[State | None] | None:
         """Drive the saga in the background if this process gets its lease (the task ends
         with the final state, or None when the lease was lost); None if another holds it."""
-        running = self._running(saga_id)
+        running = self.running(saga_id)
         if running is not None:
             return running
         if not await self.leases.take(saga_id):
             return None
         # Taking the lease awaited: another start() of this saga (PlaceOrder's and the
         # recovery loop's) may have started it meanwhile, and one process drives it once.
-        running = self._running(saga_id)
+        running = self.running(saga_id)
         if running is not None:
             return running
         # The saga outlives the call that starts it: its task keeps the caller's trace (one
@@ -142,7 +142,7 @@ class SagaRunner(Generic[State]):
         """The sagas this process drives now."""
         return frozenset(self._driving)
 
-    def _running(self, saga_id: str) -> asyncio.Task[State | None] | None:
+    def running(self, saga_id: str) -> asyncio.Task[State | None] | None:
         """The task driving the saga, unless it has ended (its done callback may not have
         run yet: a saga started again then, after a cancellation, needs a new task)."""
         running = self._driving.get(saga_id)

@@ -204,11 +204,12 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
                 return order
             if give_up is not None and loop.time() >= give_up:
                 return order
-            await asyncio.sleep(
-                WATCH_POLL_S
-                if give_up is None
-                else max(0.0, min(WATCH_POLL_S, give_up - loop.time()))
-            )
+            wait = WATCH_POLL_S if give_up is None else min(WATCH_POLL_S, give_up - loop.time())
+            saga = self._runner.running(order_id)
+            if saga is None:  # driven by another instance: its records show up in the view
+                await asyncio.sleep(max(0.0, wait))
+            else:  # driven here: answer the moment it ends, not at the next poll
+                await asyncio.wait({saga}, timeout=max(0.0, wait))
 
     async def _cancellation(
         self, state: OrderState, context: ServicerContext
