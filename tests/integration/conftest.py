@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,22 @@ def count_orders(stack: Stack) -> int:
     """Orders in the stack's orders database, read from its file."""
     with sqlite3.connect(stack.data_dir / "orders.db") as db:
         return int(db.execute("SELECT COUNT(*) FROM order_views").fetchone()[0])
+
+
+@contextmanager
+def stack_under(root: Path) -> Iterator[Stack]:
+    """A Consul agent of its own and a Stack on it, data and logs under root; all it started
+    is stopped at the end. For stacks that a module's tests share."""
+    agent = ConsulAgent(log_path=root / "consul.log")
+    agent.start()
+    (root / "data").mkdir()
+    (root / "logs").mkdir()
+    running = Stack(agent, root / "data", root / "logs")
+    try:
+        yield running
+    finally:
+        running.stop_all()
+        agent.stop()
 
 
 @pytest.fixture

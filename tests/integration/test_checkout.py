@@ -16,7 +16,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,9 +24,8 @@ from grpc import aio
 from foodmesh.delivery.v1 import delivery_pb2
 from foodmesh.orders.v1 import orders_pb2
 from foodmesh.payments.v1 import payments_pb2
-from scripts.consul_agent import ConsulAgent
 from scripts.processes import wait_until_async
-from tests.integration.conftest import Stack, count_orders, order
+from tests.integration.conftest import Stack, count_orders, order, stack_under
 from tests.integration.platform import Clients, clients, scrape, value
 
 PLACE = "/foodmesh.orders.v1.OrderService/PlaceOrder"
@@ -37,18 +35,9 @@ TRIP_SECONDS = "3"  # pickup at half the trip: time enough to cancel a confirmed
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     """Consul, and users, catalog, payments, delivery and two orders instances; a customer."""
-    root: Path = tmp_path_factory.mktemp("checkout")
-    agent = ConsulAgent(log_path=root / "consul.log")
-    agent.start()
-    (root / "data").mkdir()
-    (root / "logs").mkdir()
-    stack = Stack(agent, root / "data", root / "logs")
-    try:
+    with stack_under(tmp_path_factory.mktemp("checkout")) as stack:
         stack.start_platform(orders=2, delivery=("--trip-seconds", TRIP_SECONDS))
         yield stack, stack.customer()
-    finally:
-        stack.stop_all()
-        agent.stop()
 
 
 def key() -> str:

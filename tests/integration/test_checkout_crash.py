@@ -13,7 +13,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,10 +21,9 @@ from grpc import aio
 from foodmesh.delivery.v1 import delivery_pb2
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2
-from scripts.consul_agent import ConsulAgent
 from services.orders.crashpoints import CRASH_ENV
 from services.orders.state import AUTHORIZE, CAPTURE, SCHEDULE
-from tests.integration.conftest import MANY_COURIERS, ServiceProcess, Stack, order
+from tests.integration.conftest import MANY_COURIERS, ServiceProcess, Stack, order, stack_under
 from tests.integration.platform import Clients, Samples, clients, scrape, value
 
 FAST_TAKEOVER = ("--lease-seconds", "1")
@@ -40,18 +38,9 @@ CONFIRMED, CANCELLED = orders_pb2.ORDER_STATUS_CONFIRMED, orders_pb2.ORDER_STATU
 @pytest.fixture(scope="module")
 def participants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     """Consul, users, catalog, payments and delivery, and a customer; no orders yet."""
-    root: Path = tmp_path_factory.mktemp("crash")
-    agent = ConsulAgent(log_path=root / "consul.log")
-    agent.start()
-    (root / "data").mkdir()
-    (root / "logs").mkdir()
-    stack = Stack(agent, root / "data", root / "logs")
-    try:
+    with stack_under(tmp_path_factory.mktemp("crash")) as stack:
         stack.start_platform(orders=0, delivery=(*MANY_COURIERS, "--trip-seconds", "120"))
         yield stack, stack.customer()
-    finally:
-        stack.stop_all()
-        agent.stop()
 
 
 def refusals(samples: Samples) -> dict[str, float]:
