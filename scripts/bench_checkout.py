@@ -69,10 +69,12 @@ SERVICES = (
 
 @contextmanager
 def platform(root: Path) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
+    """The Consul agent and the platform's processes, with the pids of each service's."""
     agent = ConsulAgent(log_path=root / "consul.log")
     agent.start()
     procs: list[subprocess.Popen[bytes]] = []
     ports: dict[str, list[int]] = {}
+    pids: dict[str, list[int]] = {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FOODMESH_"))}
     env["CONSUL_HTTP_ADDR"] = agent.http_addr
     try:
@@ -82,6 +84,7 @@ def platform(root: Path) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
             command += ["--data-dir", str(root / "data"), "--check-interval", "1", *flags]
             procs.append(spawn(command, env=env, log_path=root / f"{name}-{n}.log", cwd=ROOT))
             ports.setdefault(name, []).append(port)
+            pids.setdefault(name, []).append(procs[-1].pid)
         for name, expected in ports.items():
             wait_until(
                 lambda name=name, expected=expected: (
@@ -91,11 +94,24 @@ def platform(root: Path) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
                 message=f"{name} not passing",
                 ignore=(OSError,),
             )
-        yield agent, ports
+        yield agent, pids
     finally:
         for proc in procs:
             stop_process(proc)
         agent.stop()
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU time (user + system) so far of each service's processes, and of this one."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {"bench": sum(os.times()[:2])}
+    for name, ids in pids.items():
+        total = 0.0
+        for pid in ids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        used[name] = total
+    return used
 
 
 def commits(agent: ConsulAgent, service: str) -> float:
@@ -193,7 +209,9 @@ def summary(latencies: list[float], seconds: float) -> dict[str, float]:
     }
 
 
-async def measure(agent: ConsulAgent, options: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    agent: ConsulAgent, pids: dict[str, list[int]], options: argparse.Namespace
+) -> dict[str, Any]:
     settings = ConsulSettings.parse(agent.http_addr)
     names = ("users", "catalog", "payments", "delivery", "orders")
     channels = {name: mesh.channel(name, consul=settings) for name in names}
@@ -209,6 +227,7 @@ async def measure(agent: ConsulAgent, options: argparse.Namespace) -> dict[str, 
         for call in sides.values():  # warm-up: connections, caches, first JIT-less paths
             await run_side(call, options.concurrency, 1.0)
         recorded: dict[str, list[float]] = {name: [] for name in sides}
+        cpu: dict[str, dict[str, float]] = {name: {} for name in sides}
         per_round: list[float] = []
         commits_before = {s: commits(agent, s) for s in ("orders", "payments", "delivery")}
         checkouts = 0
@@ -216,7 +235,10 @@ async def measure(agent: ConsulAgent, options: argparse.Namespace) -> dict[str, 
             order = list(sides) if n % 2 == 0 else list(reversed(sides))
             p50s = {}
             for name in order:
+                before = cpu_seconds(pids)
                 latencies = await run_side(sides[name], options.concurrency, options.duration)
+                for process, seconds in cpu_seconds(pids).items():
+                    cpu[name][process] = cpu[name].get(process, 0.0) + seconds - before[process]
                 recorded[name] += latencies
                 p50s[name] = percentile(sorted(latencies), 0.5)
                 if name == "checkout":
@@ -226,6 +248,10 @@ async def measure(agent: ConsulAgent, options: argparse.Namespace) -> dict[str, 
         results: dict[str, Any] = {n: summary(v, seconds) for n, v in recorded.items()}
         results["p50_ratio"] = results["checkout"]["p50_ms"] / results["direct"]["p50_ms"]
         results["p50_ratio_per_round"] = per_round
+        results["cpu_ms_per_call"] = {
+            side: {p: 1000 * s / len(recorded[side]) for p, s in used.items()}
+            for side, used in cpu.items()
+        }
         # direct calls write to payments and delivery too (two payments commits, one delivery
         # commit at least per loop): only orders' writes are the saga's own.
         results["orders_commits_per_checkout"] = (
@@ -270,6 +296,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"{name:<10} {r['calls']:>7} {r['per_s']:>8.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
         )
+    for side, used in results["cpu_ms_per_call"].items():
+        each = ", ".join(f"{p} {ms:.1f}" for p, ms in used.items())
+        lines.append(f"CPU ms per {side}: {sum(used.values()):.1f} ({each})")
     rounds = ", ".join(f"{x:.3f}" for x in results["p50_ratio_per_round"])
     lines.append(
         f"checkout / direct at p50: {results['p50_ratio']:.3f} (goal <= 1.20; rounds: {rounds})"
@@ -304,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         root = Path(tmp)
         (root / "data").mkdir()
-        with platform(root) as (agent, _):
-            results = asyncio.run(measure(agent, options))
+        with platform(root) as (agent, pids):
+            results = asyncio.run(measure(agent, pids, options))
             if not options.no_load:
                 results["meshctl_load"] = meshctl_load(
                     agent, results["customer_id"], options.duration * 2

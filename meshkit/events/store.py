@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.message import Message
 
-from meshkit.storage.sqlite import SqlTransaction
+from meshkit.storage.sqlite import Queries, SqlTransaction
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -79,35 +79,72 @@ class EventStore:
     ) -> int:
         """Append `events` after version `expected_version` (0: a new stream) and return
         the stream's new version; StaleStream when the stream is not at that version."""
-        for event in events:
-            name = event.DESCRIPTOR.full_name
-            if name not in self._types:
-                raise TypeError(f"{name} is not an event type of this store")
+        self._check_types(events)
         # The unique key catches a writer behind the stream, not one ahead of it (a version
         # it never read): that would leave a gap, so the version is checked first too.
         if await self.version(transaction, stream_id) != expected_version:
             raise StaleStream(stream_id, expected_version)
-        recorded_at = (now or datetime.now(UTC)).isoformat(timespec="microseconds")
-        for offset, event in enumerate(events, start=1):
-            try:
-                await transaction.execute(
-                    "INSERT INTO events (stream_id, version, event_type, data, recorded_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        stream_id,
-                        expected_version + offset,
-                        event.DESCRIPTOR.full_name,
-                        event.SerializeToString(),
-                        recorded_at,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise StaleStream(stream_id, expected_version) from None
+        await self._insert(transaction, stream_id, expected_version, events, now)
         return expected_version + len(events)
 
-    async def read(self, transaction: SqlTransaction, stream_id: str) -> list[RecordedEvent]:
-        """The stream's events in order ([] for an unknown stream)."""
-        rows = await transaction.fetch_all(
+    async def extend(
+        self,
+        transaction: SqlTransaction,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Message],
+        *,
+        now: datetime | None = None,
+    ) -> list[RecordedEvent]:
+        """`append`, returning the whole stream after it: for a writer that folds the new
+        state at once, in one read and one insert instead of a version check, the insert and
+        a read."""
+        self._check_types(events)
+        stream = await self.read(transaction, stream_id)
+        if (stream[-1].version if stream else 0) != expected_version:
+            raise StaleStream(stream_id, expected_version)
+        return [*stream, *await self._insert(transaction, stream_id, expected_version, events, now)]
+
+    def _check_types(self, events: Sequence[Message]) -> None:
+        for event in events:
+            name = event.DESCRIPTOR.full_name
+            if name not in self._types:
+                raise TypeError(f"{name} is not an event type of this store")
+
+    async def _insert(
+        self,
+        transaction: SqlTransaction,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Message],
+        now: datetime | None,
+    ) -> list[RecordedEvent]:
+        if not events:
+            return []
+        recorded_at = now or datetime.now(UTC)
+        stamp = recorded_at.isoformat(timespec="microseconds")
+        recorded = [
+            RecordedEvent(stream_id, expected_version + offset, event, recorded_at)
+            for offset, event in enumerate(events, start=1)
+        ]
+        parameters: list[object] = []
+        for r in recorded:
+            data = r.event.SerializeToString()
+            parameters += (stream_id, r.version, r.event.DESCRIPTOR.full_name, data, stamp)
+        try:
+            await transaction.execute(
+                "INSERT INTO events (stream_id, version, event_type, data, recorded_at) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?)"] * len(recorded)),
+                parameters,
+            )
+        except sqlite3.IntegrityError:
+            raise StaleStream(stream_id, expected_version) from None
+        return recorded
+
+    async def read(self, queries: Queries, stream_id: str) -> list[RecordedEvent]:
+        """The stream's events in order ([] for an unknown stream); one query, so it needs
+        no transaction of its own."""
+        rows = await queries.fetch_all(
             "SELECT version, event_type, data, recorded_at FROM events WHERE stream_id = ?"
             " ORDER BY version",
             (stream_id,),

@@ -6,13 +6,14 @@ idempotency keys derived from the saga id and the step name, so that a repeated 
 effect. Temporal's Python SDK (workflows and activities as plain code) is the model; what
 differs is that the history is the service's own domain events, not a separate server's."""
 
-from meshkit.saga.lease import SagaLeases
-from meshkit.saga.orchestrator import LeaseLost, SagaDefinition, SagaJournal, SagaRunner
+from meshkit.saga.lease import Fence, LeaseLost, SagaLeases
+from meshkit.saga.orchestrator import SagaDefinition, SagaJournal, SagaRunner
 from meshkit.saga.retry import NON_RETRYABLE, StepRetry
 from meshkit.saga.steps import Progress, Step, StepContext
 
 __all__ = [
     "NON_RETRYABLE",
+    "Fence",
     "LeaseLost",
     "Progress",
     "SagaDefinition",

@@ -1,21 +1,27 @@
 """Who drives a saga: a lease row per saga, with an owner and an expiry, in the database the
 saga's journal lives in, shared by every instance of the orchestrating service.
 
-An instance drives a saga only while it holds the lease, and renews it at every step and on a
-timer; a crashed instance stops renewing, the lease lapses, and any other instance (or the
-restarted one) takes it over and resumes the saga from its journal. Taking and renewing are
-one conditional upsert each, so two instances can never both hold one lease. A paused holder
-whose lease lapsed can still be mid-step when the new holder starts: the journal's version
-check lets only one of them record the step, and the step's idempotency key gives the
-participant's effect once; the old holder finds the lease gone at its next renewal and stops.
+An instance drives a saga only while it holds the lease, and renews it on a timer and in the
+transaction of every step it records (`fence()`: the record commits only while the lease is
+its own, at no commit of its own); a crashed instance stops renewing, the lease lapses, and
+any other instance (or the restarted one) takes it over and resumes the saga from its
+journal. Taking and renewing are one conditional upsert each, so two instances can never both
+hold one lease. A paused holder whose lease lapsed can still be mid-step when the new holder
+starts: the fence (and the journal's version check) let only one of them record the step, and
+the step's idempotency key gives the participant's effect once; the old holder finds the
+lease gone at its next record or renewal and stops. The record that ends a saga gives its
+lease up in the same transaction.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
+
+Fence = Callable[[SqlTransaction], Awaitable[None]]
+"""A check that runs first in a journal write's transaction; what it raises rolls it back."""
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS saga_leases (
@@ -25,6 +31,10 @@ SCHEMA = (
     )""",
 )
 """The leases' table; add it to the schema of the database the sagas' journal lives in."""
+
+
+class LeaseLost(Exception):
+    """Another instance took the saga over."""
 
 
 class SagaLeases:
@@ -45,25 +55,51 @@ class SagaLeases:
         self.ttl = ttl
         self._clock = clock
 
-    async def take(self, saga_id: str) -> bool:
-        """Take or renew the lease; False when another owner holds it and it has not lapsed."""
+    async def take(self, saga_id: str, within: SqlTransaction | None = None) -> bool:
+        """Take or renew the lease; False when another owner holds it and it has not lapsed.
+        `within`: in that open transaction (which commits it), not one of its own."""
+        if within is None:
+            async with self._database.transaction() as transaction:
+                return await self.take(saga_id, transaction)
         now = self._clock()
-        async with self._database.transaction() as transaction:
-            changed = await transaction.execute(
-                "INSERT INTO saga_leases (saga_id, owner, expires_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (saga_id) DO UPDATE SET owner = excluded.owner,"
-                " expires_at = excluded.expires_at"
-                " WHERE saga_leases.owner = excluded.owner OR saga_leases.expires_at <= ?",
-                (saga_id, self.owner, now + self.ttl, now),
-            )
+        changed = await within.execute(
+            "INSERT INTO saga_leases (saga_id, owner, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (saga_id) DO UPDATE SET owner = excluded.owner,"
+            " expires_at = excluded.expires_at"
+            " WHERE saga_leases.owner = excluded.owner OR saga_leases.expires_at <= ?",
+            (saga_id, self.owner, now + self.ttl, now),
+        )
         return changed == 1
 
-    async def release(self, saga_id: str) -> None:
-        """Give the lease up (a finished saga, or a process that stops)."""
-        async with self._database.transaction() as transaction:
-            await transaction.execute(
-                "DELETE FROM saga_leases WHERE saga_id = ? AND owner = ?", (saga_id, self.owner)
+    async def release(self, saga_id: str, within: SqlTransaction | None = None) -> bool:
+        """Give the lease up (a finished saga, or a process that stops); False when it was
+        not ours to give (another owner holds it, or nobody does)."""
+        if within is None:
+            async with self._database.transaction() as transaction:
+                return await self.release(saga_id, transaction)
+        changed = await within.execute(
+            "DELETE FROM saga_leases WHERE saga_id = ? AND (owner = ? OR expires_at <= ?)",
+            (saga_id, self.owner, self._clock()),
+        )
+        return changed == 1
+
+    def fence(self, saga_id: str, *, release: bool = False) -> Fence:
+        """A check for a write to the saga's journal, run in the write's own transaction: it
+        renews the lease (or, with `release`, gives it up) and raises LeaseLost when the
+        lease is another's, which rolls the write back. A holder that paused past its lease
+        can then never record a step in the new holder's place (the fencing of a lease), and
+        renewing costs no transaction of its own."""
+
+        async def check(transaction: SqlTransaction) -> None:
+            held = (
+                await self.release(saga_id, transaction)
+                if release
+                else await self.take(saga_id, transaction)
             )
+            if not held:
+                raise LeaseLost(saga_id)
+
+        return check
 
     async def holder(self, saga_id: str) -> str | None:
         """Who holds a lease that has not lapsed, or None."""

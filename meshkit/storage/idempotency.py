@@ -35,7 +35,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from meshkit.storage.sqlite import SqlTransaction
+from meshkit.storage.sqlite import Queries, SqlTransaction
 
 MAX_KEY_LENGTH = 255
 KEY_FIELD = "idempotency_key"
@@ -104,15 +104,16 @@ class IdempotencyLedger:
 
     async def recall(
         self,
-        transaction: SqlTransaction,
+        queries: Queries,
         key: IdempotencyKey | None,
         response_type: type[Response],
     ) -> Response | None:
         """The response an earlier request with this key gave, or None (also for no key);
-        IdempotencyConflict when the key came with another request."""
+        IdempotencyConflict when the key came with another request. In the transaction that
+        acts on the answer; on the database itself only for a look ahead of that."""
         if key is None:
             return None
-        row = await transaction.fetch_one(
+        row = await queries.fetch_one(
             "SELECT request_fingerprint, response FROM idempotent_requests"
             " WHERE method = ? AND idempotency_key = ?",
             (self.method, key.key),

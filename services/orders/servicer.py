@@ -114,7 +114,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         if problem is not None:
             raise failed_precondition(problem)
         placed = order_placed(request, items)
-        state, created = await self._store.place(placed, key)
+        state, created = await self._store.place(placed, key, self._runner.leases)
         if created:
             _log.info(
                 "placed order %s for customer %r: %d lines, %d %s",
@@ -124,7 +124,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
                 placed.total_cents,
                 placed.currency,
             )
-            await self._runner.start(state.order_id)
+            await self._runner.start(state.order_id, leased=True)
         return await self._settled(state.order_id, context, SETTLED)
 
     @refusing

@@ -8,7 +8,9 @@ the PlaceOrder idempotency key (meshkit.storage.idempotency, whose recorded resp
 order's id), so of two concurrent duplicates the second finds the first's order. The checkout
 saga's journal is this store: `record` appends a step's events at the version it read
 (StaleStream if another writer got there first) and rewrites the view, one transaction per
-step. The saga leases live in the same file (meshkit.saga.lease).
+step, which also renews the saga's lease (meshkit.saga.lease, in the same file): placing an
+order takes it, and the record that ends the saga gives it up, so that a checkout costs five
+transactions in all.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from foodmesh.orders.v1 import events_pb2, orders_pb2
 from meshkit.events import EventStore
 from meshkit.events import store as event_store
 from meshkit.saga import lease as saga_lease
+from meshkit.saga.lease import Fence, LeaseLost, SagaLeases
 from meshkit.storage import idempotency
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.sqlite import DatabaseStore, Queries, SqliteDatabase, SqlTransaction
 from services.orders.state import EVENT_TYPES, OrderState, fold, order_message
 
 SCHEMA = (
@@ -62,14 +65,19 @@ class OrdersStore(DatabaseStore):
     async def order_for_key(self, key: IdempotencyKey | None) -> OrderState | None:
         """The order an earlier PlaceOrder with this key created (IdempotencyConflict when
         the key came with another request), or None."""
-        async with self._database.snapshot() as transaction:
-            return await self._order_for_key(transaction, key)
+        # Two single queries, no transaction: a stream only grows, so the order read after
+        # its key is at least the one the key was stored with.
+        return await self._order_for_key(self._database, key)
 
     async def place(
-        self, placed: events_pb2.OrderPlaced, key: IdempotencyKey | None
+        self,
+        placed: events_pb2.OrderPlaced,
+        key: IdempotencyKey | None,
+        leases: SagaLeases | None = None,
     ) -> tuple[OrderState, bool]:
         """Start the order's stream with `placed`; (the order, True). With a key already
-        used by the same request: (that order, False), nothing stored."""
+        used by the same request: (that order, False), nothing stored. `leases`: take the
+        new order's saga lease in the same transaction (`SagaRunner.start(leased=True)`)."""
         async with self._database.transaction() as transaction:
             earlier = await self._order_for_key(transaction, key)
             if earlier is not None:
@@ -78,22 +86,26 @@ class OrdersStore(DatabaseStore):
             await self.placing.remember(
                 transaction, key, orders_pb2.GetOrderRequest(order_id=placed.order_id)
             )
+            if leases is not None and not await leases.take(placed.order_id, transaction):
+                raise LeaseLost(placed.order_id)  # a new order's lease is nobody's: a bug
         return state, True
 
     async def load(self, order_id: str) -> tuple[OrderState, int]:
         """The order's state folded from its stream, and its version; KeyError if unknown."""
-        async with self._database.snapshot() as transaction:
-            recorded = await self.events.read(transaction, order_id)
+        recorded = await self.events.read(self._database, order_id)
         if not recorded:
             raise KeyError(order_id)
         return fold((r.event, r.recorded_at) for r in recorded), recorded[-1].version
 
     async def record(
-        self, order_id: str, version: int, events: Sequence[Message]
+        self, order_id: str, version: int, events: Sequence[Message], fence: Fence | None = None
     ) -> tuple[OrderState, int]:
         """Append events after `version` and rewrite the view (StaleStream if the order
-        moved on); the new state and version."""
+        moved on); the new state and version. `fence` runs first in the same transaction
+        (the saga runner's lease check)."""
         async with self._database.transaction() as transaction:
+            if fence is not None:
+                await fence(transaction)
             return await self._append(transaction, order_id, version, events)
 
     async def get(self, order_id: str) -> tuple[orders_pb2.Order, int] | None:
@@ -119,8 +131,8 @@ class OrdersStore(DatabaseStore):
         version: int,
         events: Sequence[Message],
     ) -> tuple[OrderState, int]:
-        new_version = await self.events.append(transaction, order_id, version, events)
-        recorded = await self.events.read(transaction, order_id)
+        recorded = await self.events.extend(transaction, order_id, version, events)
+        new_version = recorded[-1].version
         state = fold((r.event, r.recorded_at) for r in recorded)
         await transaction.execute(
             "INSERT INTO order_views (order_id, customer_id, status, version, saga_ended, data)"
@@ -139,7 +151,7 @@ class OrdersStore(DatabaseStore):
         return state, new_version
 
     async def _order_for_key(
-        self, transaction: SqlTransaction, key: IdempotencyKey | None
+        self, transaction: Queries, key: IdempotencyKey | None
     ) -> OrderState | None:
         earlier = await self.placing.recall(transaction, key, orders_pb2.GetOrderRequest)
         if earlier is None:

@@ -155,3 +155,47 @@ async def test_the_global_position_grows_across_streams(tmp_path: Path) -> None:
     ]
     positions = [r["position"] for r in rows]
     assert positions == sorted(positions) and len(set(positions)) == 4
+
+
+async def extend(
+    database: SqliteDatabase, stream: str, expected: int, *values: str
+) -> list[str | int]:
+    async with database.transaction() as transaction:
+        recorded = await STORE.extend(
+            transaction, stream, expected, [StringValue(value=v) for v in values]
+        )
+    return [value_of(r.event) for r in recorded]
+
+
+async def test_extend_appends_and_returns_the_stream_as_a_read_gives_it(tmp_path: Path) -> None:
+    async with await open_database(tmp_path / "e.db") as database:
+        assert await extend(database, "s", 0, "placed") == ["placed"]
+        async with database.transaction() as transaction:
+            returned = await STORE.extend(
+                transaction, "s", 1, [StringValue(value="paid"), StringValue(value="sent")]
+            )
+        assert await STORE.read(database, "s") == returned
+        assert [r.version for r in returned] == [1, 2, 3]
+        assert await extend(database, "s", 3) == ["placed", "paid", "sent"], "nothing to add"
+
+
+@pytest.mark.parametrize("expected", [0, 1, 3])
+async def test_extend_not_at_the_streams_version_is_stale_and_writes_nothing(
+    tmp_path: Path, expected: int
+) -> None:
+    async with await open_database(tmp_path / "e.db") as database:
+        await append(database, "s", 0, "a", "b")
+        with pytest.raises(StaleStream):
+            await extend(database, "s", expected, "late")
+        assert await stored(database, "s") == ["a", "b"]
+
+
+async def test_two_connections_extending_at_one_version_have_one_winner(tmp_path: Path) -> None:
+    path = tmp_path / "e.db"
+    async with await open_database(path) as first, await open_database(path) as second:
+        await append(first, "s", 0, "placed")
+        results = await asyncio.gather(
+            extend(first, "s", 1, "first"), extend(second, "s", 1, "second"), return_exceptions=True
+        )
+        assert sorted(map(type, results), key=str) == sorted([list, StaleStream], key=str)
+        assert await stored(second, "s") in (["placed", "first"], ["placed", "second"])

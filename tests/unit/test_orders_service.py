@@ -137,8 +137,11 @@ class Participants:
 
 
 @asynccontextmanager
-async def orders_server(db: Path, participants: Participants) -> AsyncIterator[OrdersStub]:
-    """An orders instance on db over these participants; yields a stub that calls it."""
+async def orders_server(
+    db: Path, participants: Participants
+) -> AsyncIterator[tuple[OrdersStub, OrdersStore]]:
+    """An orders instance on db over these participants; yields a stub that calls it, and
+    its store."""
     async with await OrdersStore.open(db) as store:
         checkout = Checkout(
             participants.payments,
@@ -158,7 +161,7 @@ async def orders_server(db: Path, participants: Participants) -> AsyncIterator[O
         try:
             add = orders_pb2_grpc.add_OrderServiceServicer_to_server
             async with serving((add, servicer)) as server:
-                yield orders_pb2_grpc.OrderServiceStub(server.channel)
+                yield orders_pb2_grpc.OrderServiceStub(server.channel), store
         finally:
             await runner.close()
 
@@ -170,6 +173,7 @@ class Platform:
     data_dir: Path
     participants: Participants
     orders: OrdersStub
+    orders_store: OrdersStore
     customer_id: str
     stops: dict[str, AsyncExitStack]
 
@@ -257,10 +261,10 @@ async def start_platform(
             email="ada@example.com", display_name="Ada", password="correct horse battery"
         )
     )
-    orders = await stack.enter_async_context(
+    orders, store = await stack.enter_async_context(
         orders_server(database_path(data_dir, "orders"), participants)
     )
-    return stack, Platform(data_dir, participants, orders, user.user_id, stops)
+    return stack, Platform(data_dir, participants, orders, store, user.user_id, stops)
 
 
 @pytest.fixture
@@ -316,6 +320,18 @@ async def test_place_order_prices_lines_and_confirms_through_the_saga(platform: 
 
     fetched = await platform.orders.GetOrder(orders_pb2.GetOrderRequest(order_id=order.order_id))
     assert fetched == order
+
+
+async def test_a_checkout_is_five_commits_and_leaves_no_lease(platform: Platform) -> None:
+    """Placing takes the saga's lease, each step's record renews it, the last gives it up:
+    no write of the orders database is a lease's alone."""
+    database = platform.orders_store.database
+    before = database.commits
+    order = await platform.place(order_request(line(MARGHERITA, 1)))
+    assert order.status == CONFIRMED
+    # placed, authorized, scheduled, captured, confirmed
+    assert database.commits - before == 5
+    assert await platform.orders_store.database.fetch_all("SELECT * FROM saga_leases") == []
 
 
 async def test_next_order_takes_a_changed_catalog_price(platform: Platform) -> None:
@@ -465,7 +481,7 @@ async def orders_on_scripted_catalog(
         platform.participants.payments,
         platform.participants.delivery,
     )
-    async with orders_server(platform.orders_db, participants) as orders:
+    async with orders_server(platform.orders_db, participants) as (orders, _):
         yield orders
 
 
@@ -642,7 +658,7 @@ async def test_empty_key_does_not_deduplicate(platform: Platform) -> None:
 async def test_concurrent_duplicates_on_two_instances_make_one_order_and_one_payment(
     platform: Platform,
 ) -> None:
-    async with orders_server(platform.orders_db, platform.participants) as second_instance:
+    async with orders_server(platform.orders_db, platform.participants) as (second_instance, _):
         instances = (platform.orders, second_instance)
         request = platform.for_customer(order_request(idempotency_key="dup"))
         orders = await asyncio.gather(*(instances[n % 2].PlaceOrder(request) for n in range(16)))

@@ -30,6 +30,7 @@ from mesh.core.deadline import Deadline, current_deadline, inbound_deadline
 from meshkit.events import StaleStream
 from meshkit.saga import (
     NON_RETRYABLE,
+    Fence,
     LeaseLost,
     Progress,
     SagaLeases,
@@ -180,14 +181,24 @@ class Journal:
         self.intrusions: dict[str, str] = {}
         """Before recording events starting with KEY, another writer appends VALUE."""
         self.stale = 0
+        self.database: SqliteDatabase | None = None
+        """Where a record's fence runs (the leases' file; any connection to it will do)."""
 
     async def load(self, saga_id: str) -> tuple[Saga, int]:
         stream = self.streams.get(saga_id, [])
         return fold(stream), len(stream)
 
     async def record(
-        self, saga_id: str, version: int, events: Sequence[Message]
+        self, saga_id: str, version: int, events: Sequence[Message], fence: Fence | None = None
     ) -> tuple[Saga, int]:
+        if fence is None:
+            return self._append(saga_id, version, events)
+        assert self.database is not None
+        async with self.database.transaction() as transaction:
+            await fence(transaction)
+            return self._append(saga_id, version, events)
+
+    def _append(self, saga_id: str, version: int, events: Sequence[Message]) -> tuple[Saga, int]:
         assert all(isinstance(e, StringValue) for e in events)
         events = cast(Sequence[StringValue], events)
         stream = self.streams.setdefault(saga_id, [])
@@ -389,6 +400,7 @@ def runner(
     **options: Any,
 ) -> SagaRunner[Saga]:
     leases = SagaLeases(database, owner, ttl=TTL, clock=clock)
+    journal.database = journal.database or database
     return SagaRunner(definition, journal, leases, clock=clock, sleep=clock.sleep, **options)
 
 
@@ -771,7 +783,7 @@ async def test_one_owner_holds_a_lease_until_it_lapses(
     assert await a.take("s"), "renewed: the ttl counts from now"
     clock.advance(TTL - 1)
     assert not await b.take("s")
-    await b.release("s")
+    assert not await b.release("s")
     assert await a.holder("s") == "instance-a", "only the owner releases"
 
     clock.advance(1)
@@ -783,6 +795,38 @@ async def test_one_owner_holds_a_lease_until_it_lapses(
     await b.release("s")
     assert await a.holder("s") is None
     assert await a.take("s")
+
+
+async def test_a_fence_renews_or_releases_in_the_writes_transaction_and_rolls_back_with_it(
+    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+) -> None:
+    a = SagaLeases(database, "instance-a", ttl=TTL, clock=clock)
+    b = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    assert await a.take("s")
+    clock.advance(TTL / 2)
+    commits = database.commits
+    async with database.transaction() as transaction:
+        await a.fence("s")(transaction)
+    assert database.commits == commits + 1, "no transaction of its own"
+    assert await expires_at(database, "s") == clock.now + TTL, "renewed"
+
+    renewed_until = clock.now + TTL
+    clock.advance(1)
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as transaction:
+            await a.fence("s", release=True)(transaction)
+            raise RuntimeError("the write failed")
+    assert await expires_at(database, "s") == renewed_until, "the release rolled back"
+
+    clock.pause(TTL)
+    assert await b.take("s"), "lapsed: taken over"
+    for release in (False, True):
+        with pytest.raises(LeaseLost):
+            async with database.transaction() as transaction:
+                await a.fence("s", release=release)(transaction)
+    async with other_database.transaction() as transaction:
+        await b.fence("s", release=True)(transaction)
+    assert await a.holder("s") is None and await a.take("s")
 
 
 async def test_leases_are_per_saga(
