@@ -106,6 +106,3 @@ def configure_logging(level: str | int, service_name: str, *, json_lines: bool =
         service = service_name.replace("%", "%%")
         handler.setFormatter(OneLineFormatter(LOG_FORMAT.format(service=service)))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    # aiosqlite logs every statement with its parameters at DEBUG: customers' data, password
-    # hashes, private keys. Kept out even at --log-level DEBUG.
-    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))

@@ -14,7 +14,7 @@ Why not the `eventsourcing` package (the well-kept choice in Python): its applic
 recorders are synchronous (threads and blocking connections), with no asyncio interface, and
 its domain model (aggregates as Python objects, pickled or JSON-transcoded state) is not the
 protobuf messages that these events are on the wire. What is needed here, an append with a
-version check in the caller's aiosqlite transaction and a read of one stream, is a table and
+version check in the caller's SQLite transaction and a read of one stream, is a table and
 two statements.
 """
 

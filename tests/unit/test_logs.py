@@ -175,11 +175,3 @@ def test_configure_logging_writes_one_line_per_event_to_stderr(
         )
         assert outside.endswith(" INFO orders services.orders: outside")
 
-
-def test_sql_statements_and_their_parameters_stay_out_even_at_debug() -> None:
-    configure_logging("DEBUG", "users")
-    try:
-        assert logging.getLogger().isEnabledFor(logging.DEBUG)
-        assert not logging.getLogger("aiosqlite").isEnabledFor(logging.DEBUG)
-    finally:
-        configure_logging("INFO", "users")

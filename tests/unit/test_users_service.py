@@ -338,7 +338,6 @@ async def test_no_secret_and_no_email_is_logged_even_at_debug(
     users: Users, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.INFO, logger="aiosqlite")  # as configure_logging() does
     wrong, short = "Tr0ub4dor&3-not-it", "sh0rt!x"
     user = await users.stub.CreateUser(create_request(idempotency_key="k"))
     await users.stub.CreateUser(create_request(idempotency_key="k"))
