@@ -34,8 +34,8 @@ from opentelemetry import trace
 
 from mesh.core.deadline import inbound_deadline
 from meshkit.events.store import StaleStream
-from meshkit.saga.lease import Fence, LeaseLost, SagaLeases
 from meshkit.saga.steps import Progress, State, Step, StepContext
+from meshkit.storage.lease import Fence, LeaseLost, Leases
 
 log = logging.getLogger(__name__)
 Recorded = TypeVar("Recorded", covariant=True)
@@ -89,7 +89,7 @@ class SagaRunner(Generic[State]):
         self,
         definition: SagaDefinition[State],
         journal: SagaJournal[State],
-        leases: SagaLeases,
+        leases: Leases,
         *,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.time,

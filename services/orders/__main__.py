@@ -17,7 +17,7 @@ from foodmesh.delivery.v1 import delivery_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2_grpc
-from meshkit.saga import SagaLeases, SagaRunner
+from meshkit.saga import Leases, SagaRunner
 from services.cli import positive_seconds
 from services.orders import crashpoints
 from services.orders.checkout import DEFAULT_SAGA_TIMEOUT_S, Checkout
@@ -80,7 +80,7 @@ async def main(argv: list[str]) -> int:
         runner = SagaRunner(
             Checkout(payments, delivery, timeout_s=args.saga_timeout, crash_at=crash_at),
             store,
-            SagaLeases(store.database, runtime.instance_id, ttl=args.lease_seconds),
+            Leases(store.database, runtime.instance_id, ttl=args.lease_seconds),
             tracer=runtime.tracing.tracer if runtime.tracing is not None else None,
         )
         server = runtime.server()

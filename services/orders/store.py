@@ -8,7 +8,7 @@ the PlaceOrder idempotency key (meshkit.storage.idempotency, whose recorded resp
 order's id), so of two concurrent duplicates the second finds the first's order. The checkout
 saga's journal is this store: `record` appends a step's events at the version it read
 (StaleStream if another writer got there first) and rewrites the view, one transaction per
-step, which also renews the saga's lease (meshkit.saga.lease, in the same file): placing an
+step, which also renews the saga's lease (meshkit.storage.lease, in the same file): placing an
 order takes it, and the record that ends the saga gives it up, so that a checkout costs five
 transactions in all.
 """
@@ -24,17 +24,16 @@ from google.protobuf.message import Message
 from foodmesh.orders.v1 import events_pb2, orders_pb2
 from meshkit.events import EventStore
 from meshkit.events import store as event_store
-from meshkit.saga import lease as saga_lease
-from meshkit.saga.lease import Fence, LeaseLost, SagaLeases
-from meshkit.storage import idempotency
+from meshkit.storage import idempotency, lease
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
+from meshkit.storage.lease import Fence, LeaseLost, Leases
 from meshkit.storage.sqlite import DatabaseStore, Queries, SqliteDatabase, SqlTransaction
 from services.orders.state import EVENT_TYPES, OrderState, fold, order_message
 
 SCHEMA = (
     *event_store.SCHEMA,
     *idempotency.SCHEMA,
-    *saga_lease.SCHEMA,
+    *lease.SCHEMA,
     """CREATE TABLE IF NOT EXISTS order_views (
         order_id TEXT PRIMARY KEY,
         customer_id TEXT NOT NULL,
@@ -73,7 +72,7 @@ class OrdersStore(DatabaseStore):
         self,
         placed: events_pb2.OrderPlaced,
         key: IdempotencyKey | None,
-        leases: SagaLeases | None = None,
+        leases: Leases | None = None,
     ) -> tuple[OrderState, bool]:
         """Start the order's stream with `placed`; (the order, True). With a key already
         used by the same request: (that order, False), nothing stored. `leases`: take the

@@ -23,7 +23,7 @@ from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.testing import InProcessServer, MockChannel
-from meshkit.saga import SagaLeases, SagaRunner, StepRetry
+from meshkit.saga import Leases, SagaRunner, StepRetry
 from meshkit.storage.sqlite import SqliteDatabase
 from services.datadir import database_path
 from services.delivery.servicer import DeliveryServicer
@@ -149,7 +149,7 @@ async def orders_server(
             retry=FAST_RETRY,
         )
         runner: SagaRunner[OrderState] = SagaRunner(
-            checkout, store, SagaLeases(store.database, f"orders-{id(store)}", ttl=5.0)
+            checkout, store, Leases(store.database, f"orders-{id(store)}", ttl=5.0)
         )
         servicer = OrderServicer(
             users=participants.users,
@@ -331,7 +331,7 @@ async def test_a_checkout_is_five_commits_and_leaves_no_lease(platform: Platform
     assert order.status == CONFIRMED
     # placed, authorized, scheduled, captured, confirmed
     assert database.commits - before == 5
-    assert await platform.orders_store.database.fetch_all("SELECT * FROM saga_leases") == []
+    assert await platform.orders_store.database.fetch_all("SELECT * FROM leases") == []
 
 
 async def test_next_order_takes_a_changed_catalog_price(platform: Platform) -> None:

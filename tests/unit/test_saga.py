@@ -1,6 +1,6 @@
 """The saga building blocks: StepRetry's delays and limits, and SagaRunner over an in-memory
 journal (StringValue events folded into a small frozen state), scripted participants that
-deduplicate by idempotency key, and real SagaLeases on a SQLite file.
+deduplicate by idempotency key, and real Leases on a SQLite file.
 
 Time is a fake clock: only the saga task's own sleeps (its retry delays) move it, and a sleep
 in any other task (the lease renewal timer) waits until time reaches it, so nothing here waits
@@ -32,14 +32,14 @@ from meshkit.saga import (
     NON_RETRYABLE,
     Fence,
     LeaseLost,
+    Leases,
     Progress,
-    SagaLeases,
     SagaRunner,
     Step,
     StepContext,
     StepRetry,
 )
-from meshkit.saga import lease as saga_lease
+from meshkit.storage import lease as saga_lease
 from meshkit.storage.sqlite import SqliteDatabase
 
 TTL = 30.0
@@ -399,7 +399,7 @@ def runner(
     owner: str = "instance-a",
     **options: Any,
 ) -> SagaRunner[Saga]:
-    leases = SagaLeases(database, owner, ttl=TTL, clock=clock)
+    leases = Leases(database, owner, ttl=TTL, clock=clock)
     journal.database = journal.database or database
     return SagaRunner(definition, journal, leases, clock=clock, sleep=clock.sleep, **options)
 
@@ -422,7 +422,7 @@ async def finished(task: asyncio.Task[Saga | None]) -> asyncio.Task[Saga | None]
 
 async def expires_at(database: SqliteDatabase, saga_id: str) -> float | None:
     row = await database.fetch_one(
-        "SELECT expires_at FROM saga_leases WHERE saga_id = ?", (saga_id,)
+        "SELECT expires_at FROM leases WHERE name = ?", (saga_id,)
     )
     return None if row is None else float(row[0])
 
@@ -457,7 +457,7 @@ async def test_the_steps_run_in_order_once_each_and_the_saga_completes(
     assert final is not None and final.progress.ended and final.progress.failure is None
     assert clock.delays == [] and saga_runner.driving() == frozenset()
     assert await saga_runner.leases.holder("saga-1") is None
-    other = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    other = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     assert await other.take("saga-1"), "the lease was released: another can take it at once"
 
 
@@ -774,8 +774,8 @@ async def test_a_cancellation_just_before_completing_turns_the_saga_around(
 async def test_one_owner_holds_a_lease_until_it_lapses(
     database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
 ) -> None:
-    a = SagaLeases(database, "instance-a", ttl=TTL, clock=clock)
-    b = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    a = Leases(database, "instance-a", ttl=TTL, clock=clock)
+    b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
 
     assert await a.take("s") and not await b.take("s")
     assert await a.holder("s") == await b.holder("s") == "instance-a"
@@ -800,8 +800,8 @@ async def test_one_owner_holds_a_lease_until_it_lapses(
 async def test_a_fence_renews_or_releases_in_the_writes_transaction_and_rolls_back_with_it(
     database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
 ) -> None:
-    a = SagaLeases(database, "instance-a", ttl=TTL, clock=clock)
-    b = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    a = Leases(database, "instance-a", ttl=TTL, clock=clock)
+    b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     assert await a.take("s")
     clock.advance(TTL / 2)
     commits = database.commits
@@ -832,8 +832,8 @@ async def test_a_fence_renews_or_releases_in_the_writes_transaction_and_rolls_ba
 async def test_leases_are_per_saga(
     database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
 ) -> None:
-    a = SagaLeases(database, "instance-a", ttl=TTL, clock=clock)
-    b = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    a = Leases(database, "instance-a", ttl=TTL, clock=clock)
+    b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     assert await a.take("s1") and await b.take("s2")
     assert await a.holder("s2") == "instance-b" and await b.holder("s1") == "instance-a"
 
@@ -841,8 +841,8 @@ async def test_leases_are_per_saga(
 async def test_concurrent_takes_have_one_winner(
     database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
 ) -> None:
-    a = SagaLeases(database, "instance-a", ttl=TTL, clock=clock)
-    b = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    a = Leases(database, "instance-a", ttl=TTL, clock=clock)
+    b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     taken = await asyncio.gather(a.take("s"), b.take("s"))
     assert sorted(taken) == [False, True]
 
@@ -850,14 +850,14 @@ async def test_concurrent_takes_have_one_winner(
 @pytest.mark.parametrize("ttl", [0, -1, math.nan])
 async def test_a_lease_ttl_must_be_positive(database: SqliteDatabase, ttl: float) -> None:
     with pytest.raises(ValueError, match="ttl"):
-        SagaLeases(database, "instance-a", ttl=ttl)
+        Leases(database, "instance-a", ttl=ttl)
 
 
 async def test_start_returns_none_while_another_instance_holds_the_lease(
     database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
-    other = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    other = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     assert await other.take("saga-1")
     saga_runner = runner(Definition(parts.steps("a")), journal, database, clock)
     assert await saga_runner.start("saga-1") is None
@@ -889,8 +889,8 @@ async def test_recover_starts_only_sagas_whose_lease_is_free_or_lapsed(
     gate = asyncio.Event()
     parts.do("a").script.extend([gate.wait, gate.wait])
     saga_runner = runner(Definition(parts.steps("a")), journal, database, clock)
-    short = SagaLeases(other_database, "instance-b", ttl=5, clock=clock)
-    long = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    short = Leases(other_database, "instance-b", ttl=5, clock=clock)
+    long = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     assert await short.take("lapsed") and await long.take("held")
     clock.advance(5)
 
@@ -916,7 +916,7 @@ async def test_a_paused_holder_whose_lease_was_taken_records_nothing_more(
 ) -> None:
     parts, journal = Participants(), Journal()
     definition = Definition(parts.steps("a", "b"))
-    takeover = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    takeover = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
 
     async def paused_and_taken_over() -> None:
         clock.pause(TTL + 1)
@@ -942,7 +942,7 @@ async def test_drive_raises_lease_lost_when_the_lease_is_gone(
 ) -> None:
     parts, journal = Participants(), Journal()
     saga_runner = runner(Definition(parts.steps("a")), journal, database, clock)
-    assert await SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock).take("s")
+    assert await Leases(other_database, "instance-b", ttl=TTL, clock=clock).take("s")
     with pytest.raises(LeaseLost):
         await saga_runner.drive("s")
     assert parts.log == ["a"] and journal.values("s") == []
@@ -967,7 +967,7 @@ async def test_the_renewal_timer_stops_a_holder_whose_lease_was_taken(
     await asyncio.wait_for(called.wait(), DEADLINE_S)
 
     # The renewal timer keeps the lease while the step hangs ...
-    takeover = SagaLeases(other_database, "instance-b", ttl=TTL, clock=clock)
+    takeover = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
     for _ in range(4):
         clock.advance(TTL / 3)
         await eventually(lambda: expires_at(database, "saga-1"), clock.now + TTL)

@@ -1,7 +1,8 @@
-"""Who drives a saga: a lease row per saga, with an owner and an expiry, in the database the
-saga's journal lives in, shared by every instance of the orchestrating service.
+"""Who does a piece of work that only one instance of a service may do at a time (drive a
+saga, relay an outbox): a lease row per name, with an owner and an expiry, in the database
+the work's records live in, shared by every instance of the service.
 
-An instance drives a saga only while it holds the lease, and renews it on a timer and in the
+For a saga: an instance drives it only while it holds the lease, and renews it on a timer and in the
 transaction of every step it records (`fence()`: the record commits only while the lease is
 its own, at no commit of its own); a crashed instance stops renewing, the lease lapses, and
 any other instance (or the restarted one) takes it over and resumes the saga from its
@@ -24,21 +25,22 @@ Fence = Callable[[SqlTransaction], Awaitable[None]]
 """A check that runs first in a journal write's transaction; what it raises rolls it back."""
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS saga_leases (
-        saga_id TEXT PRIMARY KEY,
+    """CREATE TABLE IF NOT EXISTS leases (
+        name TEXT PRIMARY KEY,
         owner TEXT NOT NULL,
         expires_at REAL NOT NULL
     )""",
 )
-"""The leases' table; add it to the schema of the database the sagas' journal lives in."""
+"""The leases' table; add it to the schema of the database the leased work's records live in."""
 
 
 class LeaseLost(Exception):
-    """Another instance took the saga over."""
+    """Another instance took the leased work (a saga) over."""
 
 
-class SagaLeases:
-    """Leases on sagas, held by `owner` (one per process) for `ttl` seconds at a time."""
+class Leases:
+    """Leases on named work (a saga id, an outbox), held by `owner` (one per process) for
+    `ttl` seconds at a time."""
 
     def __init__(
         self,
@@ -55,35 +57,35 @@ class SagaLeases:
         self.ttl = ttl
         self._clock = clock
 
-    async def take(self, saga_id: str, within: SqlTransaction | None = None) -> bool:
+    async def take(self, name: str, within: SqlTransaction | None = None) -> bool:
         """Take or renew the lease; False when another owner holds it and it has not lapsed.
         `within`: in that open transaction (which commits it), not one of its own."""
         if within is None:
             async with self._database.transaction() as transaction:
-                return await self.take(saga_id, transaction)
+                return await self.take(name, transaction)
         now = self._clock()
         changed = await within.execute(
-            "INSERT INTO saga_leases (saga_id, owner, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (saga_id) DO UPDATE SET owner = excluded.owner,"
+            "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
             " expires_at = excluded.expires_at"
-            " WHERE saga_leases.owner = excluded.owner OR saga_leases.expires_at <= ?",
-            (saga_id, self.owner, now + self.ttl, now),
+            " WHERE leases.owner = excluded.owner OR leases.expires_at <= ?",
+            (name, self.owner, now + self.ttl, now),
         )
         return changed == 1
 
-    async def release(self, saga_id: str, within: SqlTransaction | None = None) -> bool:
+    async def release(self, name: str, within: SqlTransaction | None = None) -> bool:
         """Give the lease up (a finished saga, or a process that stops); False when it was
         not ours to give (another owner holds it, or nobody does)."""
         if within is None:
             async with self._database.transaction() as transaction:
-                return await self.release(saga_id, transaction)
+                return await self.release(name, transaction)
         changed = await within.execute(
-            "DELETE FROM saga_leases WHERE saga_id = ? AND (owner = ? OR expires_at <= ?)",
-            (saga_id, self.owner, self._clock()),
+            "DELETE FROM leases WHERE name = ? AND (owner = ? OR expires_at <= ?)",
+            (name, self.owner, self._clock()),
         )
         return changed == 1
 
-    def fence(self, saga_id: str, *, release: bool = False) -> Fence:
+    def fence(self, name: str, *, release: bool = False) -> Fence:
         """A check for a write to the saga's journal, run in the write's own transaction: it
         renews the lease (or, with `release`, gives it up) and raises LeaseLost when the
         lease is another's, which rolls the write back. A holder that paused past its lease
@@ -92,19 +94,19 @@ class SagaLeases:
 
         async def check(transaction: SqlTransaction) -> None:
             held = (
-                await self.release(saga_id, transaction)
+                await self.release(name, transaction)
                 if release
-                else await self.take(saga_id, transaction)
+                else await self.take(name, transaction)
             )
             if not held:
-                raise LeaseLost(saga_id)
+                raise LeaseLost(name)
 
         return check
 
-    async def holder(self, saga_id: str) -> str | None:
+    async def holder(self, name: str) -> str | None:
         """Who holds a lease that has not lapsed, or None."""
         row = await self._database.fetch_one(
-            "SELECT owner FROM saga_leases WHERE saga_id = ? AND expires_at > ?",
-            (saga_id, self._clock()),
+            "SELECT owner FROM leases WHERE name = ? AND expires_at > ?",
+            (name, self._clock()),
         )
         return None if row is None else str(row["owner"])
