@@ -8,7 +8,9 @@ again. The check is the primary key (stream_id, version) itself, so it holds acr
 whatever the isolation level; appends run inside the caller's transaction, so that the events
 and whatever the caller keeps beside them (a projection table for queries, an idempotency key)
 commit together or not at all. A global `position` orders all events of the database, which is
-what an outbox relay reads in order.
+what an outbox relay reads in order (meshkit.events.relay): the table is also the outbox, and
+each event keeps the trace context it was recorded in (`traceparent`, `tracestate`), so that
+its publication and its consumers' effects join the trace of the call that caused it.
 
 Why not the `eventsourcing` package (the well-kept choice in Python): its applications and
 recorders are synchronous (threads and blocking connections), with no asyncio interface, and
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.message import Message
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshkit.storage.sqlite import Queries, SqlTransaction
+from meshkit.storage.sqlite import AddColumn, Queries, SqlTransaction
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -39,8 +42,13 @@ SCHEMA = (
         recorded_at TEXT NOT NULL,
         UNIQUE (stream_id, version)
     )""",
+    AddColumn("events", "traceparent", "TEXT"),
+    AddColumn("events", "tracestate", "TEXT"),
 )
 """The store's table; add it to the schema of the database the events live in."""
+
+
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 class StaleStream(Exception):
@@ -87,6 +95,22 @@ class EventStore:
         await self._insert(transaction, stream_id, expected_version, events, now)
         return expected_version + len(events)
 
+    async def append_next(
+        self,
+        transaction: SqlTransaction,
+        stream_id: str,
+        events: Sequence[Message],
+        *,
+        now: datetime | None = None,
+    ) -> int:
+        """Append `events` at the end of the stream, whatever its version: for a service whose
+        events record changes of rows it keeps itself (the store is then only its outbox),
+        where the transaction's write lock already orders the writers."""
+        self._check_types(events)
+        version = await self.version(transaction, stream_id)
+        await self._insert(transaction, stream_id, version, events, now)
+        return version + len(events)
+
     async def extend(
         self,
         transaction: SqlTransaction,
@@ -127,14 +151,21 @@ class EventStore:
             RecordedEvent(stream_id, expected_version + offset, event, recorded_at)
             for offset, event in enumerate(events, start=1)
         ]
+        trace_context: dict[str, str] = {}
+        _TRACE_CONTEXT.inject(trace_context)
+        traceparent, tracestate = trace_context.get("traceparent"), trace_context.get("tracestate")
         parameters: list[object] = []
         for r in recorded:
             data = r.event.SerializeToString()
-            parameters += (stream_id, r.version, r.event.DESCRIPTOR.full_name, data, stamp)
+            parameters += (
+                stream_id, r.version, r.event.DESCRIPTOR.full_name, data, stamp,
+                traceparent, tracestate,
+            )  # fmt: skip
         try:
             await transaction.execute(
-                "INSERT INTO events (stream_id, version, event_type, data, recorded_at) VALUES "
-                + ", ".join(["(?, ?, ?, ?, ?)"] * len(recorded)),
+                "INSERT INTO events (stream_id, version, event_type, data, recorded_at,"
+                " traceparent, tracestate) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(recorded)),
                 parameters,
             )
         except sqlite3.IntegrityError:

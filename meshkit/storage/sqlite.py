@@ -35,6 +35,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
@@ -88,6 +89,28 @@ class SqlTransaction:
             cursor.close()
 
 
+@dataclass(frozen=True, slots=True)
+class AddColumn:
+    """A schema step that adds a column to a table of a file made before the column existed
+    (SQLite has no ADD COLUMN IF NOT EXISTS): it asks PRAGMA table_info first, so that it is
+    idempotent like the CREATE ... IF NOT EXISTS statements beside it."""
+
+    table: str
+    column: str
+    declaration: str
+
+    async def apply(self, transaction: SqlTransaction) -> None:
+        columns = await transaction.fetch_all(f"PRAGMA table_info({self.table})")
+        if all(row["name"] != self.column for row in columns):
+            await transaction.execute(
+                f"ALTER TABLE {self.table} ADD COLUMN {self.column} {self.declaration}"
+            )
+
+
+SchemaStep = str | AddColumn
+"""One step of a store's schema: an idempotent statement, or a column added to an old file."""
+
+
 class AsyncClosing:
     """`async with` support for anything with an async close()."""
 
@@ -131,11 +154,11 @@ class SqliteDatabase(AsyncClosing):
         cls,
         path: Path | str,
         *,
-        schema: Sequence[str] = (),
+        schema: Sequence[SchemaStep] = (),
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> Self:
-        """Open (or create) the file and run the schema statements, which must be idempotent
-        (CREATE ... IF NOT EXISTS), in one write transaction."""
+        """Open (or create) the file and run the schema's steps, which must be idempotent
+        (CREATE ... IF NOT EXISTS, AddColumn), in one write transaction."""
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite {Path(path).name}")
         loop = asyncio.get_running_loop()
         try:
@@ -160,8 +183,11 @@ class SqliteDatabase(AsyncClosing):
             database._run("PRAGMA foreign_keys = ON")
             if schema:
                 async with database.transaction() as transaction:
-                    for statement in schema:
-                        await transaction.execute(statement)
+                    for step in schema:
+                        if isinstance(step, AddColumn):
+                            await step.apply(transaction)
+                        else:
+                            await transaction.execute(step)
         except BaseException:
             await database.close()
             raise

@@ -1,0 +1,167 @@
+"""One process's connection to NATS JetStream, and the streams it needs, declared as values.
+
+A service must keep working while the broker is down (its events wait in its outbox), so the
+connection is made in the background and never given up: nats-py retries the first connect
+and every reconnect forever (`max_reconnect_attempts=-1`), every `reconnect_wait` seconds,
+and whoever needs JetStream awaits `jetstream()`, which also creates or updates the declared
+streams once per connection. Streams are created idempotently with explicit limits (file
+storage, limits retention, a maximum age and size, a duplicate window), so that a fresh
+broker, or one that lost its store, gets them back from the first instance that connects.
+
+Streams are per bounded context: `ORDERS` holds `orders.events.>`, `DELIVERY` holds
+`delivery.events.>`, and `DEADLETTER` holds `deadletter.<consumer>`, where consumers put the
+events they could not apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+DAY_S = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """A JetStream stream with its limits."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * DAY_S
+    max_bytes: int = 1 << 30
+    duplicate_window_s: float = 120.0
+    """How long JetStream remembers a `Nats-Msg-Id`: a relay that republishes after a crash
+    (published, not yet marked) must do so within it, which its lease period (seconds) does
+    with a wide margin."""
+
+    def config(self) -> StreamConfig:
+        return StreamConfig(
+            name=self.name,
+            subjects=list(self.subjects),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=self.max_age_s,
+            max_bytes=self.max_bytes,
+            duplicate_window=self.duplicate_window_s,
+            num_replicas=1,
+        )
+
+
+def context_stream(context: str) -> StreamSpec:
+    """The stream of a bounded context's events: `ORDERS` for `orders.events.>`."""
+    return StreamSpec(context.upper().replace("-", "_"), (f"{context}.events.>",))
+
+
+DEAD_LETTERS = StreamSpec("DEADLETTER", ("deadletter.>",), max_age_s=30 * DAY_S)
+
+
+def dead_letter_subject(consumer: str) -> str:
+    return f"deadletter.{consumer}"
+
+
+class Broker:
+    """A NATS connection made in the background, and the streams it declares."""
+
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        streams: Sequence[StreamSpec] = (),
+        *,
+        reconnect_wait: float = 0.5,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.streams = tuple(streams)
+        self._reconnect_wait = reconnect_wait
+        self._connect_timeout = connect_timeout
+        self._client: Client | None = None
+        self._ready: asyncio.Task[JetStreamContext] | None = None
+
+    def start(self) -> None:
+        """Begin connecting (in the background)."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_task(
+                self._connect(), name=f"nats connect {self.url}"
+            )
+
+    async def jetstream(self) -> JetStreamContext:
+        """The JetStream context, once connected and the streams are declared."""
+        self.start()
+        assert self._ready is not None
+        return await asyncio.shield(self._ready)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.is_connected
+
+    async def declare_streams(self) -> None:
+        """Create or update the declared streams (after a broker lost its store: a publish
+        found no stream)."""
+        js = await self.jetstream()
+        await self._declare(js)
+
+    async def _connect(self) -> JetStreamContext:
+        async def disconnected() -> None:
+            log.warning("NATS at %s: disconnected; events wait in the outbox", self.url)
+
+        async def reconnected() -> None:
+            log.info("NATS at %s: reconnected", self.url)
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS at %s: %s", self.url, exc)
+
+        self._client = await nats.connect(
+            self.url,
+            name=self.name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=self._reconnect_wait,
+            connect_timeout=self._connect_timeout,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+        js = self._client.jetstream()
+        while True:
+            try:
+                await self._declare(js)
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("NATS at %s: cannot declare streams yet: %s", self.url, exc)
+                await asyncio.sleep(self._reconnect_wait)
+        log.info("NATS at %s: connected, streams %s", self.url, [s.name for s in self.streams])
+        return js
+
+    async def _declare(self, js: JetStreamContext) -> None:
+        for spec in self.streams:
+            config = spec.config()
+            try:
+                await js.stream_info(spec.name)
+            except NotFoundError:
+                await js.add_stream(config)
+            else:
+                await js.update_stream(config)
+
+    async def close(self) -> None:
+        """Stop connecting, or flush and close the connection."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            await asyncio.gather(self._ready, return_exceptions=True)
+        if self._client is not None and not self._client.is_closed:
+            try:
+                await self._client.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self._client.close()
