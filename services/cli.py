@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,6 +112,12 @@ def parse_args(
         dest="metrics",
         action="store_false",
         help="serve no Prometheus endpoint",
+    )
+    parser.add_argument(
+        "--nats-url",
+        default=os.environ.get("NATS_URL") or None,
+        help="NATS server (JetStream) for the service's events; without it (or $NATS_URL) "
+        "a service's events wait in its outbox and it consumes none (default: $NATS_URL)",
     )
     parser.add_argument(
         "--policy",

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from opentelemetry import trace
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,6 +34,7 @@ from mesh.server import MeshServer, new_instance_id
 from mesh.telemetry.logs import configure_logging
 from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.tracing import Tracing, tracing_from_env
+from meshkit.events import DEAD_LETTERS, Broker, EventMetrics, StreamSpec
 from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase
 from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
 from services.datadir import database_path
@@ -109,6 +113,51 @@ class ServiceRuntime:
         self._opened.push_async_callback(channel.close)
         return channel
 
+    def broker(self, *streams: StreamSpec) -> Broker | None:
+        """The connection to NATS (`--nats-url`, $NATS_URL), made in the background, that
+        declares `streams` (and the dead letters'), closed with the runtime; None without a
+        URL: the service's events then wait in its outbox."""
+        url = self.args.nats_url
+        if not url:
+            log.warning("no --nats-url or NATS_URL: events stay in the outbox, none are consumed")
+            return None
+        broker = Broker(
+            url, f"{self.args.service_name} {self.instance_id}", (*streams, DEAD_LETTERS)
+        )
+        broker.start()
+        self._opened.push_async_callback(broker.close)
+        return broker
+
+    @functools.cached_property
+    def event_metrics(self) -> EventMetrics | None:
+        """The outbox's and the consumers' instruments, beside the mesh's."""
+        return EventMetrics(self.metrics.registry) if self.metrics is not None else None
+
+    @property
+    def tracer(self) -> trace.Tracer | None:
+        return self.tracing.tracer if self.tracing is not None else None
+
+    def background(
+        self,
+        work: Coroutine[object, object, None],
+        name: str,
+        *,
+        then: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run `work` (a relay, a consumer) until the runtime closes: it is cancelled then,
+        before what was opened earlier (its store) is closed, and `then` runs after it."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        task.add_done_callback(_log_failure)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if then is not None:
+                await then()
+
+        self._opened.push_async_callback(stop)
+
     def database_path(self) -> Path:
         """`<--data-dir>/<service>.db`, the file this service's instances share."""
         return database_path(self.args.data_dir, self.args.service_name)
@@ -131,6 +180,11 @@ class ServiceRuntime:
             await asyncio.to_thread(self.tracing.shutdown)
         if self.metrics is not None:
             self.metrics.stop()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
 
 
 class _DatabaseCommits(Collector):

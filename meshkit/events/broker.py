@@ -156,12 +156,11 @@ class Broker:
                 await js.update_stream(config)
 
     async def close(self) -> None:
-        """Stop connecting, or flush and close the connection."""
+        """Stop connecting, or close the connection. Not a drain: nothing is left to flush
+        (a relay waits for each PubAck) and a delivery not acked comes again to another
+        consumer, whereas a drain waits for the subscriptions' pending fetches."""
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
             await asyncio.gather(self._ready, return_exceptions=True)
         if self._client is not None and not self._client.is_closed:
-            try:
-                await self._client.drain()
-            except (TimeoutError, nats.errors.Error):
-                await self._client.close()
+            await self._client.close()

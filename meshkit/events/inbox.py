@@ -11,6 +11,9 @@ What does not work is never allowed to block the stream or crash the consumer:
 - a message that is not a CloudEvent of this binding, of a type nobody declared, or whose
   payload does not decode goes to the dead-letter subject (`deadletter.<consumer>`, in the
   `DEADLETTER` stream) with the reason, at once;
+- what follows an applied event's commit (`on_applied`: a push to a device, say) runs before
+  the ack, at most once: a crash between the two leaves the effect, and its redelivery finds
+  the event in the inbox;
 - a handler that fails (or raises RetryLater: the event came before one it depends on, from
   another instance's batch) gets the message again after a backoff (`nak` with a delay), up
   to `max_deliver` deliveries; then it goes to the dead-letter subject too.
@@ -101,7 +104,7 @@ class EventConsumer:
         backoff: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0),
         ack_wait: float = 30.0,
         batch_size: int = 64,
-        on_applied: Callable[[ReceivedEvent], None] | None = None,
+        on_applied: Callable[[ReceivedEvent], Awaitable[None]] | None = None,
         metrics: EventMetrics | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -222,7 +225,7 @@ class EventConsumer:
                 await message.nak(delay=delay)
                 return self._count("retried", delivery)
         if applied and self._on_applied is not None:
-            self._on_applied(received)
+            await self._on_applied(received)
         await message.ack()
         return self._count("applied" if applied else "duplicate", delivery)
 

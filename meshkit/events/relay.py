@@ -109,6 +109,7 @@ class OutboxRelay:
         self._tracer = tracer
         self._clock = clock
         self._wakeup = asyncio.Event()
+        database.after_commit(self.wake)
         self._cursor: int | None = None  # published up to here (None: read it at the lease)
         self._marked = 0
         self._marked_at = clock()
@@ -117,7 +118,8 @@ class OutboxRelay:
         """Events this relay got a PubAck for (copies JetStream dropped included)."""
 
     def wake(self) -> None:
-        """Look at the outbox now (this instance just committed events)."""
+        """Look at the outbox now (this instance just committed to the database: there may be
+        new events; called after every commit of `database`)."""
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -127,7 +129,7 @@ class OutboxRelay:
         while True:
             try:
                 if not await self._hold_lease():
-                    await self._sleep(self._leases.ttl / 3)
+                    await asyncio.sleep(self._leases.ttl / 3)  # commits don't matter here
                     continue
                 sent = await self.relay_batch()
                 backoff = 0.1

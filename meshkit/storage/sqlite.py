@@ -148,6 +148,7 @@ class SqliteDatabase(AsyncClosing):
         self.commits = 0
         """Write transactions committed through this connection (a cost per request that
         the benchmarks report, and the `foodmesh_db_commits_total` metric)."""
+        self._after_commit: list[Callable[[], None]] = []
 
     @classmethod
     async def open(
@@ -206,6 +207,13 @@ class SqliteDatabase(AsyncClosing):
                 self._rollback_if_open()
                 raise
         self.commits += 1
+        for callback in self._after_commit:
+            callback()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every write transaction this connection commits (an outbox
+        relay wakes up: there may be new events)."""
+        self._after_commit.append(callback)
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[SqlTransaction]:

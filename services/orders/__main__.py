@@ -1,7 +1,9 @@
 """`python -m services.orders`: one orders instance. It checks customers with users, prices
 orders through catalog, and runs each checkout saga over payments and delivery, all found in
 Consul and called on mesh channels. Sagas that another instance left unfinished (it crashed,
-or stopped) are taken over once their lease lapses: at start, and every lease period."""
+or stopped) are taken over once their lease lapses: at start, and every lease period. The
+orders' events are published to JetStream (stream ORDERS) by the outbox relay of whichever
+instance holds its lease."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from foodmesh.delivery.v1 import delivery_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2_grpc
+from meshkit.events import OutboxRelay, context_stream
 from meshkit.saga import Leases, SagaRunner
 from services.cli import positive_seconds
 from services.orders import crashpoints
@@ -81,8 +84,19 @@ async def main(argv: list[str]) -> int:
             Checkout(payments, delivery, timeout_s=args.saga_timeout, crash_at=crash_at),
             store,
             Leases(store.database, runtime.instance_id, ttl=args.lease_seconds),
-            tracer=runtime.tracing.tracer if runtime.tracing is not None else None,
+            tracer=runtime.tracer,
         )
+        broker = runtime.broker(context_stream(SERVICE))
+        if broker is not None:
+            relay = OutboxRelay(
+                store.database,
+                runner.leases,
+                broker,
+                context=SERVICE,
+                metrics=runtime.event_metrics,
+                tracer=runtime.tracer,
+            )
+            runtime.background(relay.run(), "outbox relay", then=relay.close)
         server = runtime.server()
         server.add_service(
             orders_pb2.DESCRIPTOR.services_by_name["OrderService"],

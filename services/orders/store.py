@@ -22,7 +22,7 @@ from typing import Self
 from google.protobuf.message import Message
 
 from foodmesh.orders.v1 import events_pb2, orders_pb2
-from meshkit.events import EventStore
+from meshkit.events import EventStore, relay
 from meshkit.events import store as event_store
 from meshkit.storage import idempotency, lease
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
@@ -34,6 +34,7 @@ SCHEMA = (
     *event_store.SCHEMA,
     *idempotency.SCHEMA,
     *lease.SCHEMA,
+    *relay.SCHEMA,
     """CREATE TABLE IF NOT EXISTS order_views (
         order_id TEXT PRIMARY KEY,
         customer_id TEXT NOT NULL,

@@ -24,6 +24,7 @@ import pytest
 from foodmesh.orders.v1 import orders_pb2
 from mesh.discovery import ConsulSettings
 from scripts.consul_agent import ConsulAgent
+from scripts.nats_server import NatsServer
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +65,15 @@ class Stack:
     data_dir: Path
     log_dir: Path
     processes: list[ServiceProcess] = field(default_factory=list)
+    nats: NatsServer | None = None
+    """The stack's broker, once start_nats() started it; services get its NATS_URL."""
+
+    def start_nats(self) -> NatsServer:
+        """A nats-server with JetStream for the services started from now on, its store in
+        the stack's data directory (a restart keeps the streams)."""
+        self.nats = NatsServer(store_dir=self.data_dir / "nats", log_path=self.log_dir / "nats.log")
+        self.nats.start()
+        return self.nats
 
     @property
     def settings(self) -> ConsulSettings:
@@ -74,9 +84,11 @@ class Stack:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("OTEL_", "CONSUL_HTTP_", "FOODMESH_"))
+            if not k.startswith(("OTEL_", "CONSUL_HTTP_", "FOODMESH_", "NATS_"))
         }
         env["CONSUL_HTTP_ADDR"] = self.agent.http_addr
+        if self.nats is not None:
+            env["NATS_URL"] = self.nats.url
         return env
 
     def start(
@@ -178,6 +190,8 @@ class Stack:
         if running:
             with ThreadPoolExecutor(len(running)) as pool:
                 list(pool.map(lambda service: service.stop(), running))
+        if self.nats is not None:
+            self.nats.close()
 
 
 def order(

@@ -14,9 +14,10 @@ import pytest
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from mesh.testing import InProcessServer
 from meshkit.storage.sqlite import SqliteDatabase
-from services.catalog.servicer import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, CatalogServicer
+from services.catalog.servicer import CatalogServicer
 from services.catalog.store import DEMO_MENU, DEMO_RESTAURANT_IDS, CatalogItem, CatalogStore
 from services.datadir import database_path
+from services.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
     UNAVAILABLE_ITEM_ID,

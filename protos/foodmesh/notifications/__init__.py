@@ -1,0 +1,1 @@
+"""The notifications API: what the platform tells customers about their orders."""

@@ -1,0 +1,2 @@
+"""foodmesh.notifications.v1: NotificationService, generated from notifications.proto
+(scripts/gen_protos.py)."""

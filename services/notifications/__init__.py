@@ -1,0 +1,1 @@
+"""The notifications service: order events become notifications for the customer."""
