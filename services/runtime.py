@@ -18,12 +18,22 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from google.protobuf.message import Message
 from opentelemetry import trace
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,7 +44,16 @@ from mesh.server import MeshServer, new_instance_id
 from mesh.telemetry.logs import configure_logging
 from mesh.telemetry.metrics import MeshMetrics
 from mesh.telemetry.tracing import Tracing, tracing_from_env
-from meshkit.events import DEAD_LETTERS, Broker, EventMetrics, StreamSpec
+from meshkit.events import (
+    Broker,
+    EventConsumer,
+    EventMetrics,
+    Handler,
+    OutboxRelay,
+    ReceivedEvent,
+    StreamSpec,
+)
+from meshkit.storage.lease import Leases
 from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase
 from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
 from services.datadir import database_path
@@ -113,20 +132,63 @@ class ServiceRuntime:
         self._opened.push_async_callback(channel.close)
         return channel
 
-    def broker(self, *streams: StreamSpec) -> Broker | None:
-        """The connection to NATS (`--nats-url`, $NATS_URL), made in the background, that
-        declares `streams` (and the dead letters'), closed with the runtime; None without a
-        URL: the service's events then wait in its outbox."""
+    @functools.cached_property
+    def broker(self) -> Broker | None:
+        """This process's connection to NATS (`--nats-url`, $NATS_URL), made in the
+        background and closed with the runtime; None without a URL: the service's events then
+        wait in its outbox, and it consumes none."""
         url = self.args.nats_url
         if not url:
             log.warning("no --nats-url or NATS_URL: events stay in the outbox, none are consumed")
             return None
-        broker = Broker(
-            url, f"{self.args.service_name} {self.instance_id}", (*streams, DEAD_LETTERS)
-        )
+        broker = Broker(url, f"{self.args.service_name} {self.instance_id}")
         broker.start()
         self._opened.push_async_callback(broker.close)
         return broker
+
+    def consume(
+        self,
+        database: SqliteDatabase,
+        stream: StreamSpec,
+        event_types: Iterable[type[Message]],
+        handlers: Mapping[type[Message], Handler],
+        *,
+        on_applied: Callable[[ReceivedEvent], Awaitable[None]] | None = None,
+    ) -> EventConsumer | None:
+        """Apply `stream`'s events to `database` through `handlers`, each once, while the
+        runtime runs: the service's durable consumer (named for the service, shared by its
+        instances), when NATS is configured."""
+        if self.broker is None:
+            return None
+        consumer = EventConsumer(
+            self.broker,
+            database,
+            stream=stream,
+            durable=self.args.service_name,
+            event_types=event_types,
+            handlers=handlers,
+            on_applied=on_applied,
+            metrics=self.event_metrics,
+            tracer=self.tracer,
+        )
+        self.background(consumer.run(), f"{stream.name} events consumer")
+        return consumer
+
+    def publish_outbox(self, database: SqliteDatabase, leases: Leases | None = None) -> None:
+        """Relay the events recorded in `database` (its `events` table, the outbox) to the
+        service's stream (`orders` -> ORDERS) while the runtime runs, under the outbox's lease
+        in `leases` (default: this instance's, 10 s), when NATS is configured."""
+        if self.broker is None:
+            return
+        relay = OutboxRelay(
+            database,
+            leases if leases is not None else Leases(database, self.instance_id),
+            self.broker,
+            context=self.args.service_name,
+            metrics=self.event_metrics,
+            tracer=self.tracer,
+        )
+        self.background(relay.run(), "outbox relay", then=relay.close)
 
     @functools.cached_property
     def event_metrics(self) -> EventMetrics | None:

@@ -3,10 +3,11 @@
 A service must keep working while the broker is down (its events wait in its outbox), so the
 connection is made in the background and never given up: nats-py retries the first connect
 and every reconnect forever (`max_reconnect_attempts=-1`), every `reconnect_wait` seconds,
-and whoever needs JetStream awaits `jetstream()`, which also creates or updates the declared
-streams once per connection. Streams are created idempotently with explicit limits (file
-storage, limits retention, a maximum age and size, a duplicate window), so that a fresh
-broker, or one that lost its store, gets them back from the first instance that connects.
+and whoever needs JetStream awaits `jetstream()`, or `ensure_stream(spec)`, which also
+creates or updates the stream it uses (once per process). Streams are created idempotently
+with explicit limits (file storage, limits retention, a maximum age and size, a duplicate
+window), so that a fresh broker, or one that lost its store, gets them back from the first
+instance that uses them, producer or consumer, whichever starts first.
 
 Streams are per bounded context: `ORDERS` holds `orders.events.>`, `DELIVERY` holds
 `delivery.events.>`, and `DEADLETTER` holds `deadletter.<consumer>`, where consumers put the
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats
@@ -71,24 +71,23 @@ def dead_letter_subject(consumer: str) -> str:
 
 
 class Broker:
-    """A NATS connection made in the background, and the streams it declares."""
+    """A NATS connection made in the background, and the streams declared on it."""
 
     def __init__(
         self,
         url: str,
         name: str,
-        streams: Sequence[StreamSpec] = (),
         *,
         reconnect_wait: float = 0.5,
         connect_timeout: float = 2.0,
     ) -> None:
         self.url = url
         self.name = name
-        self.streams = tuple(streams)
         self._reconnect_wait = reconnect_wait
         self._connect_timeout = connect_timeout
         self._client: Client | None = None
         self._ready: asyncio.Task[JetStreamContext] | None = None
+        self._declared: set[str] = set()
 
     def start(self) -> None:
         """Begin connecting (in the background)."""
@@ -98,20 +97,34 @@ class Broker:
             )
 
     async def jetstream(self) -> JetStreamContext:
-        """The JetStream context, once connected and the streams are declared."""
+        """The JetStream context, once connected."""
         self.start()
         assert self._ready is not None
         return await asyncio.shield(self._ready)
 
+    async def ensure_stream(self, spec: StreamSpec) -> JetStreamContext:
+        """The JetStream context, with `spec`'s stream created or updated to its limits
+        (once per process, or again after forget_streams())."""
+        js = await self.jetstream()
+        if spec.name not in self._declared:
+            try:
+                await js.stream_info(spec.name)
+            except NotFoundError:
+                await js.add_stream(spec.config())
+            else:
+                await js.update_stream(spec.config())
+            self._declared.add(spec.name)
+            log.info("NATS at %s: stream %s declared", self.url, spec.name)
+        return js
+
+    def forget_streams(self) -> None:
+        """Declare streams again on their next use: the broker lost them (a publish found no
+        stream: a fresh store)."""
+        self._declared.clear()
+
     @property
     def connected(self) -> bool:
         return self._client is not None and self._client.is_connected
-
-    async def declare_streams(self) -> None:
-        """Create or update the declared streams (after a broker lost its store: a publish
-        found no stream)."""
-        js = await self.jetstream()
-        await self._declare(js)
 
     async def _connect(self) -> JetStreamContext:
         async def disconnected() -> None:
@@ -134,26 +147,8 @@ class Broker:
             reconnected_cb=reconnected,
             error_cb=error,
         )
-        js = self._client.jetstream()
-        while True:
-            try:
-                await self._declare(js)
-                break
-            except (TimeoutError, nats.errors.Error) as exc:
-                log.warning("NATS at %s: cannot declare streams yet: %s", self.url, exc)
-                await asyncio.sleep(self._reconnect_wait)
-        log.info("NATS at %s: connected, streams %s", self.url, [s.name for s in self.streams])
-        return js
-
-    async def _declare(self, js: JetStreamContext) -> None:
-        for spec in self.streams:
-            config = spec.config()
-            try:
-                await js.stream_info(spec.name)
-            except NotFoundError:
-                await js.add_stream(config)
-            else:
-                await js.update_stream(config)
+        log.info("NATS at %s: connected", self.url)
+        return self._client.jetstream()
 
     async def close(self) -> None:
         """Stop connecting, or close the connection. Not a drain: nothing is left to flush

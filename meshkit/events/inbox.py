@@ -42,7 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshkit.events.broker import Broker, dead_letter_subject
+from meshkit.events.broker import DEAD_LETTERS, Broker, StreamSpec, dead_letter_subject
 from meshkit.events.cloudevents import MSG_ID, CloudEvent, MalformedEvent
 from meshkit.events.metrics import EventMetrics, Outcome
 from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
@@ -88,15 +88,15 @@ Handler = Callable[[SqlTransaction, ReceivedEvent], Awaitable[None]]
 
 
 class EventConsumer:
-    """Applies the events of `stream` (`subjects`) to `database` through `handlers`, once."""
+    """Applies the events of `stream` (its first subject: `orders.events.>`) to `database`
+    through `handlers`, each once."""
 
     def __init__(
         self,
         broker: Broker,
         database: SqliteDatabase,
         *,
-        stream: str,
-        subjects: str,
+        stream: StreamSpec,
         durable: str,
         event_types: Iterable[type[Message]],
         handlers: Mapping[type[Message], Handler],
@@ -110,8 +110,9 @@ class EventConsumer:
     ) -> None:
         if max_deliver < 1:
             raise ValueError(f"max_deliver: must be >= 1, got {max_deliver}")
-        self.stream = stream
-        self.subjects = subjects
+        self.stream_spec = stream
+        self.stream = stream.name
+        self.subjects = stream.subjects[0]
         self.durable = durable
         self._broker = broker
         self._database = database
@@ -148,7 +149,8 @@ class EventConsumer:
         while True:
             try:
                 if subscription is None:
-                    js = await self._broker.jetstream()
+                    await self._broker.ensure_stream(DEAD_LETTERS)
+                    js = await self._broker.ensure_stream(self.stream_spec)
                     subscription = await js.pull_subscribe(
                         self.subjects,
                         durable=self.durable,

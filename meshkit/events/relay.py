@@ -42,7 +42,7 @@ from nats.js.errors import NoStreamResponseError
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshkit.events.broker import Broker
+from meshkit.events.broker import Broker, StreamSpec, context_stream
 from meshkit.events.cloudevents import CloudEvent, subject_for
 from meshkit.events.metrics import EventMetrics
 from meshkit.storage.lease import LeaseLost, Leases
@@ -98,6 +98,7 @@ class OutboxRelay:
         self.context = context
         self.source = source or f"/foodmesh/{context}"
         self.lease_name = f"outbox-relay:{context}"
+        self.stream: StreamSpec = context_stream(context)
         self._database = database
         self._leases = leases
         self._broker = broker
@@ -160,7 +161,7 @@ class OutboxRelay:
             await self._report_backlog(batch)
         if not batch:
             return 0
-        js = await self._broker.jetstream()
+        js = await self._broker.ensure_stream(self.stream)
         for item in batch:
             await self._publish(js, item)
             self._cursor = item.position
@@ -178,8 +179,9 @@ class OutboxRelay:
                     item.subject, event.data, timeout=self._publish_timeout, headers=headers
                 )
             except NoStreamResponseError:
-                # A broker that lost its store: declare the streams again, then retry.
-                await self._broker.declare_streams()
+                # A broker that lost its store: declare the stream again, then retry.
+                self._broker.forget_streams()
+                js = await self._broker.ensure_stream(self.stream)
                 ack = await js.publish(
                     item.subject, event.data, timeout=self._publish_timeout, headers=headers
                 )

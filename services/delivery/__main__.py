@@ -1,7 +1,9 @@
 """`python -m services.delivery`: one delivery instance, registered in Consul, with a pool of
 `--couriers` couriers whose trips take `--trip-seconds` (pickup at half the trip). Its
 instances share `<data-dir>/delivery.db`; each applies the trips' due steps every
-`Fleet.advance_interval` seconds (services/delivery/trips.py), so no instance owns a trip."""
+`Fleet.advance_interval` seconds (services/delivery/trips.py), so no instance owns a trip.
+Every change's event is published to JetStream (stream DELIVERY) by the outbox relay of
+whichever instance holds its lease."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ async def main(argv: list[str]) -> int:
         args = runtime.args
         fleet = Fleet(couriers=args.couriers, trip_seconds=args.trip_seconds)
         store = await runtime.closing(DeliveriesStore.open(runtime.database_path(), fleet=fleet))
+        runtime.publish_outbox(store.database)
         server = runtime.server()
         server.add_service(
             delivery_pb2.DESCRIPTOR.services_by_name["DeliveryService"],

@@ -14,6 +14,10 @@ and `--couriers N` says which ids exist. A trip's steps are applied by condition
 update time, so they are idempotent and any instance may apply them, in any number. A read
 applies them only when what it read is due, so reads do not take the write lock every time.
 
+Every status change also appends its domain event (foodmesh.delivery.v1 events.proto) to the
+outbox in the same transaction (meshkit.events.store, the `events` table), which the relay
+of one instance publishes to JetStream (stream DELIVERY).
+
 `delivery_events` holds one row per status change (from_status NULL for the schedule): the
 history TrackDelivery streams, so a watcher sees every step once, in order, even when two
 steps were applied between two of its looks. A delivery's other fields never change after it
@@ -31,10 +35,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from foodmesh.delivery.v1 import delivery_pb2
-from meshkit.storage import idempotency
+from foodmesh.delivery.v1 import delivery_pb2, events_pb2
+from meshkit.events import EventStore, relay
+from meshkit.events import store as event_store
+from meshkit.storage import idempotency, lease
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
 from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
 from services.delivery.trips import (
@@ -53,6 +60,14 @@ SCHEDULE = IdempotencyLedger(f"{SERVICE}/ScheduleDelivery")
 CANCEL = IdempotencyLedger(f"{SERVICE}/CancelDelivery")
 NO_COURIER = "no courier available"
 DEFAULT_FLEET = Fleet()
+EVENT_TYPES = (
+    events_pb2.CourierAssigned,
+    events_pb2.PickedUp,
+    events_pb2.Delivered,
+    events_pb2.DeliveryCancelled,
+)
+OUTBOX = EventStore(EVENT_TYPES)
+"""Each delivery's events, a stream per delivery: the outbox the relay publishes (DELIVERY)."""
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS deliveries (
@@ -85,6 +100,9 @@ SCHEMA = (
     """CREATE INDEX IF NOT EXISTS delivery_events_by_delivery
         ON delivery_events (delivery_id, event_id)""",
     *idempotency.SCHEMA,
+    *event_store.SCHEMA,
+    *lease.SCHEMA,
+    *relay.SCHEMA,
 )
 
 _COLUMNS = (
@@ -326,17 +344,23 @@ def delivery_message(delivery: StoredDelivery) -> delivery_pb2.Delivery:
 
 
 async def _advance(transaction: SqlTransaction, now: datetime) -> int:
-    """Apply the trip steps due at `now`, each with its event at its planned time; steps
-    already applied match no row, so this is safe to run anywhere, any number of times."""
+    """Apply the trip steps due at `now`, each with its history row and its event at its
+    planned time; steps already applied match no row, so this is safe to run anywhere, any
+    number of times."""
     applied = 0
     for source, target, planned in _STEPS:
         parameters: Sequence[str] = (source.value, _time_text(now))
-        await transaction.execute(
-            "INSERT INTO delivery_events (delivery_id, from_status, to_status, time)"
-            f" SELECT delivery_id, status, '{target.value}', {planned} FROM deliveries"
-            f" WHERE status = ? AND {planned} <= ? ORDER BY {planned}, sequence",
+        rows = await transaction.fetch_all(
+            f"SELECT {_COLUMNS} FROM deliveries WHERE status = ? AND {planned} <= ?"
+            f" ORDER BY {planned}, sequence",
             parameters,
         )
+        if not rows:
+            continue
+        for row in rows:
+            due = _delivery_from_row(row)
+            moved = dataclasses.replace(due, status=target, update_time=getattr(due.trip, planned))
+            await _record_event(transaction, moved, source)
         applied += await transaction.execute(
             f"UPDATE deliveries SET status = '{target.value}', update_time = {planned}"
             f" WHERE status = ? AND {planned} <= ?",
@@ -366,6 +390,7 @@ async def _insert_delivery(transaction: SqlTransaction, delivery: StoredDelivery
 async def _record_event(
     transaction: SqlTransaction, delivery: StoredDelivery, from_status: DeliveryStatus | None
 ) -> None:
+    """The change's history row, and its domain event in the outbox (meshkit.events)."""
     await transaction.execute(
         "INSERT INTO delivery_events (delivery_id, from_status, to_status, time)"
         " VALUES (?, ?, ?, ?)",
@@ -376,6 +401,40 @@ async def _record_event(
             _time_text(delivery.update_time),
         ),
     )
+    await OUTBOX.append_next(transaction, delivery.delivery_id, [domain_event(delivery)])
+
+
+def domain_event(delivery: StoredDelivery) -> Message:
+    """The foodmesh.delivery.v1 event of the delivery's latest change."""
+    at = _timestamp(delivery.update_time)
+    match delivery.status:
+        case DeliveryStatus.ASSIGNED:
+            return events_pb2.CourierAssigned(
+                delivery_id=delivery.delivery_id,
+                order_id=delivery.order_id,
+                courier_id=delivery.courier_id,
+                restaurant_id=delivery.restaurant_id,
+                pickup_time=_timestamp(delivery.trip.pickup_time),
+                eta_time=_timestamp(delivery.trip.eta_time),
+            )
+        case DeliveryStatus.PICKED_UP:
+            return events_pb2.PickedUp(
+                delivery_id=delivery.delivery_id,
+                order_id=delivery.order_id,
+                courier_id=delivery.courier_id,
+                pickup_time=at,
+            )
+        case DeliveryStatus.DELIVERED:
+            return events_pb2.Delivered(
+                delivery_id=delivery.delivery_id,
+                order_id=delivery.order_id,
+                courier_id=delivery.courier_id,
+                delivery_time=at,
+            )
+        case DeliveryStatus.CANCELLED:
+            return events_pb2.DeliveryCancelled(
+                delivery_id=delivery.delivery_id, order_id=delivery.order_id, cancel_time=at
+            )
 
 
 async def _load(transaction: SqlTransaction, delivery_id: str) -> StoredDelivery | None:

@@ -11,7 +11,7 @@ import asyncio
 import sys
 
 from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
-from meshkit.events import EventConsumer, ReceivedEvent, context_stream
+from meshkit.events import ReceivedEvent, context_stream
 from services.cli import non_negative_seconds
 from services.notifications.servicer import NotificationServicer
 from services.notifications.store import NOTIFYING, NotificationsStore
@@ -45,21 +45,7 @@ async def main(argv: list[str]) -> int:
                 if push_delay:
                     await asyncio.sleep(push_delay)  # the device's round trip
 
-        broker = runtime.broker(ORDERS)
-        if broker is not None:
-            consumer = EventConsumer(
-                broker,
-                store.database,
-                stream=ORDERS.name,
-                subjects=ORDERS.subjects[0],
-                durable=SERVICE,
-                event_types=ORDER_EVENTS,
-                handlers=store.handlers(),
-                on_applied=pushed,
-                metrics=runtime.event_metrics,
-                tracer=runtime.tracer,
-            )
-            runtime.background(consumer.run(), "orders events consumer")
+        runtime.consume(store.database, ORDERS, ORDER_EVENTS, store.handlers(), on_applied=pushed)
         server = runtime.server()
         server.add_service(
             notifications_pb2.DESCRIPTOR.services_by_name["NotificationService"],

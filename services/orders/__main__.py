@@ -3,7 +3,8 @@ orders through catalog, and runs each checkout saga over payments and delivery, 
 Consul and called on mesh channels. Sagas that another instance left unfinished (it crashed,
 or stopped) are taken over once their lease lapses: at start, and every lease period. The
 orders' events are published to JetStream (stream ORDERS) by the outbox relay of whichever
-instance holds its lease."""
+instance holds its lease, and delivery's events (stream DELIVERY) move orders out for
+delivery and to DELIVERED (services/orders/progress.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from foodmesh.delivery.v1 import delivery_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2_grpc
-from meshkit.events import OutboxRelay, context_stream
+from meshkit.events import context_stream
 from meshkit.saga import Leases, SagaRunner
 from services.cli import positive_seconds
 from services.orders import crashpoints
 from services.orders.checkout import DEFAULT_SAGA_TIMEOUT_S, Checkout
+from services.orders.progress import DELIVERY_EVENTS, DeliveryProgress
 from services.orders.servicer import OrderServicer
 from services.orders.state import AUTHORIZE, CAPTURE, SCHEDULE, OrderState
 from services.orders.store import OrdersStore
@@ -86,17 +88,13 @@ async def main(argv: list[str]) -> int:
             Leases(store.database, runtime.instance_id, ttl=args.lease_seconds),
             tracer=runtime.tracer,
         )
-        broker = runtime.broker(context_stream(SERVICE))
-        if broker is not None:
-            relay = OutboxRelay(
-                store.database,
-                runner.leases,
-                broker,
-                context=SERVICE,
-                metrics=runtime.event_metrics,
-                tracer=runtime.tracer,
-            )
-            runtime.background(relay.run(), "outbox relay", then=relay.close)
+        runtime.publish_outbox(store.database, runner.leases)
+        runtime.consume(
+            store.database,
+            context_stream("delivery"),
+            DELIVERY_EVENTS,
+            DeliveryProgress(store).handlers(),
+        )
         server = runtime.server()
         server.add_service(
             orders_pb2.DESCRIPTOR.services_by_name["OrderService"],

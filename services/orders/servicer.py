@@ -15,8 +15,8 @@ dependency failed, so callers and the mesh's retry policy can tell an outage fro
 (INTERNAL). A line that repeats an earlier line's item is refused rather than merged: merging
 would make the stored lines differ from the request the caller sees echoed.
 
-Delivery progress reaches an order by asking delivery (GetDelivery) when the order is read or
-watched; the events issue replaces that with delivery's events.
+Delivery progress (OUT_FOR_DELIVERY, DELIVERED) reaches an order through delivery's events,
+not through this servicer (services/orders/progress.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from services.orders.state import (
     SETTLED,
     OrderState,
     OrderStatus,
-    order_message,
 )
 from services.orders.store import OrdersStore
 from services.refusals import Refusal, failed_precondition, invalid, not_found, refusing, status_of
@@ -52,7 +51,6 @@ MAX_QUANTITY = 1000
 MAX_TEXT_LENGTH = 500
 DEFAULT_DEPENDENCY_TIMEOUT_S = 5.0
 WATCH_POLL_S = 0.1
-DELIVERY_POLL_S = 0.5
 
 # Dependency failures whose code the caller gets unchanged; any other error of a dependency
 # becomes UNAVAILABLE, since the caller's request was valid and the fault lies elsewhere.
@@ -132,7 +130,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         self, request: orders_pb2.GetOrderRequest, context: ServicerContext
     ) -> orders_pb2.Order:
         order, _ = await self._view(request.order_id)
-        return await self._with_delivery_progress(order)
+        return order
 
     @refusing
     async def CancelOrder(
@@ -162,19 +160,13 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
             status = status_of(refusal)
             assert status is not None
             await context.abort(*status)
-        order = await self._with_delivery_progress(order)
         yield order
         sent = order.SerializeToString()
-        last_delivery_check = asyncio.get_running_loop().time()
         while _STATUS[order.status] not in FINAL:
             await asyncio.sleep(WATCH_POLL_S)
             found = await self._store.get(request.order_id)
             assert found is not None
             order, _ = found
-            now = asyncio.get_running_loop().time()
-            if now - last_delivery_check >= DELIVERY_POLL_S:
-                order = await self._with_delivery_progress(order)
-                last_delivery_check = now
             current = order.SerializeToString()
             if current != sent:
                 yield order
@@ -251,40 +243,6 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
             requested,
             events_pb2.StepCompensated(order_id=state.order_id, step="schedule_delivery"),
         ]
-
-    async def _with_delivery_progress(self, order: orders_pb2.Order) -> orders_pb2.Order:
-        """The order, with its delivery's pickup or arrival recorded if delivery reports
-        one the order does not show yet (best effort: an unreachable delivery changes
-        nothing)."""
-        status = _STATUS[order.status]
-        if status not in (OrderStatus.CONFIRMED, OrderStatus.OUT_FOR_DELIVERY):
-            return order
-        try:
-            delivery = await self._delivery.GetDelivery(
-                delivery_pb2.GetDeliveryRequest(delivery_id=order.delivery_id),
-                timeout=self._dependency_timeout_s,
-            )
-        except grpc.aio.AioRpcError:
-            return order
-        events: list[events_pb2.OrderPickedUp | events_pb2.OrderDelivered] = []
-        picked = delivery.status in (
-            delivery_pb2.DELIVERY_STATUS_PICKED_UP,
-            delivery_pb2.DELIVERY_STATUS_DELIVERED,
-        )
-        if picked and status is OrderStatus.CONFIRMED:
-            events.append(events_pb2.OrderPickedUp(order_id=order.order_id))
-        if delivery.status == delivery_pb2.DELIVERY_STATUS_DELIVERED:
-            events.append(events_pb2.OrderDelivered(order_id=order.order_id))
-        if not events:
-            return order
-        state, version = await self._store.load(order.order_id)
-        if state.progress.failure is not None or state.status.value != status.value:
-            return order_message(state)
-        try:
-            state, _ = await self._store.record(order.order_id, version, events)
-        except StaleStream:
-            state, _ = await self._store.load(order.order_id)
-        return order_message(state)
 
     async def _dependency_timeout(self, context: ServicerContext) -> float:
         timeout = context.time_remaining()

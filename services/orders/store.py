@@ -22,7 +22,7 @@ from typing import Self
 from google.protobuf.message import Message
 
 from foodmesh.orders.v1 import events_pb2, orders_pb2
-from meshkit.events import EventStore, relay
+from meshkit.events import EventStore, inbox, relay
 from meshkit.events import store as event_store
 from meshkit.storage import idempotency, lease
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
@@ -35,6 +35,7 @@ SCHEMA = (
     *idempotency.SCHEMA,
     *lease.SCHEMA,
     *relay.SCHEMA,
+    *inbox.SCHEMA,
     """CREATE TABLE IF NOT EXISTS order_views (
         order_id TEXT PRIMARY KEY,
         customer_id TEXT NOT NULL,
@@ -107,6 +108,20 @@ class OrdersStore(DatabaseStore):
             if fence is not None:
                 await fence(transaction)
             return await self._append(transaction, order_id, version, events)
+
+    async def load_in(self, transaction: SqlTransaction, order_id: str) -> tuple[OrderState, int]:
+        """`load`, inside an open transaction (a consumer's, whose inbox row commits with what
+        it appends); KeyError if unknown."""
+        recorded = await self.events.read(transaction, order_id)
+        if not recorded:
+            raise KeyError(order_id)
+        return fold((r.event, r.recorded_at) for r in recorded), recorded[-1].version
+
+    async def append(
+        self, transaction: SqlTransaction, order_id: str, version: int, events: Sequence[Message]
+    ) -> tuple[OrderState, int]:
+        """`record`, inside an open transaction."""
+        return await self._append(transaction, order_id, version, events)
 
     async def get(self, order_id: str) -> tuple[orders_pb2.Order, int] | None:
         """The order's view and its version, or None."""

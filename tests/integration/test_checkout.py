@@ -36,6 +36,7 @@ TRIP_SECONDS = "3"  # pickup at half the trip: time enough to cancel a confirmed
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     """Consul, and users, catalog, payments, delivery and two orders instances; a customer."""
     with stack_under(tmp_path_factory.mktemp("checkout")) as stack:
+        stack.start_nats()  # delivery's events move orders out for delivery and to DELIVERED
         stack.start_platform(orders=2, delivery=("--trip-seconds", TRIP_SECONDS))
         yield stack, stack.customer()
 

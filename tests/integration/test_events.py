@@ -110,7 +110,7 @@ async def test_the_relay_publishes_each_event_once_in_commit_order_as_cloudevent
         await record(
             database, f"o-{n}", placed(f"o-{n}"), events_pb2.OrderConfirmed(order_id=f"o-{n}")
         )
-    broker = Broker(nats_server.url, "test relay", [ORDERS])
+    broker = Broker(nats_server.url, "test relay")
     relay_ = OutboxRelay(database, Leases(database, "a"), broker, context="orders")
     task = asyncio.create_task(relay_.run())
     try:
@@ -155,7 +155,7 @@ async def test_a_relay_that_publishes_again_after_a_crash_doubles_nothing(
     relay publishes everything again; JetStream's deduplication keeps one copy of each."""
     for n in range(3):
         await record(database, f"o-{n}", placed(f"o-{n}"))
-    broker = Broker(nats_server.url, "test relay", [ORDERS])
+    broker = Broker(nats_server.url, "test relay")
     try:
         first = OutboxRelay(
             database, Leases(database, "a"), broker, context="orders", mark_interval=3600
@@ -173,7 +173,7 @@ async def test_two_relays_on_one_database_publish_each_event_once_in_order(
     js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase, tmp_path: Path
 ) -> None:
     async with await SqliteDatabase.open(tmp_path / "orders.db") as other:
-        brokers = [Broker(nats_server.url, f"relay {n}", [ORDERS]) for n in range(2)]
+        brokers = [Broker(nats_server.url, f"relay {n}") for n in range(2)]
         relays = [
             OutboxRelay(db, Leases(db, owner), b, context="orders")
             for db, owner, b in zip((database, other), ("a", "b"), brokers, strict=True)
@@ -209,7 +209,7 @@ async def test_the_outbox_drains_by_itself_after_the_broker_was_down(
 
 
 async def _drain_after_outage(nats_server: NatsServer, database: SqliteDatabase) -> None:
-    broker = Broker(nats_server.url, "test relay", [ORDERS])
+    broker = Broker(nats_server.url, "test relay")
     relay_ = OutboxRelay(
         database, Leases(database, "a"), broker, context="orders", publish_timeout=0.5
     )
@@ -263,8 +263,7 @@ def consumer(
     return EventConsumer(
         broker,
         database,
-        stream="ORDERS",
-        subjects="orders.events.>",
+        stream=ORDERS,
         durable="test-consumer",
         event_types=TYPES,
         handlers={events_pb2.OrderPlaced: effects},
@@ -296,8 +295,8 @@ async def effects_of(database: SqliteDatabase) -> list[str]:
 async def test_each_event_has_one_effect_however_often_it_is_delivered(
     js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase
 ) -> None:
-    broker = Broker(nats_server.url, "test consumer", [ORDERS, DEAD_LETTERS])
-    await broker.jetstream()
+    broker = Broker(nats_server.url, "test consumer")
+    await broker.ensure_stream(ORDERS)
     effects = Effects()
     effects.failures["o-2"] = 2  # applied on its third delivery
     for n in range(4):
@@ -335,8 +334,8 @@ async def _drained(js: JetStreamContext) -> bool:
 async def test_poison_events_go_to_the_dead_letter_subject_and_the_rest_flows(
     js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase
 ) -> None:
-    broker = Broker(nats_server.url, "test consumer", [ORDERS, DEAD_LETTERS])
-    await broker.jetstream()
+    broker = Broker(nats_server.url, "test consumer")
+    await broker.ensure_stream(ORDERS)
     effects = Effects()
     effects.failures["o-4"] = 99  # never applies: dead-lettered after max_deliver
     await publish(js, "o-0:1", placed("o-0").SerializeToString())
