@@ -6,8 +6,11 @@ paths a user's app takes, on mesh channels that find users and orders in Consul:
 the demo user, logs in, and places two orders whose checkout sagas end the two ways a checkout
 ends. One paid with a card that works must come back CONFIRMED (our process -> orders ->
 users, catalog, payments, delivery); one paid with a card that is declined must come back
-REJECTED, with nothing left to undo. An order that ends otherwise fails the startup, as a call
-that fails does: the stack does not work, and the logs of the services involved say why.
+REJECTED, with nothing left to undo. Then the customer's notifications of both outcomes must
+come, made by the notifications service from the orders' events (orders' outbox -> NATS
+JetStream -> notifications). An order that ends otherwise, or a notification that does not
+come, fails the startup, as a call that fails does: the stack does not work, and the logs of
+the services involved say why.
 
 The data dir outlives a run, and the demo user with it: a rerun finds the email taken
 (ALREADY_EXISTS) and logs in all the same, so the user_id to use is always Login's. Each step
@@ -30,6 +33,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 
 import mesh
+from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.discovery import ConsulResolver, ConsulSettings
@@ -57,6 +61,9 @@ DEMO_CALL_TIMEOUT_S = 15.0
 """Per call; PlaceOrder returns once its saga is CONFIRMED or REJECTED, well within this."""
 USER_SPAN = "dev-stack demo user"
 ORDER_SPAN = "dev-stack demo order"
+NOTIFICATION_TIMEOUT_S = 15.0
+NOTIFYING = ("orders", "notifications")
+"""Whose logs tell why a notification did not come: the relay's, and the consumer's."""
 ORDER_SERVICES = ("orders", "payments", "delivery")
 """Whose logs tell why an order failed: orders (which names any dependency that failed), and
 the participants of its checkout saga."""
@@ -82,6 +89,8 @@ class Demo:
     user_trace_id: str
     confirmed: PlacedOrder
     rejected: PlacedOrder
+    notifications: tuple[notifications_pb2.Notification, ...]
+    """What the notifications service made of the two orders' events (through NATS)."""
 
     @property
     def user_id(self) -> str:
@@ -103,6 +112,7 @@ async def _run_demo(consul_addr: str, otlp_endpoint: str, logs: ServiceLogs) -> 
     resolver = ConsulResolver(ConsulSettings.parse(consul_addr))
     users_channel = mesh.channel("users", resolver=resolver, tracing=tracing)
     orders_channel = mesh.channel("orders", resolver=resolver, tracing=tracing)
+    notifications_channel = mesh.channel("notifications", resolver=resolver, tracing=tracing)
     try:
         users = users_pb2_grpc.UserServiceStub(users_channel)
         orders = orders_pb2_grpc.OrderServiceStub(orders_channel)
@@ -115,8 +125,16 @@ async def _run_demo(consul_addr: str, otlp_endpoint: str, logs: ServiceLogs) -> 
         rejected = await placing.place(
             DECLINED_PAYMENT_METHOD, DECLINED_LINES, expected=orders_pb2.ORDER_STATUS_REJECTED
         )
-        return Demo(login, created, user_trace_id, confirmed, rejected)
+        with _failing_as_startup("the demo's notifications", _logs_of(logs, NOTIFYING)):
+            notified = await _notifications(
+                notifications_pb2_grpc.NotificationServiceStub(notifications_channel),
+                login.user_id,
+                (confirmed.order.order_id, rejected.order.order_id),
+                _logs_of(logs, NOTIFYING),
+            )
+        return Demo(login, created, user_trace_id, confirmed, rejected, notified)
     finally:
+        await notifications_channel.close()
         await orders_channel.close()
         await users_channel.close()
         await resolver.close()
@@ -151,6 +169,34 @@ async def _log_in(
             timeout=DEMO_CALL_TIMEOUT_S,
         )
     return created, login, trace_id
+
+
+async def _notifications(
+    notifications: notifications_pb2_grpc.NotificationServiceAsyncStub,
+    user_id: str,
+    order_ids: Sequence[str],
+    logs: Sequence[Path],
+) -> tuple[notifications_pb2.Notification, ...]:
+    """The user's notifications about `order_ids`, once there is one for each (the orders'
+    events travel orders' outbox -> NATS -> the notifications consumer); a StartupFailed
+    when they do not come within NOTIFICATION_TIMEOUT_S."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + NOTIFICATION_TIMEOUT_S
+    while True:
+        page = await notifications.ListNotifications(
+            notifications_pb2.ListNotificationsRequest(user_id=user_id, page_size=100),
+            timeout=DEMO_CALL_TIMEOUT_S,
+        )
+        about = {n.order_id: n for n in page.notifications if n.order_id in order_ids}
+        if len(about) == len(order_ids):
+            return tuple(about[order_id] for order_id in order_ids)
+        if loop.time() > give_up:
+            missing = ", ".join(o for o in order_ids if o not in about)
+            raise StartupFailed(
+                f"no notification for order(s) {missing} after {NOTIFICATION_TIMEOUT_S:g}s",
+                logs,
+            )
+        await asyncio.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -231,6 +277,10 @@ def show_demo(demo: Demo, receiver: ReceiverProcess | None) -> None:
         say(f"  trace {demo.user_trace_id}")
     for placed in (demo.confirmed, demo.rejected):
         show_order(placed, receiver)
+    say("Notifications for the demo user (orders -> NATS JetStream -> notifications):")
+    for notification in demo.notifications:
+        kind = notifications_pb2.NotificationKind.Name(notification.kind)
+        say(f"  {kind}: {notification.text}")
 
 
 def show_order(placed: PlacedOrder, receiver: ReceiverProcess | None) -> None:

@@ -1,6 +1,6 @@
-"""The whole platform on one machine, in one command: a Consul dev agent, the five services
-(users, two catalog, payments, delivery, two orders) wired together through the mesh, and
-somewhere for their traces to go.
+"""The whole platform on one machine, in one command: a Consul dev agent, NATS JetStream, the
+six services (users, two catalog, payments, delivery, notifications, two orders) wired
+together through the mesh and the broker, and somewhere for their traces to go.
 
     python scripts/dev_stack.py            # runs until Ctrl-C (or SIGTERM)
     python scripts/dev_stack.py --once     # start, run the demo, stop (smoke test, CI)
@@ -19,7 +19,8 @@ variables say, or to a local receiver the stack starts (scripts/dev_traces.py).
 
 It stops in the order that loses nothing: the services first, with SIGTERM, so that each goes
 NOT_SERVING and deregisters itself (orders before the services it calls) and flushes its last
-spans; then a check that Consul lists none of our instances any more; then the trace receiver,
+spans; then a check that Consul lists none of our instances any more; then NATS (whose store
+in the data dir keeps the streams for the next run); then the trace receiver,
 which those last spans had to reach; then Consul. Every child runs in its own process
 group (scripts/processes.spawn), so Ctrl-C in the terminal reaches only this script, which
 does the stopping; and every child dies with this script if it is killed, so nothing is left
@@ -89,23 +90,29 @@ from scripts.dev_traces import (  # noqa: E402
     wait_for_receiver,
     waterfall_command,
 )
+from scripts.nats_server import NatsServer  # noqa: E402
 from scripts.processes import log_tail, spawn, stop_process, wait_until  # noqa: E402
 
 DEFAULT_CONSUL_HTTP_PORT = 8500
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".dev" / "data"
 DEFAULT_LOG_DIR = PROJECT_ROOT / ".dev" / "logs"
+DEFAULT_NATS_PORT = 4222
+NATS_URL_ENV = "NATS_URL"
 TIERS: tuple[tuple[tuple[str, int], ...], ...] = (
-    (("users", 1), ("catalog", 2), ("payments", 1), ("delivery", 1)),
+    (("users", 1), ("catalog", 2), ("payments", 1), ("delivery", 1), ("notifications", 1)),
     (("orders", 2),),
 )
 """(Consul service name, instances), tier by tier: a tier starts once every earlier tier
 passes in Consul, and a caller is in a later tier than what it calls (orders calls all the
-others). Stopped in reverse, callers first; the services of a tier together."""
+others). Stopped in reverse, callers first; the services of a tier together. Consumers of
+events (notifications) call nobody and may start first: their durable consumer keeps what
+was published before they came."""
 DEFAULT_TRIP_SECONDS = 20.0
 """Delivery's trip time in the dev stack: the demo order is DELIVERED within the minute."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 LIST_ITEMS = "foodmesh.catalog.v1.CatalogService/ListItems"
+LIST_NOTIFICATIONS = "foodmesh.notifications.v1.NotificationService/ListNotifications"
 CREATE_USER = "foodmesh.users.v1.UserService/CreateUser"
 LOGIN = "foodmesh.users.v1.UserService/Login"
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
@@ -182,9 +189,12 @@ def load_command(consul_addr: str, customer_id: str) -> str:
     return shlex.join([*words, "-d", body, "-c", "8", "-z", "10s"])
 
 
-def service_env(consul_addr: str, receiver: ReceiverProcess | None) -> dict[str, str]:
-    """Our environment, pointed at the stack's agent (and at its trace receiver, if any)."""
-    env = child_env(CONSUL_HTTP_ADDR=consul_addr)
+def service_env(
+    consul_addr: str, receiver: ReceiverProcess | None, nats_url: str
+) -> dict[str, str]:
+    """Our environment, pointed at the stack's agent and NATS (and at its trace receiver,
+    if any)."""
+    env = child_env(CONSUL_HTTP_ADDR=consul_addr, NATS_URL=nats_url)
     env.pop("CONSUL_HTTP_TOKEN", None)  # a token for another cluster means nothing here
     if receiver is not None:
         env[OTLP_ENDPOINT_ENV] = receiver.endpoint
@@ -200,9 +210,13 @@ class DevStack:
         self.agent: ConsulAgent | None = None
         self.services: list[ServiceProcess] = []
         self.receiver: ReceiverProcess | None = None
+        self.nats: NatsServer | None = None
+        self.nats_url = ""
+        """The broker the services use: $NATS_URL, or the one the stack started."""
         self.otlp_endpoint = ""
         """Where the services (and the demo) export traces; "" when tracing is off."""
         self._consul_exit_reported = False
+        self._nats_exit_reported = False
 
     # -- starting
 
@@ -210,6 +224,7 @@ class DevStack:
         """Start the trace receiver if needed and Consul, then the services tier by tier;
         return once all of them pass in Consul."""
         self._start_tracing()  # the receiver comes up while Consul does
+        self._start_nats()
         agent = self._start_consul()
         if self.receiver is not None:
             wait_for_receiver(self.receiver, self.options.startup_timeout)
@@ -232,6 +247,27 @@ class DevStack:
         self.receiver = spawn_receiver(
             self.options.otlp_port, data_dir=self.options.data_dir, log_dir=self.options.log_dir
         )
+
+    def _start_nats(self) -> None:
+        """Use the broker $NATS_URL names, or start a nats-server with JetStream (on 4222
+        when free), its store in the data dir, so that events outlive a restart."""
+        configured = os.environ.get(NATS_URL_ENV, "")
+        if configured:
+            self.nats_url = configured
+            return
+        port = self.options.nats_port
+        if port is None:
+            port = DEFAULT_NATS_PORT if port_is_free(DEFAULT_NATS_PORT) else None
+        try:
+            self.nats = NatsServer(
+                port=port,
+                store_dir=self.options.data_dir / "nats",
+                log_path=fresh_log(self.options.log_dir / "nats.log"),
+            )
+            self.nats.start()
+        except RuntimeError as exc:  # not installed, or it did not come up
+            raise StartupFailed(f"NATS: {exc}") from exc
+        self.nats_url = self.nats.url
 
     def _start_consul(self) -> ConsulAgent:
         port = self.options.consul_http_port
@@ -261,7 +297,7 @@ class DevStack:
             self.options.log_level,
             *self._service_flags(service),
         ]
-        env = service_env(agent.http_addr, self.receiver)
+        env = service_env(agent.http_addr, self.receiver, self.nats_url)
         proc = spawn(args, env=env, log_path=log_path, cwd=PROJECT_ROOT)
         self.services.append(ServiceProcess(name, service, proc, log_path))
 
@@ -324,6 +360,11 @@ class DevStack:
         agent = self._running_agent()
         say(f"Consul UI: {agent.ui_url}  (agent pid {agent.pid}, log {shown(agent.log_path)})")
         say(f"  export CONSUL_HTTP_ADDR={agent.http_addr}   # for mesh.channel() in your code")
+        if self.nats is not None:
+            log = shown(self.nats.log_path)
+            say(f"NATS JetStream: {self.nats.url}  (pid {self.nats.pid}, log {log})")
+        else:
+            say(f"NATS JetStream: {self.nats_url}  (${NATS_URL_ENV})")
         say("Instances:")
         for sp in self.services:
             say(
@@ -352,6 +393,7 @@ class DevStack:
         trip = f"{self.options.trip_seconds:g}"
         declined = dev_demo.DECLINED_PAYMENT_METHOD
         catalog = self._first("catalog").address
+        notifications = self._first("notifications").address
         tries = [
             (grpcurl_command(catalog, LIST_ITEMS, LIST_ITEMS_EXAMPLE), "the menu"),
             (
@@ -369,6 +411,10 @@ class DevStack:
             (
                 grpcurl_command(orders, WATCH_ORDER, watch_order),
                 f"the confirmed demo order, until DELIVERED ({trip} s trips)",
+            ),
+            (
+                grpcurl_command(notifications, LIST_NOTIFICATIONS, {"user_id": demo.user_id}),
+                "the demo user's notifications, made from the orders' events",
             ),
             (load_command(agent.http_addr, demo.user_id), "load test, as the demo user"),
         ]
@@ -400,6 +446,10 @@ class DevStack:
                 f"the trace receiver (pid {receiver.pid}) exited with code "
                 f"{receiver.proc.returncode}; see {shown(receiver.log_path)}"
             )
+        nats = self.nats
+        if nats is not None and not nats.is_running and not self._nats_exit_reported:
+            self._nats_exit_reported = True
+            warn(f"nats-server exited; see {shown(nats.log_path)}")
         agent = self.agent
         if agent is not None and not agent.is_running and not self._consul_exit_reported:
             self._consul_exit_reported = True
@@ -423,6 +473,9 @@ class DevStack:
             names = {service for service, _ in tier}
             clean &= self._stop_all([sp for sp in self.services if sp.service in names])
         clean &= self._check_deregistered()
+        if self.nats is not None:
+            self.nats.stop()
+            say("NATS stopped")
         if self.receiver is not None:
             clean &= stop_receiver(self.receiver)
         if self.agent is not None:
@@ -495,9 +548,10 @@ def positive_seconds(text: str) -> float:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python scripts/dev_stack.py",
-        description="Run a Consul dev agent with users, two catalog, payments, delivery and "
-        "two orders instances, run the demo (a user, a confirmed and a rejected order) through "
-        "the mesh, and stop everything on Ctrl-C.",
+        description="Run a Consul dev agent, NATS JetStream (unless $NATS_URL names one) and "
+        "users, two catalog, payments, delivery, notifications and two orders instances, run "
+        "the demo (a user, a confirmed and a rejected order, their notifications) through the "
+        "mesh, and stop everything on Ctrl-C.",
     )
     parser.add_argument(
         "--consul-http-port",
@@ -506,6 +560,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"Consul's HTTP port (default: {DEFAULT_CONSUL_HTTP_PORT} when free, "
         "else any free port)",
+    )
+    parser.add_argument(
+        "--nats-port",
+        type=port_number,
+        default=None,
+        metavar="N",
+        help=f"port of the NATS server the stack starts when ${NATS_URL_ENV} is not set "
+        f"(default: {DEFAULT_NATS_PORT} when free, else any free port)",
     )
     parser.add_argument(
         "--data-dir",

@@ -42,13 +42,20 @@ from scripts import dev_demo
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-RESERVED_PORTS = {8500, 8502, 8600, 4317}
+RESERVED_PORTS = {8500, 8502, 8600, 4317, 4222}
 READY_LINE = "dev stack ready; press Ctrl-C to stop"
 START_TIMEOUT_S = 90.0
 EXIT_TIMEOUT_S = 60.0
 SPANS_TIMEOUT_S = 30.0
 TRIP_SECONDS = "2"
-SERVICES = {"users": 1, "catalog": 2, "payments": 1, "delivery": 1, "orders": 2}
+SERVICES = {
+    "users": 1,
+    "catalog": 2,
+    "payments": 1,
+    "delivery": 1,
+    "notifications": 1,
+    "orders": 2,
+}
 """Instances of each service the dev stack starts."""
 DEMO_ORDER = re.compile(
     r"^Demo order through the mesh, paid with (?P<payment_method>\S+): order (?P<order_id>\S+) "
@@ -148,13 +155,19 @@ def start_dev_stack(tmp_path: Path) -> Iterator[Any]:
             "scripts/dev_stack.py",
             "--consul-http-port",
             str(port),
+            "--nats-port",
+            str(free_port()),
             "--data-dir",
             str(tmp_path / "data"),
             "--log-dir",
             str(tmp_path / "logs"),
             *extra,
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_HTTP_", "OTEL_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CONSUL_HTTP_", "OTEL_", "NATS_"))
+        }
         env.update(environ or {})
         run = DevStackRun(
             spawn(command, env=env, log_path=output_path, cwd=PROJECT_ROOT), output_path, port
@@ -204,6 +217,11 @@ def check_demo(output: str) -> tuple[str, dict[str, str]]:
         assert order["customer_id"] == user_id, order
         assert order["delivery_address"] == dev_demo.DEMO_ADDRESS, order
     assert confirmed["order_id"] != rejected["order_id"]
+    notified = re.findall(r"^  (NOTIFICATION_KIND_\w+): Your order (\S+) ", output, re.MULTILINE)
+    assert notified == [
+        ("NOTIFICATION_KIND_ORDER_CONFIRMED", confirmed["order_id"]),
+        ("NOTIFICATION_KIND_ORDER_REJECTED", rejected["order_id"]),
+    ], output
     return user_id, confirmed
 
 
@@ -339,7 +357,10 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     )
     assert receiver, output
     pids.add(int(receiver.group(1)))
-    assert len(pids) == sum(SERVICES.values()) + 2
+    nats = re.search(r"NATS JetStream: nats://127.0.0.1:\d+  \(pid (\d+)", output)
+    assert nats, output
+    pids.add(int(nats.group(1)))
+    assert len(pids) == sum(SERVICES.values()) + 3
     assert pids <= printed_pids(output)
     assert all(pid_exists(pid) for pid in pids)
 
@@ -370,6 +391,9 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     watched = run_printed(output, "OrderService/WatchOrder")  # ends after a final state
     assert {order["order_id"] for order in watched} == {confirmed["order_id"]}, watched
     assert watched[-1]["status"] == "ORDER_STATUS_DELIVERED", watched
+    [notifications] = run_printed(output, "NotificationService/ListNotifications")
+    kinds = {(n["order_id"], n["kind"]) for n in notifications["notifications"]}
+    assert (confirmed["order_id"], "NOTIFICATION_KIND_ORDER_CONFIRMED") in kinds, notifications
 
     # the demo again, as a rerun on this data dir runs it: the email is taken, same user
     again = dev_demo.run_demo(f"127.0.0.1:{run.consul_port}", "", {})
@@ -418,12 +442,19 @@ def test_once_runs_the_demo_exports_to_the_set_endpoint_and_stops(
     assert READY_LINE not in output
     assert f"Traces: exporting to {endpoint}" in output
     assert "local OTLP receiver" not in output
-    for method in ("ListItems", "CreateUser", "Login", "PlaceOrder", "WatchOrder"):
+    for method in (
+        "ListItems",
+        "CreateUser",
+        "Login",
+        "PlaceOrder",
+        "WatchOrder",
+        "ListNotifications",
+    ):
         assert re.search(rf"^  grpcurl .*/{method}   # ", output, re.MULTILINE), method
     assert user_id in printed_command(output, "OrderService/PlaceOrder")[3]
     assert confirmed["order_id"] in printed_command(output, "OrderService/WatchOrder")[3]
     pids = printed_pids(output)
-    assert len(pids) == sum(SERVICES.values()) + 1, output  # and Consul: no receiver of its own
+    assert len(pids) == sum(SERVICES.values()) + 2, output  # and Consul, NATS: no receiver
     assert [pid for pid in pids if pid_exists(pid)] == []
 
     # The confirmed order's whole trace went where the environment said: our process and
