@@ -120,6 +120,15 @@ def parse_args(
         "a service's events wait in its outbox and it consumes none (default: $NATS_URL)",
     )
     parser.add_argument(
+        "--events-ack-wait",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds an event delivered to this service may go unacknowledged before "
+        "JetStream delivers it again (a consumer that crashed mid-event) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--policy",
         type=Path,
         default=None,

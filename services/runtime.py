@@ -56,6 +56,7 @@ from meshkit.events import (
 from meshkit.storage.lease import Leases
 from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase
 from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
+from services.crashpoints import crash_switch
 from services.datadir import database_path
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class ServiceRuntime:
             on_applied=on_applied,
             metrics=self.event_metrics,
             tracer=self.tracer,
+            ack_wait=self.args.events_ack_wait,
+            before_ack=self._crash_switch("before-ack"),
         )
         self.background(consumer.run(), f"{stream.name} events consumer")
         return consumer
@@ -187,8 +190,15 @@ class ServiceRuntime:
             context=self.args.service_name,
             metrics=self.event_metrics,
             tracer=self.tracer,
+            after_publish=self._crash_switch("after-publish"),
         )
         self.background(relay.run(), "outbox relay", then=relay.close)
+
+    def _crash_switch(self, where: str) -> Callable[[object], None] | None:
+        try:
+            return crash_switch(where)
+        except ValueError as error:
+            raise SystemExit(f"{self.args.service_name}: {error}") from None
 
     @functools.cached_property
     def event_metrics(self) -> EventMetrics | None:

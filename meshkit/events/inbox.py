@@ -107,6 +107,7 @@ class EventConsumer:
         on_applied: Callable[[ReceivedEvent], Awaitable[None]] | None = None,
         metrics: EventMetrics | None = None,
         tracer: trace.Tracer | None = None,
+        before_ack: Callable[[ReceivedEvent], None] | None = None,
     ) -> None:
         if max_deliver < 1:
             raise ValueError(f"max_deliver: must be >= 1, got {max_deliver}")
@@ -126,6 +127,8 @@ class EventConsumer:
         self._ack_wait = ack_wait
         self._batch_size = batch_size
         self._on_applied = on_applied
+        self._before_ack = before_ack
+        """Called after an event's effect committed, before its ack (a test's crash switch)."""
         self._metrics = metrics
         self._tracer = tracer
         self.applied = 0
@@ -228,6 +231,8 @@ class EventConsumer:
                 return self._count("retried", delivery)
         if applied and self._on_applied is not None:
             await self._on_applied(received)
+        if applied and self._before_ack is not None:
+            self._before_ack(received)
         await message.ack()
         return self._count("applied" if applied else "duplicate", delivery)
 

@@ -94,8 +94,12 @@ class OutboxRelay:
         metrics: EventMetrics | None = None,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        after_publish: Callable[[OutboxEvent], None] | None = None,
     ) -> None:
         self.context = context
+        self._after_publish = after_publish
+        """Called after each PubAck, before the cursor moves past the event (a test's crash
+        switch)."""
         self.source = source or f"/foodmesh/{context}"
         self.lease_name = f"outbox-relay:{context}"
         self.stream: StreamSpec = context_stream(context)
@@ -164,6 +168,8 @@ class OutboxRelay:
         js = await self._broker.ensure_stream(self.stream)
         for item in batch:
             await self._publish(js, item)
+            if self._after_publish is not None:
+                self._after_publish(item)
             self._cursor = item.position
             self.published += 1
             if self._clock() - self._marked_at >= self._mark_interval:

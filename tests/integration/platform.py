@@ -1,18 +1,23 @@
 """What the platform's integration tests share: stubs on mesh channels to its services, the
-checkout saga's invariant checked through the participants' own APIs, and a service's
+checkout saga's invariant checked through the participants' own APIs, the notifications of
+orders counted through NotificationService and the broker's consumer state, and a service's
 Prometheus metrics read from the endpoint its Consul meta names."""
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import nats
 from prometheus_client.parser import text_string_to_metric_families
 
 import mesh
 from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from tests.integration.conftest import Stack
@@ -101,3 +106,65 @@ def scrape(stack: Stack, service: str, port: int | None = None) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+Kind = notifications_pb2.NotificationKind
+OUTCOME_KIND = {
+    orders_pb2.ORDER_STATUS_CONFIRMED: Kind.NOTIFICATION_KIND_ORDER_CONFIRMED,
+    orders_pb2.ORDER_STATUS_REJECTED: Kind.NOTIFICATION_KIND_ORDER_REJECTED,
+}
+"""The notification a checkout's outcome makes."""
+
+
+async def notifications_of(
+    stub: notifications_pb2_grpc.NotificationServiceAsyncStub, user_id: str
+) -> list[notifications_pb2.Notification]:
+    """All of the user's notifications, newest first, page by page."""
+    found: list[notifications_pb2.Notification] = []
+    token = ""
+    while True:
+        page = await stub.ListNotifications(
+            notifications_pb2.ListNotificationsRequest(
+                user_id=user_id, page_size=7, page_token=token
+            )
+        )
+        found += page.notifications
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+async def consumer_drained(
+    stack: Stack, stream: str = "ORDERS", consumer: str = "notifications"
+) -> bool:
+    """Whether the broker has delivered and seen acked every message of the stream to the
+    durable consumer: nothing is left that could still make an effect."""
+    assert stack.nats is not None
+    client = await nats.connect(stack.nats.url)
+    try:
+        info = await client.jetstream().consumer_info(stream, consumer)
+        return info.num_pending == 0 and info.num_ack_pending == 0
+    finally:
+        await client.close()
+
+
+async def notified_exactly_once(
+    stack: Stack, user_id: str, outcomes: Iterable[orders_pb2.Order], timeout: float = 60.0
+) -> list[notifications_pb2.Notification]:
+    """The user's notifications, once there is one per order and the consumer is drained;
+    asserts that each order has exactly the one notification of its outcome, none doubled,
+    none missing."""
+    expected = Counter((o.order_id, OUTCOME_KIND[o.status]) for o in outcomes)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    async with mesh.channel("notifications", consul=stack.settings) as channel:
+        stub = notifications_pb2_grpc.NotificationServiceStub(channel)
+        while True:
+            found = await notifications_of(stub, user_id)
+            if len(found) >= sum(expected.values()) and await consumer_drained(stack):
+                break
+            assert loop.time() < give_up, f"{len(found)} of {sum(expected.values())} notified"
+            await asyncio.sleep(0.1)
+        found = await notifications_of(stub, user_id)  # after the drain: the final count
+    assert Counter((n.order_id, n.kind) for n in found) == expected
+    return found
