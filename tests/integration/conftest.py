@@ -33,6 +33,9 @@ FAILING = ("--fault-abort", "UNAVAILABLE", "--fault-abort-percent", "100")
 MANY_COURIERS = ("--couriers", "1000")
 """delivery flags for tests that place more orders than the default pool has couriers for
 (each courier carries one delivery for the whole trip)."""
+LONG_TRIPS = (*MANY_COURIERS, "--trip-seconds", "3600")
+"""delivery flags for tests that count an order's notifications: no courier picks the food up
+while they run (that would be one more notification)."""
 
 
 @dataclass

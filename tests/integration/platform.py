@@ -166,5 +166,8 @@ async def notified_exactly_once(
             assert loop.time() < give_up, f"{len(found)} of {sum(expected.values())} notified"
             await asyncio.sleep(0.1)
         found = await notifications_of(stub, user_id)  # after the drain: the final count
-    assert Counter((n.order_id, n.kind) for n in found) == expected
+    notified = Counter((n.order_id, n.kind) for n in found)
+    assert notified == expected, (
+        f"doubled or unexpected: {notified - expected}, missing: {expected - notified}"
+    )
     return found

@@ -23,7 +23,7 @@ import pytest
 
 from foodmesh.orders.v1 import orders_pb2
 from scripts.processes import wait_until
-from tests.integration.conftest import MANY_COURIERS, ServiceProcess, Stack, order, stack_under
+from tests.integration.conftest import LONG_TRIPS, ServiceProcess, Stack, order, stack_under
 from tests.integration.platform import Clients, clients, notified_exactly_once, scrape, value
 
 SETTLED = (orders_pb2.ORDER_STATUS_CONFIRMED, orders_pb2.ORDER_STATUS_REJECTED)
@@ -65,7 +65,7 @@ async def test_the_broker_killed_or_stopped_loses_and_doubles_no_event(
     stack = stack_with_nats
     assert stack.nats is not None
     stack.start("notifications")
-    stack.start_platform(orders=2, delivery=MANY_COURIERS)
+    stack.start_platform(orders=2, delivery=LONG_TRIPS)
     stack.wait_passing("notifications", 1)
     customer = stack.customer()
     placed: list[orders_pb2.Order] = []
@@ -116,7 +116,7 @@ async def test_a_relay_killed_after_publishing_and_a_consumer_killed_before_acki
     crash_after_publish = {"FOODMESH_EVENTS_CRASH_AT": "after-publish:7"}
     crash_before_ack = {"FOODMESH_EVENTS_CRASH_AT": "before-ack:5"}
     notifications = stack.start("notifications", "--events-ack-wait", "1", env=crash_before_ack)
-    stack.start_platform(orders=0, delivery=MANY_COURIERS, orders_args=("--lease-seconds", "1"))
+    stack.start_platform(orders=0, delivery=LONG_TRIPS, orders_args=("--lease-seconds", "1"))
     doomed = stack.start("orders", "--lease-seconds", "1", env=crash_after_publish)
     stack.wait_passing("orders", {doomed.port})
     wait_until(lambda: relay_leader(stack) is doomed, timeout=20, message="the doomed relay leads")

@@ -16,7 +16,7 @@ import pytest
 import mesh
 from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2
-from tests.integration.conftest import MANY_COURIERS, Stack, order, stack_under
+from tests.integration.conftest import LONG_TRIPS, Stack, order, stack_under
 from tests.integration.platform import clients, notified_exactly_once, scrape, value
 
 Kind = notifications_pb2.NotificationKind
@@ -30,7 +30,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
         stack.start_nats()
         stack.start("notifications")
         stack.start("notifications")
-        stack.start_platform(orders=2, delivery=MANY_COURIERS)
+        stack.start_platform(orders=2, delivery=LONG_TRIPS)
         stack.wait_passing("notifications", 2)
         yield stack, stack.customer()
 
