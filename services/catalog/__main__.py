@@ -1,4 +1,5 @@
-"""`python -m services.catalog`: one catalog instance, registered in Consul."""
+"""`python -m services.catalog`: one catalog instance, registered in Consul; it relays the
+menu's changes (ItemChanged, RestaurantChanged) from its outbox to the CATALOG stream."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ SERVICE = "catalog"
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv) as runtime:
         store = await runtime.closing(CatalogStore.open(runtime.database_path()))
+        runtime.publish_outbox(store.database)
         server = runtime.server()
         server.add_service(
             catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],

@@ -6,6 +6,12 @@ the seeded version, and the check and the inserts share one write transaction, s
 instance (or two instances starting together) never seeds twice, and an operator's later edits
 (a new price, an item taken off the menu) survive restarts.
 
+Every change of the menu is recorded as an event (ItemChanged, RestaurantChanged) in the
+outbox (meshkit.events.store: one stream per item or restaurant) in the transaction of the
+change, and relayed to the CATALOG stream: read models keep the names they show from it. A
+database seeded before the catalog had events gets the events of its whole menu once, the
+same way the seed is made once (`meta` key `events_seeded`).
+
 Listing uses keyset pagination on item_id (`WHERE item_id > ?`), not OFFSET: a page costs the
 same wherever it is, and items added or removed between pages neither repeat nor skip others.
 """
@@ -17,6 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from foodmesh.catalog.v1 import catalog_pb2, events_pb2
+from meshkit.events import EventStore, relay
+from meshkit.events import store as event_store
+from meshkit.storage import lease
 from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
 
 
@@ -43,7 +56,12 @@ class ItemPage:
 
 SEED_VERSION = "demo-menu-1"
 DEMO_CURRENCY = "EUR"
-DEMO_RESTAURANT_IDS = ("trattoria-roma", "sakura-sushi", "green-bowl")
+DEMO_RESTAURANTS = {
+    "trattoria-roma": "Trattoria Roma",
+    "sakura-sushi": "Sakura Sushi",
+    "green-bowl": "Green Bowl",
+}
+DEMO_RESTAURANT_IDS = tuple(DEMO_RESTAURANTS)
 
 
 def _demo_item(
@@ -105,7 +123,19 @@ SCHEMA = (
         available INTEGER NOT NULL CHECK (available IN (0, 1))
     )""",
     "CREATE INDEX IF NOT EXISTS items_by_restaurant ON items (restaurant_id, item_id)",
+    """CREATE TABLE IF NOT EXISTS restaurants (
+        restaurant_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL
+    )""",
+    *event_store.SCHEMA,
+    *lease.SCHEMA,
+    *relay.SCHEMA,
 )
+
+EVENT_TYPES: tuple[type[Message], ...] = (events_pb2.ItemChanged, events_pb2.RestaurantChanged)
+OUTBOX = EventStore(EVENT_TYPES)
+"""The menu's changes, a stream per item and per restaurant: the outbox the relay publishes
+(CATALOG)."""
 
 _ITEM_COLUMNS = "item_id, restaurant_id, name, description, price_cents, currency, available"
 
@@ -114,12 +144,19 @@ class CatalogStore(DatabaseStore):
     """Reads the menu; seeds the demo menu into a database that was never seeded."""
 
     @classmethod
-    async def open(cls, path: Path | str, *, seed: tuple[CatalogItem, ...] = DEMO_MENU) -> Self:
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        seed: tuple[CatalogItem, ...] = DEMO_MENU,
+        restaurants: dict[str, str] = DEMO_RESTAURANTS,
+    ) -> Self:
         """Open (or create) the catalog file at path; seed it if no instance has yet."""
         database = await SqliteDatabase.open(path, schema=SCHEMA)
         try:
             async with database.transaction() as transaction:
-                await _seed_once(transaction, seed)
+                await _seed_once(transaction, seed, restaurants)
+                await _publish_menu_once(transaction)
         except BaseException:
             await database.close()
             raise
@@ -149,25 +186,101 @@ class CatalogStore(DatabaseStore):
         items = tuple(_item_from_row(row) for row in rows[:limit])
         return ItemPage(items=items, has_more=len(rows) > limit)
 
+    async def put_item(self, item: CatalogItem) -> CatalogItem:
+        """Add or replace the item, and record ItemChanged when anything changed. KeyError
+        naming restaurant_id for an unknown restaurant; ItemMoved when the item is another
+        restaurant's."""
+        async with self._database.transaction() as transaction:
+            if (
+                await transaction.fetch_one(
+                    "SELECT 1 FROM restaurants WHERE restaurant_id = ?", (item.restaurant_id,)
+                )
+                is None
+            ):
+                raise KeyError(item.restaurant_id)
+            row = await transaction.fetch_one(
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE item_id = ?", (item.item_id,)
+            )
+            current = None if row is None else _item_from_row(row)
+            if current == item:
+                return item
+            if current is not None and current.restaurant_id != item.restaurant_id:
+                raise ItemMoved(current)
+            await transaction.execute(
+                f"INSERT OR REPLACE INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                _item_row(item),
+            )
+            await OUTBOX.append_next(transaction, item.item_id, [_item_changed(item)])
+        return item
 
-async def _seed_once(transaction: SqlTransaction, items: tuple[CatalogItem, ...]) -> None:
+
+class ItemMoved(Exception):
+    """The item exists at another restaurant."""
+
+    def __init__(self, current: CatalogItem) -> None:
+        super().__init__(current.restaurant_id)
+        self.current = current
+
+
+def _item_row(i: CatalogItem) -> tuple[str, str, str, str, int, str, int]:
+    return (
+        i.item_id, i.restaurant_id, i.name, i.description, i.price_cents, i.currency,
+        int(i.available),
+    )  # fmt: skip
+
+
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _item_changed(item: CatalogItem) -> events_pb2.ItemChanged:
+    message = catalog_pb2.Item(
+        item_id=item.item_id,
+        restaurant_id=item.restaurant_id,
+        name=item.name,
+        description=item.description,
+        price_cents=item.price_cents,
+        currency=item.currency,
+        available=item.available,
+    )
+    return events_pb2.ItemChanged(item=message, change_time=_now())
+
+
+async def _publish_menu_once(transaction: SqlTransaction) -> None:
+    """The events of the whole menu, once per database (a fresh seed, or a database seeded
+    before the catalog had events)."""
+    published = await transaction.fetch_one("SELECT value FROM meta WHERE key = 'events_seeded'")
+    if published is not None:
+        return
+    now = _now()
+    for row in await transaction.fetch_all(
+        "SELECT restaurant_id, name FROM restaurants ORDER BY restaurant_id"
+    ):
+        event = events_pb2.RestaurantChanged(
+            restaurant_id=row["restaurant_id"], name=row["name"], change_time=now
+        )
+        await OUTBOX.append_next(transaction, row["restaurant_id"], [event])
+    for row in await transaction.fetch_all(f"SELECT {_ITEM_COLUMNS} FROM items ORDER BY item_id"):
+        await OUTBOX.append_next(transaction, row["item_id"], [_item_changed(_item_from_row(row))])
+    await transaction.execute("INSERT INTO meta (key, value) VALUES ('events_seeded', '1')")
+
+
+async def _seed_once(
+    transaction: SqlTransaction, items: tuple[CatalogItem, ...], restaurants: dict[str, str]
+) -> None:
+    # The restaurants' names came after the first seed: a database seeded before gets them.
+    await transaction.execute_many(
+        "INSERT OR IGNORE INTO restaurants (restaurant_id, name) VALUES (?, ?)",
+        list(restaurants.items()),
+    )
     seeded = await transaction.fetch_one("SELECT value FROM meta WHERE key = 'seed_version'")
     if seeded is not None:
         return
     await transaction.execute_many(
         f"INSERT OR IGNORE INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                i.item_id,
-                i.restaurant_id,
-                i.name,
-                i.description,
-                i.price_cents,
-                i.currency,
-                int(i.available),
-            )
-            for i in items
-        ],
+        [_item_row(i) for i in items],
     )
     await transaction.execute(
         "INSERT INTO meta (key, value) VALUES ('seed_version', ?)", (SEED_VERSION,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,13 @@ from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from mesh.testing import InProcessServer
 from meshkit.storage.sqlite import SqliteDatabase
 from services.catalog.servicer import CatalogServicer
-from services.catalog.store import DEMO_MENU, DEMO_RESTAURANT_IDS, CatalogItem, CatalogStore
+from services.catalog.store import (
+    DEMO_MENU,
+    DEMO_RESTAURANT_IDS,
+    CatalogItem,
+    CatalogStore,
+    ItemMoved,
+)
 from services.datadir import database_path
 from services.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from tests.unit.demo_services import (
@@ -66,7 +73,32 @@ async def test_seeding_is_idempotent_across_instances_on_one_file(catalog_db: Pa
     async with await CatalogStore.open(catalog_db):
         pass
     assert await count_rows(catalog_db, "items") == len(DEMO_MENU)
-    assert await count_rows(catalog_db, "meta") == 1
+    assert await count_rows(catalog_db, "meta") == 2  # the seed, and its events
+    # The menu's events are in the outbox once: an ItemChanged per item, a RestaurantChanged
+    # per restaurant.
+    assert await count_rows(catalog_db, "events") == len(DEMO_MENU) + len(DEMO_RESTAURANT_IDS)
+
+
+async def test_a_put_item_records_one_event_per_change_and_none_for_a_repeat(
+    catalog_db: Path,
+) -> None:
+    async with await CatalogStore.open(catalog_db) as store:
+        seeded = await count_rows(catalog_db, "events")
+        item = await store.get_item(AVAILABLE_ITEM_ID)
+        assert item is not None
+        renamed = dataclasses.replace(item, name="Pizza Margherita", price_cents=990)
+        assert await store.put_item(renamed) == renamed
+        assert await store.put_item(renamed) == renamed  # a retry
+        assert await store.get_item(AVAILABLE_ITEM_ID) == renamed
+        assert await count_rows(catalog_db, "events") == seeded + 1
+        added = dataclasses.replace(item, item_id="roma-calzone", name="Calzone")
+        await store.put_item(added)
+        assert await count_rows(catalog_db, "events") == seeded + 2
+        with pytest.raises(KeyError):
+            await store.put_item(dataclasses.replace(item, restaurant_id="nowhere"))
+        with pytest.raises(ItemMoved):
+            await store.put_item(dataclasses.replace(item, restaurant_id="green-bowl"))
+        assert await count_rows(catalog_db, "events") == seeded + 2
 
 
 async def test_reopening_keeps_an_operators_edits(catalog_db: Path) -> None:

@@ -26,8 +26,10 @@ if _version_not_supported:
 
 
 class CatalogServiceStub:
-    """CatalogService answers questions about menu items. It only reads: both RPCs
-    have no side effects, so the mesh may retry or hedge them freely.
+    """CatalogService answers questions about menu items and keeps the menu. Reads
+    have no side effects and PutItem is idempotent, so the mesh may retry all of
+    them (and hedge the reads). Every change is also published as an event
+    (events.proto) for the read models that show names.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, or the connection broke), DEADLINE_EXCEEDED, CANCELLED, or
@@ -50,11 +52,18 @@ class CatalogServiceStub:
                 request_serializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListItemsRequest.SerializeToString,
                 response_deserializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListItemsResponse.FromString,
                 _registered_method=True)
+        self.PutItem = channel.unary_unary(
+                '/foodmesh.catalog.v1.CatalogService/PutItem',
+                request_serializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.PutItemRequest.SerializeToString,
+                response_deserializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.Item.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
-    """CatalogService answers questions about menu items. It only reads: both RPCs
-    have no side effects, so the mesh may retry or hedge them freely.
+    """CatalogService answers questions about menu items and keeps the menu. Reads
+    have no side effects and PutItem is idempotent, so the mesh may retry all of
+    them (and hedge the reads). Every change is also published as an event
+    (events.proto) for the read models that show names.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, or the connection broke), DEADLINE_EXCEEDED, CANCELLED, or
@@ -86,6 +95,24 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutItem(self, request, context):
+        """PutItem adds an item to a restaurant's menu or replaces the item with
+        this item_id (its name, description, price, availability), and publishes
+        ItemChanged. Putting the same item twice changes nothing the second time
+        and publishes no second event.
+
+        Errors:
+        INVALID_ARGUMENT  item is missing, or item_id, restaurant_id, name or
+        currency is empty or malformed, or price_cents is
+        negative (the message names the field).
+        NOT_FOUND         no restaurant has item.restaurant_id.
+        FAILED_PRECONDITION  the item exists at another restaurant (an item
+        never moves: past orders name it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +126,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     request_deserializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListItemsRequest.FromString,
                     response_serializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListItemsResponse.SerializeToString,
             ),
+            'PutItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutItem,
+                    request_deserializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.PutItemRequest.FromString,
+                    response_serializer=foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.Item.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'foodmesh.catalog.v1.CatalogService', rpc_method_handlers)
@@ -108,8 +140,10 @@ def add_CatalogServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CatalogService:
-    """CatalogService answers questions about menu items. It only reads: both RPCs
-    have no side effects, so the mesh may retry or hedge them freely.
+    """CatalogService answers questions about menu items and keeps the menu. Reads
+    have no side effects and PutItem is idempotent, so the mesh may retry all of
+    them (and hedge the reads). Every change is also published as an event
+    (events.proto) for the read models that show names.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, or the connection broke), DEADLINE_EXCEEDED, CANCELLED, or
@@ -160,6 +194,33 @@ class CatalogService:
             '/foodmesh.catalog.v1.CatalogService/ListItems',
             foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListItemsRequest.SerializeToString,
             foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foodmesh.catalog.v1.CatalogService/PutItem',
+            foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.PutItemRequest.SerializeToString,
+            foodmesh_dot_catalog_dot_v1_dot_catalog__pb2.Item.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,8 +31,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CatalogServiceStub:
-    """CatalogService answers questions about menu items. It only reads: both RPCs
-    have no side effects, so the mesh may retry or hedge them freely.
+    """CatalogService answers questions about menu items and keeps the menu. Reads
+    have no side effects and PutItem is idempotent, so the mesh may retry all of
+    them (and hedge the reads). Every change is also published as an event
+    (events.proto) for the read models that show names.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, or the connection broke), DEADLINE_EXCEEDED, CANCELLED, or
@@ -60,11 +62,27 @@ class CatalogServiceStub:
                         page_token is malformed or was issued for another
                         restaurant_id (the message names "page_token").
     """
+    PutItem: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PutItemRequest, _catalog_pb2.Item]
+    """PutItem adds an item to a restaurant's menu or replaces the item with
+    this item_id (its name, description, price, availability), and publishes
+    ItemChanged. Putting the same item twice changes nothing the second time
+    and publishes no second event.
+
+    Errors:
+      INVALID_ARGUMENT  item is missing, or item_id, restaurant_id, name or
+                        currency is empty or malformed, or price_cents is
+                        negative (the message names the field).
+      NOT_FOUND         no restaurant has item.restaurant_id.
+      FAILED_PRECONDITION  the item exists at another restaurant (an item
+                        never moves: past orders name it).
+    """
 
 @_typing.type_check_only
 class CatalogServiceAsyncStub(CatalogServiceStub):
-    """CatalogService answers questions about menu items. It only reads: both RPCs
-    have no side effects, so the mesh may retry or hedge them freely.
+    """CatalogService answers questions about menu items and keeps the menu. Reads
+    have no side effects and PutItem is idempotent, so the mesh may retry all of
+    them (and hedge the reads). Every change is also published as an event
+    (events.proto) for the read models that show names.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, or the connection broke), DEADLINE_EXCEEDED, CANCELLED, or
@@ -89,10 +107,26 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
                         page_token is malformed or was issued for another
                         restaurant_id (the message names "page_token").
     """
+    PutItem: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PutItemRequest, _catalog_pb2.Item]  # type: ignore[assignment]
+    """PutItem adds an item to a restaurant's menu or replaces the item with
+    this item_id (its name, description, price, availability), and publishes
+    ItemChanged. Putting the same item twice changes nothing the second time
+    and publishes no second event.
+
+    Errors:
+      INVALID_ARGUMENT  item is missing, or item_id, restaurant_id, name or
+                        currency is empty or malformed, or price_cents is
+                        negative (the message names the field).
+      NOT_FOUND         no restaurant has item.restaurant_id.
+      FAILED_PRECONDITION  the item exists at another restaurant (an item
+                        never moves: past orders name it).
+    """
 
 class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
-    """CatalogService answers questions about menu items. It only reads: both RPCs
-    have no side effects, so the mesh may retry or hedge them freely.
+    """CatalogService answers questions about menu items and keeps the menu. Reads
+    have no side effects and PutItem is idempotent, so the mesh may retry all of
+    them (and hedge the reads). Every change is also published as an event
+    (events.proto) for the read models that show names.
 
     Besides the codes listed on each RPC, any call may end with UNAVAILABLE (no
     healthy endpoint, or the connection broke), DEADLINE_EXCEEDED, CANCELLED, or
@@ -126,6 +160,26 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
           INVALID_ARGUMENT  page_size is negative (the message names "page_size"), or
                             page_token is malformed or was issued for another
                             restaurant_id (the message names "page_token").
+        """
+
+    @_abc_1.abstractmethod
+    def PutItem(
+        self,
+        request: _catalog_pb2.PutItemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Item, _abc.Awaitable[_catalog_pb2.Item]]:
+        """PutItem adds an item to a restaurant's menu or replaces the item with
+        this item_id (its name, description, price, availability), and publishes
+        ItemChanged. Putting the same item twice changes nothing the second time
+        and publishes no second event.
+
+        Errors:
+          INVALID_ARGUMENT  item is missing, or item_id, restaurant_id, name or
+                            currency is empty or malformed, or price_cents is
+                            negative (the message names the field).
+          NOT_FOUND         no restaurant has item.restaurant_id.
+          FAILED_PRECONDITION  the item exists at another restaurant (an item
+                            never moves: past orders name it).
         """
 
 def add_CatalogServiceServicer_to_server(servicer: CatalogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
