@@ -22,6 +22,11 @@ Every dead letter is logged with its event id and the reason.
 Several instances of a service share one durable consumer (JetStream hands each message to
 one of them) and one database (the inbox is shared). Within an instance, messages are
 applied one at a time in stream order.
+
+A read model is rebuilt by another consumer of the same streams from their start into a
+fresh database (`catch_up`): it records its events in the inbox under the live consumer's
+name (`inbox`), so that the live consumer, once pointed at the rebuilt database, skips what
+the rebuild applied and applies the rest.
 """
 
 from __future__ import annotations
@@ -108,6 +113,8 @@ class EventConsumer:
         metrics: EventMetrics | None = None,
         tracer: trace.Tracer | None = None,
         before_ack: Callable[[ReceivedEvent], None] | None = None,
+        inbox: str | None = None,
+        inactive_threshold: float | None = None,
     ) -> None:
         if max_deliver < 1:
             raise ValueError(f"max_deliver: must be >= 1, got {max_deliver}")
@@ -115,6 +122,9 @@ class EventConsumer:
         self.stream = stream.name
         self.subjects = stream.subjects[0]
         self.durable = durable
+        self.inbox = inbox or durable
+        """The consumer's name in the inbox table (the durable's, unless a rebuild's)."""
+        self._inactive_threshold = inactive_threshold
         self._broker = broker
         self._database = database
         self._types = {t.DESCRIPTOR.full_name: t for t in event_types}
@@ -133,6 +143,8 @@ class EventConsumer:
         self._tracer = tracer
         self.applied = 0
         """Events this instance applied (inbox rows it wrote)."""
+        self._last_time: datetime | None = None
+        """The CloudEvents time of the last event handled, for the lag in seconds."""
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -143,7 +155,49 @@ class EventConsumer:
             max_deliver=self._max_deliver,
             max_ack_pending=1000,
             filter_subject=self.subjects,
+            inactive_threshold=self._inactive_threshold,
         )
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        await self._broker.ensure_stream(DEAD_LETTERS)
+        js = await self._broker.ensure_stream(self.stream_spec)
+        return await js.pull_subscribe(
+            self.subjects, durable=self.durable, stream=self.stream, config=self.config()
+        )
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription) -> int:
+        """Fetch a batch and handle it; how many messages it held (0 after a quiet second)."""
+        try:
+            messages = await subscription.fetch(self._batch_size, timeout=1.0)
+        except TimeoutError:
+            return 0
+        for message in messages:
+            await self.handle(message)
+        if messages and self._metrics is not None:
+            pending = messages[-1].metadata.num_pending or 0
+            behind = 0.0
+            if pending and self._last_time is not None:
+                now = datetime.now(self._last_time.tzinfo)
+                behind = max(0.0, (now - self._last_time).total_seconds())
+            self._metrics.consumer_lag(self.stream, self.durable, pending, behind)
+        return len(messages)
+
+    async def catch_up(self) -> int:
+        """Apply the stream's events from its start up to its last one as of now, then
+        delete this consumer (a rebuild's, made for the purpose); the number of events
+        applied."""
+        js = await self._broker.ensure_stream(self.stream_spec)
+        last = (await js.stream_info(self.stream)).state.last_seq
+        subscription = await self._subscribe()
+        try:
+            while True:
+                info = await js.consumer_info(self.stream, self.durable)
+                if info.delivered.stream_seq >= last and not info.num_ack_pending:
+                    return self.applied
+                await self._fetch(subscription)
+        finally:
+            await subscription.unsubscribe()
+            await js.delete_consumer(self.stream, self.durable)
 
     async def run(self) -> None:
         """Fetch and apply until cancelled; a broker away means a wait and a new try."""
@@ -152,24 +206,9 @@ class EventConsumer:
         while True:
             try:
                 if subscription is None:
-                    await self._broker.ensure_stream(DEAD_LETTERS)
-                    js = await self._broker.ensure_stream(self.stream_spec)
-                    subscription = await js.pull_subscribe(
-                        self.subjects,
-                        durable=self.durable,
-                        stream=self.stream,
-                        config=self.config(),
-                    )
-                try:
-                    messages = await subscription.fetch(self._batch_size, timeout=1.0)
-                except TimeoutError:
-                    continue
-                backoff = 0.1
-                for message in messages:
-                    await self.handle(message)
-                if messages and self._metrics is not None:
-                    pending = messages[-1].metadata.num_pending
-                    self._metrics.consumer_lag(self.stream, self.durable, pending or 0)
+                    subscription = await self._subscribe()
+                if await self._fetch(subscription):
+                    backoff = 0.1
             except (nats.errors.Error, OSError) as exc:
                 log.warning(
                     "consumer %s: broker unavailable (%s); retrying in %.1fs",
@@ -207,6 +246,8 @@ class EventConsumer:
             message.metadata.stream,
             delivery,
         )
+        if cloud.time != datetime.min:
+            self._last_time = cloud.time
         with self._span(message, cloud):
             try:
                 applied = await self._apply(handler, received)
@@ -241,7 +282,7 @@ class EventConsumer:
             fresh = await transaction.execute(
                 "INSERT INTO inbox (consumer, source, event_id, applied_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                (self.durable, received.source, received.id, datetime.now(UTC).isoformat()),
+                (self.inbox, received.source, received.id, datetime.now(UTC).isoformat()),
             )
             if fresh:
                 await handler(transaction, received)

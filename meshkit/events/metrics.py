@@ -77,6 +77,13 @@ class EventMetrics:
             ("stream", "consumer"),
             registry=registry,
         )
+        self._lag_seconds = Gauge(
+            "foodmesh_event_consumer_lag_seconds",
+            "How far behind the stream the consumer is: the age of the last event it handled"
+            " while more wait (0 when none waits).",
+            ("stream", "consumer"),
+            registry=registry,
+        )
         self._effect_seconds = Histogram(
             "foodmesh_event_commit_to_effect_seconds",
             "Time from an event's commit at its producer to the consumer's effect's commit.",
@@ -105,8 +112,9 @@ class EventMetrics:
         if outcome == "dead_lettered":
             self._dead_letters.labels(stream, consumer).inc()
 
-    def consumer_lag(self, stream: str, consumer: str, pending: int) -> None:
+    def consumer_lag(self, stream: str, consumer: str, pending: int, seconds: float) -> None:
         self._lag.labels(stream, consumer).set(pending)
+        self._lag_seconds.labels(stream, consumer).set(seconds)
 
     def effect(self, stream: str, consumer: str, seconds: float) -> None:
         self._effect_seconds.labels(stream, consumer).observe(seconds)

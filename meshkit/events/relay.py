@@ -67,6 +67,14 @@ def event_id(stream_id: str, version: int) -> str:
     return f"{stream_id}:{version}"
 
 
+def event_version(event_id: str) -> int:
+    """The version in its stream of the event with this id (event_id's inverse), 0 for an
+    id of another form: what a consumer orders one aggregate's events by when they may come
+    out of order (from several instances' batches, or across streams)."""
+    _, _, version = event_id.rpartition(":")
+    return int(version) if version.isdigit() else 0
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
     """One row of the outbox, as the relay publishes it."""

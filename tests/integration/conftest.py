@@ -102,7 +102,7 @@ class Stack:
         command = [
             sys.executable,
             "-m",
-            f"services.{name}",
+            f"services.{name.replace('-', '_')}",  # Consul's order-history: services.order_history
             "--port",
             str(port),
             "--data-dir",

@@ -1,6 +1,7 @@
 """What the platform's integration tests share: stubs on mesh channels to its services, the
-checkout saga's invariant checked through the participants' own APIs, the notifications of
-orders counted through NotificationService and the broker's consumer state, and a service's
+checkout saga's invariant checked through the participants' own APIs, the notifications and
+the order history of orders counted through NotificationService, OrderHistoryService and the
+broker's consumer state, and a service's
 Prometheus metrics read from the endpoint its Consul meta names."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import mesh
 from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
+from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from tests.integration.conftest import Stack
@@ -170,4 +172,52 @@ async def notified_exactly_once(
     assert notified == expected, (
         f"doubled or unexpected: {notified - expected}, missing: {expected - notified}"
     )
+    return found
+
+
+async def history_of(
+    stub: orderhistory_pb2_grpc.OrderHistoryServiceAsyncStub, customer_id: str
+) -> list[orderhistory_pb2.CustomerOrder]:
+    """All of the customer's orders in the order history, newest first, page by page."""
+    found: list[orderhistory_pb2.CustomerOrder] = []
+    token = ""
+    while True:
+        page = await stub.ListCustomerOrders(
+            orderhistory_pb2.ListCustomerOrdersRequest(
+                customer_id=customer_id, page_size=5, page_token=token
+            )
+        )
+        found += page.orders
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+async def in_history_exactly_once(
+    stack: Stack, customer_id: str, outcomes: Iterable[orders_pb2.Order], timeout: float = 60.0
+) -> list[orderhistory_pb2.CustomerOrder]:
+    """The customer's order history, once it shows every order in its outcome and the
+    order-history consumers are drained; asserts one entry per order, none doubled, none
+    missing, each with the outcome's status and a timeline from PENDING to it."""
+    expected = {o.order_id: o.status for o in outcomes}
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    async with mesh.channel("order-history", consul=stack.settings) as channel:
+        stub = orderhistory_pb2_grpc.OrderHistoryServiceStub(channel)
+        while True:
+            found = await history_of(stub, customer_id)
+            shown = {o.order_id: o.status for o in found}
+            if all(shown.get(k) == v for k, v in expected.items()) and all(
+                [await consumer_drained(stack, s, "order-history") for s in ("ORDERS", "DELIVERY")]
+            ):
+                break
+            assert loop.time() < give_up, f"{len(shown)} of {len(expected)} in the history"
+            await asyncio.sleep(0.1)
+        found = await history_of(stub, customer_id)  # after the drain: the final count
+    listed, wanted = Counter(o.order_id for o in found), Counter(expected.keys())
+    assert listed == wanted, f"doubled or unexpected: {listed - wanted}, missing: {wanted - listed}"
+    for entry in found:
+        statuses = [change.status for change in entry.timeline]
+        assert statuses[0] == Status.ORDER_STATUS_PENDING, entry
+        assert statuses[-1] == entry.status == expected[entry.order_id], entry
     return found

@@ -1,5 +1,6 @@
 """Events across crashes, each case counted through the services' own APIs: every checkout
-makes exactly one notification of its outcome, none doubled, none missing.
+makes exactly one notification of its outcome and one order-history entry in it, none
+doubled, none missing.
 
 - The broker SIGKILLed while events flow, then restarted on the same store; then the broker
   stopped for 10 s while checkouts go on (they keep working; the backlog grows, then drains).
@@ -24,7 +25,14 @@ import pytest
 from foodmesh.orders.v1 import orders_pb2
 from scripts.processes import wait_until
 from tests.integration.conftest import LONG_TRIPS, ServiceProcess, Stack, order, stack_under
-from tests.integration.platform import Clients, clients, notified_exactly_once, scrape, value
+from tests.integration.platform import (
+    Clients,
+    clients,
+    in_history_exactly_once,
+    notified_exactly_once,
+    scrape,
+    value,
+)
 
 SETTLED = (orders_pb2.ORDER_STATUS_CONFIRMED, orders_pb2.ORDER_STATUS_REJECTED)
 
@@ -65,8 +73,10 @@ async def test_the_broker_killed_or_stopped_loses_and_doubles_no_event(
     stack = stack_with_nats
     assert stack.nats is not None
     stack.start("notifications")
+    stack.start("order-history")
     stack.start_platform(orders=2, delivery=LONG_TRIPS)
     stack.wait_passing("notifications", 1)
+    stack.wait_passing("order-history", 1)
     customer = stack.customer()
     placed: list[orders_pb2.Order] = []
     async with clients(stack) as c:
@@ -98,6 +108,7 @@ async def test_the_broker_killed_or_stopped_loses_and_doubles_no_event(
         placed += during
     assert len(placed) == 20
     await notified_exactly_once(stack, customer, placed)
+    await in_history_exactly_once(stack, customer, placed)
 
 
 def relay_leader(stack: Stack) -> ServiceProcess | None:
@@ -116,6 +127,7 @@ async def test_a_relay_killed_after_publishing_and_a_consumer_killed_before_acki
     crash_after_publish = {"FOODMESH_EVENTS_CRASH_AT": "after-publish:7"}
     crash_before_ack = {"FOODMESH_EVENTS_CRASH_AT": "before-ack:5"}
     notifications = stack.start("notifications", "--events-ack-wait", "1", env=crash_before_ack)
+    stack.start("order-history")
     stack.start_platform(orders=0, delivery=LONG_TRIPS, orders_args=("--lease-seconds", "1"))
     doomed = stack.start("orders", "--lease-seconds", "1", env=crash_after_publish)
     stack.wait_passing("orders", {doomed.port})
@@ -134,6 +146,7 @@ async def test_a_relay_killed_after_publishing_and_a_consumer_killed_before_acki
         restarted = stack.start("notifications", "--events-ack-wait", "1")
         stack.wait_passing("notifications", {restarted.port})
         found = await notified_exactly_once(stack, customer, placed)
+        await in_history_exactly_once(stack, customer, placed)
     assert len(found) == 8
     survivor_samples = scrape(stack, "orders", survivor.port)
     republished = value(

@@ -1,23 +1,38 @@
-"""Events end to end: orders' outbox relayed to a real nats-server, consumed by two
-notifications instances that share one durable consumer and one database, read back through
-NotificationService. Counts come from the services' own APIs and the broker's consumer
-state."""
+"""Events end to end, and the read models made of them: orders', delivery's and the catalog's
+outboxes relayed to a real nats-server, consumed by two notifications instances and two
+order-history instances (each pair sharing one durable consumer per stream and one database),
+read back through NotificationService and OrderHistoryService; the order history rebuilt from
+the streams into a fresh database answers the same. Counts come from the services' own APIs
+and the broker's consumer state."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 import mesh
+from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
+from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2
-from tests.integration.conftest import LONG_TRIPS, Stack, order, stack_under
-from tests.integration.platform import clients, notified_exactly_once, scrape, value
+from services.order_history.store import OrderHistoryStore
+from tests.integration.conftest import LONG_TRIPS, PROJECT_ROOT, Stack, order, stack_under
+from tests.integration.platform import (
+    clients,
+    history_of,
+    in_history_exactly_once,
+    notified_exactly_once,
+    scrape,
+    value,
+)
 
 Kind = notifications_pb2.NotificationKind
 DECLINED = "pm_card_chargeDeclined"
@@ -25,17 +40,20 @@ DECLINED = "pm_card_chargeDeclined"
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
-    """Consul, NATS, the platform with two orders instances, two notifications instances."""
-    with stack_under(tmp_path_factory.mktemp("notifications")) as stack:
+    """Consul, NATS, the platform with two orders instances, two notifications and two
+    order-history instances."""
+    with stack_under(tmp_path_factory.mktemp("read-models")) as stack:
         stack.start_nats()
-        stack.start("notifications")
-        stack.start("notifications")
+        for _ in range(2):
+            stack.start("notifications")
+            stack.start("order-history")
         stack.start_platform(orders=2, delivery=LONG_TRIPS)
         stack.wait_passing("notifications", 2)
+        stack.wait_passing("order-history", 2)
         yield stack, stack.customer()
 
 
-async def test_each_checkout_makes_exactly_one_notification_of_its_outcome(
+async def test_each_checkout_makes_one_notification_and_one_history_entry_of_its_outcome(
     platform: tuple[Stack, str],
 ) -> None:
     stack, _ = platform
@@ -74,6 +92,65 @@ async def test_each_checkout_makes_exactly_one_notification_of_its_outcome(
         for p in stack.processes if p.name == "notifications"
     ]  # fmt: skip
     assert sum(applied) >= 2 * len(placed)  # each order's OrderPlaced and its outcome
+    history = await in_history_exactly_once(stack, customer, placed)
+    # Names come from the catalog's events, the courier from delivery's: never a call.
+    assert {o.restaurant_name for o in history} == {"Trattoria Roma"}
+    assert {i.name for o in history for i in o.items} == {"Margherita"}
+    confirmed = [o for o in history if o.status == orders_pb2.ORDER_STATUS_CONFIRMED]
+    assert all(o.courier_id and o.eta_time.seconds for o in confirmed)
+    assert all(not o.rejection_reason for o in confirmed)
+    rejected_orders = [o for o in history if o.status == orders_pb2.ORDER_STATUS_REJECTED]
+    assert all("generic_decline" in o.rejection_reason for o in rejected_orders)
+    by_id = {p.order_id: p for p in placed}
+    assert all(o.total_cents == by_id[o.order_id].total_cents for o in history)
+    assert [o.create_time.ToDatetime() for o in history] == sorted(
+        (o.create_time.ToDatetime() for o in history), reverse=True
+    )
+
+
+async def test_a_renamed_item_shows_its_new_name_in_past_orders_and_a_rebuild_answers_the_same(
+    platform: tuple[Stack, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    stack, _ = platform
+    assert stack.nats is not None
+    customer = stack.customer(f"{uuid.uuid4().hex[:8]}@example.com")
+    async with (
+        clients(stack) as c,
+        mesh.channel("catalog", consul=stack.settings) as catalog_channel,
+        mesh.channel("order-history", consul=stack.settings) as history_channel,
+    ):
+        placed = [
+            await c.orders.PlaceOrder(
+                order(uuid.uuid4().hex, customer=customer, item="sakura-miso-soup"), timeout=30
+            ),
+            await c.orders.PlaceOrder(
+                order(uuid.uuid4().hex, customer=customer, payment_method=DECLINED), timeout=30
+            ),
+        ]
+        await in_history_exactly_once(stack, customer, placed)
+        catalog = catalog_pb2_grpc.CatalogServiceStub(catalog_channel)
+        soup = await catalog.GetItem(catalog_pb2.GetItemRequest(item_id="sakura-miso-soup"))
+        soup.name = f"Miso Soup {uuid.uuid4().hex[:4]}"
+        assert (await catalog.PutItem(catalog_pb2.PutItemRequest(item=soup))).name == soup.name
+        history = orderhistory_pb2_grpc.OrderHistoryServiceStub(history_channel)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 30
+        while soup.name not in {
+            i.name for o in await history_of(history, customer) for i in o.items
+        }:
+            assert loop.time() < give_up, "the renamed item never reached the order history"
+            await asyncio.sleep(0.1)
+        live = await history_of(history, customer)
+    rebuilt = tmp_path_factory.mktemp("rebuilt")
+    done = await rebuild(stack, rebuilt)
+    assert done.returncode == 0, done.stderr
+    assert "events applied" in done.stdout, done.stdout
+    async with await OrderHistoryStore.open(rebuilt / "order-history.db") as store:
+        page = await store.page(customer, "", 1000)
+    assert page.orders == live
+    assert [i.name for i in live[-1].items] == [soup.name]  # the first order, oldest last
+    again = await rebuild(stack, rebuilt)
+    assert again.returncode == 2 and "fresh database" in again.stderr
 
 
 async def test_a_watch_sends_what_there_is_then_each_new_notification(
@@ -111,7 +188,7 @@ async def test_a_watch_sends_what_there_is_then_each_new_notification(
         (notifications_pb2.ListNotificationsRequest(user_id="u", page_token="%%%"), "page_token"),
     ],
 )
-async def test_bad_list_requests_are_invalid_argument_naming_the_field(
+async def test_bad_list_notifications_requests_are_invalid_argument_naming_the_field(
     platform: tuple[Stack, str], request_: notifications_pb2.ListNotificationsRequest, field: str
 ) -> None:
     stack, _ = platform
@@ -121,3 +198,64 @@ async def test_bad_list_requests_are_invalid_argument_naming_the_field(
             await stub.ListNotifications(request_)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (raised.value.details() or "")
+
+
+async def rebuild(stack: Stack, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m services.order_history.rebuild` into data_dir, from the stack's NATS."""
+    assert stack.nats is not None
+    command = [
+        sys.executable, "-m", "services.order_history.rebuild", "--data-dir", str(data_dir),
+        "--nats-url", stack.nats.url,
+    ]  # fmt: skip
+    return await asyncio.to_thread(
+        subprocess.run, command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (orderhistory_pb2.ListCustomerOrdersRequest(customer_id=""), "customer_id"),
+        (orderhistory_pb2.ListCustomerOrdersRequest(customer_id="c", page_size=-1), "page_size"),
+        (orderhistory_pb2.ListCustomerOrdersRequest(customer_id="c", page_token="x"), "page_token"),
+    ],
+)
+async def test_bad_list_customer_orders_requests_are_invalid_argument_naming_the_field(
+    platform: tuple[Stack, str], request_: orderhistory_pb2.ListCustomerOrdersRequest, field: str
+) -> None:
+    stack, _ = platform
+    async with mesh.channel("order-history", consul=stack.settings) as channel:
+        stub = orderhistory_pb2_grpc.OrderHistoryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ListCustomerOrders(request_)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (raised.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field"),
+    [
+        ({"name": ""}, grpc.StatusCode.INVALID_ARGUMENT, "item.name"),
+        ({"price_cents": -1}, grpc.StatusCode.INVALID_ARGUMENT, "item.price_cents"),
+        ({"currency": "euro"}, grpc.StatusCode.INVALID_ARGUMENT, "item.currency"),
+        ({"restaurant_id": "nowhere"}, grpc.StatusCode.NOT_FOUND, "item.restaurant_id"),
+        ({"restaurant_id": "green-bowl"}, grpc.StatusCode.FAILED_PRECONDITION, "item.item_id"),
+    ],
+)
+async def test_a_bad_put_item_names_the_field_and_changes_nothing(
+    platform: tuple[Stack, str], change: dict[str, object], code: grpc.StatusCode, field: str
+) -> None:
+    stack, _ = platform
+    async with mesh.channel("catalog", consul=stack.settings) as channel:
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        before = await catalog.GetItem(catalog_pb2.GetItemRequest(item_id="roma-tiramisu"))
+        bad = catalog_pb2.Item()
+        bad.CopyFrom(before)
+        for name, new in change.items():
+            setattr(bad, name, new)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await catalog.PutItem(catalog_pb2.PutItemRequest(item=bad))
+        after = await catalog.GetItem(catalog_pb2.GetItemRequest(item_id="roma-tiramisu"))
+    assert raised.value.code() == code
+    assert field in (raised.value.details() or "")
+    assert after == before

@@ -1,0 +1,2 @@
+"""foodmesh.orderhistory.v1: OrderHistoryService, generated from orderhistory.proto
+(scripts/gen_protos.py)."""

@@ -1,0 +1,1 @@
+"""The order-history service: the query side of CQRS, built from events."""
