@@ -8,9 +8,11 @@ ends. One paid with a card that works must come back CONFIRMED (our process -> o
 users, catalog, payments, delivery); one paid with a card that is declined must come back
 REJECTED, with nothing left to undo. Then the customer's notifications of both outcomes must
 come, made by the notifications service from the orders' events (orders' outbox -> NATS
-JetStream -> notifications). An order that ends otherwise, or a notification that does not
-come, fails the startup, as a call that fails does: the stack does not work, and the logs of
-the services involved say why.
+JetStream -> notifications), and the customer's order history must show both orders in
+their outcomes with the restaurant's and the items' names (order-history, made from the
+orders', delivery's and the catalog's events). An order that ends otherwise, or a
+notification or history entry that does not come, fails the startup, as a call that fails
+does: the stack does not work, and the logs of the services involved say why.
 
 The data dir outlives a run, and the demo user with it: a rerun finds the email taken
 (ALREADY_EXISTS) and logs in all the same, so the user_id to use is always Login's. Each step
@@ -24,9 +26,10 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -34,6 +37,7 @@ from opentelemetry.sdk.resources import Resource
 
 import mesh
 from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
+from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.discovery import ConsulResolver, ConsulSettings
@@ -64,10 +68,13 @@ ORDER_SPAN = "dev-stack demo order"
 NOTIFICATION_TIMEOUT_S = 15.0
 NOTIFYING = ("orders", "notifications")
 """Whose logs tell why a notification did not come: the relay's, and the consumer's."""
+HISTORY = ("orders", "delivery", "catalog", "order-history")
+"""Whose logs tell why the order history did not show an order: the relays', the consumer's."""
 ORDER_SERVICES = ("orders", "payments", "delivery")
 """Whose logs tell why an order failed: orders (which names any dependency that failed), and
 the participants of its checkout saga."""
 
+T = TypeVar("T")
 ServiceLogs = Mapping[str, Sequence[Path]]
 """The log files of each service's instances, by service name."""
 
@@ -91,6 +98,8 @@ class Demo:
     rejected: PlacedOrder
     notifications: tuple[notifications_pb2.Notification, ...]
     """What the notifications service made of the two orders' events (through NATS)."""
+    history: tuple[orderhistory_pb2.CustomerOrder, ...]
+    """The two orders as the order history tells them (made from events)."""
 
     @property
     def user_id(self) -> str:
@@ -113,6 +122,7 @@ async def _run_demo(consul_addr: str, otlp_endpoint: str, logs: ServiceLogs) -> 
     users_channel = mesh.channel("users", resolver=resolver, tracing=tracing)
     orders_channel = mesh.channel("orders", resolver=resolver, tracing=tracing)
     notifications_channel = mesh.channel("notifications", resolver=resolver, tracing=tracing)
+    history_channel = mesh.channel("order-history", resolver=resolver, tracing=tracing)
     try:
         users = users_pb2_grpc.UserServiceStub(users_channel)
         orders = orders_pb2_grpc.OrderServiceStub(orders_channel)
@@ -125,15 +135,24 @@ async def _run_demo(consul_addr: str, otlp_endpoint: str, logs: ServiceLogs) -> 
         rejected = await placing.place(
             DECLINED_PAYMENT_METHOD, DECLINED_LINES, expected=orders_pb2.ORDER_STATUS_REJECTED
         )
+        placed = (confirmed.order, rejected.order)
         with _failing_as_startup("the demo's notifications", _logs_of(logs, NOTIFYING)):
             notified = await _notifications(
                 notifications_pb2_grpc.NotificationServiceStub(notifications_channel),
                 login.user_id,
-                (confirmed.order.order_id, rejected.order.order_id),
+                [o.order_id for o in placed],
                 _logs_of(logs, NOTIFYING),
             )
-        return Demo(login, created, user_trace_id, confirmed, rejected, notified)
+        with _failing_as_startup("the demo's order history", _logs_of(logs, HISTORY)):
+            history = await _order_history(
+                orderhistory_pb2_grpc.OrderHistoryServiceStub(history_channel),
+                login.user_id,
+                placed,
+                _logs_of(logs, HISTORY),
+            )
+        return Demo(login, created, user_trace_id, confirmed, rejected, notified, history)
     finally:
+        await history_channel.close()
         await notifications_channel.close()
         await orders_channel.close()
         await users_channel.close()
@@ -180,21 +199,65 @@ async def _notifications(
     """The user's notifications about `order_ids`, once there is one for each (the orders'
     events travel orders' outbox -> NATS -> the notifications consumer); a StartupFailed
     when they do not come within NOTIFICATION_TIMEOUT_S."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + NOTIFICATION_TIMEOUT_S
-    while True:
+
+    async def about() -> dict[str, notifications_pb2.Notification]:
         page = await notifications.ListNotifications(
             notifications_pb2.ListNotificationsRequest(user_id=user_id, page_size=100),
             timeout=DEMO_CALL_TIMEOUT_S,
         )
-        about = {n.order_id: n for n in page.notifications if n.order_id in order_ids}
-        if len(about) == len(order_ids):
-            return tuple(about[order_id] for order_id in order_ids)
+        return {n.order_id: n for n in page.notifications if n.order_id in order_ids}
+
+    found = await _eventually(about, order_ids, "notification", logs)
+    return tuple(found[order_id] for order_id in order_ids)
+
+
+async def _order_history(
+    history: orderhistory_pb2_grpc.OrderHistoryServiceAsyncStub,
+    user_id: str,
+    placed: Sequence[orders_pb2.Order],
+    logs: Sequence[Path],
+) -> tuple[orderhistory_pb2.CustomerOrder, ...]:
+    """The orders `placed` as the user's order history tells them, once it shows each in
+    its outcome (or past it: a confirmed order goes on to delivery) with the items' names
+    (orders', delivery's and the catalog's events -> order-history); a StartupFailed when it
+    does not within NOTIFICATION_TIMEOUT_S."""
+    outcome = {o.order_id: o.status for o in placed}
+
+    async def about() -> dict[str, orderhistory_pb2.CustomerOrder]:
+        page = await history.ListCustomerOrders(
+            orderhistory_pb2.ListCustomerOrdersRequest(customer_id=user_id, page_size=100),
+            timeout=DEMO_CALL_TIMEOUT_S,
+        )
+        return {
+            o.order_id: o
+            for o in page.orders
+            if outcome.get(o.order_id) in {c.status for c in o.timeline}
+            and all(i.name for i in o.items)
+        }
+
+    found = await _eventually(about, list(outcome), "order history entry", logs)
+    return tuple(found[order_id] for order_id in outcome)
+
+
+async def _eventually(
+    about: Callable[[], Awaitable[dict[str, T]]],
+    order_ids: Sequence[str],
+    what: str,
+    logs: Sequence[Path],
+) -> dict[str, T]:
+    """What `about` says of `order_ids`, once it says something of each (events are
+    eventually consistent); a StartupFailed naming what is missing after
+    NOTIFICATION_TIMEOUT_S."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + NOTIFICATION_TIMEOUT_S
+    while True:
+        found = await about()
+        if len(found) == len(order_ids):
+            return found
         if loop.time() > give_up:
-            missing = ", ".join(o for o in order_ids if o not in about)
+            missing = ", ".join(o for o in order_ids if o not in found)
             raise StartupFailed(
-                f"no notification for order(s) {missing} after {NOTIFICATION_TIMEOUT_S:g}s",
-                logs,
+                f"no {what} for order(s) {missing} after {NOTIFICATION_TIMEOUT_S:g}s", logs
             )
         await asyncio.sleep(0.2)
 
@@ -281,6 +344,13 @@ def show_demo(demo: Demo, receiver: ReceiverProcess | None) -> None:
     for notification in demo.notifications:
         kind = notifications_pb2.NotificationKind.Name(notification.kind)
         say(f"  {kind}: {notification.text}")
+    say("Order history of the demo user (orders, delivery, catalog -> NATS -> order-history):")
+    for entry in demo.history:
+        items = ", ".join(f"{i.quantity} x {i.name}" for i in entry.items)
+        steps = " -> ".join(
+            status_name(c.status).removeprefix("ORDER_STATUS_") for c in entry.timeline
+        )
+        say(f"  {entry.order_id} at {entry.restaurant_name}: {items}; {steps}")
 
 
 def show_order(placed: PlacedOrder, receiver: ReceiverProcess | None) -> None:

@@ -1,5 +1,6 @@
 """The whole platform on one machine, in one command: a Consul dev agent, NATS JetStream, the
-six services (users, two catalog, payments, delivery, notifications, two orders) wired
+seven services (users, two catalog, payments, delivery, notifications, order-history, two
+orders) wired
 together through the mesh and the broker, and somewhere for their traces to go.
 
     python scripts/dev_stack.py            # runs until Ctrl-C (or SIGTERM)
@@ -99,20 +100,28 @@ DEFAULT_LOG_DIR = PROJECT_ROOT / ".dev" / "logs"
 DEFAULT_NATS_PORT = 4222
 NATS_URL_ENV = "NATS_URL"
 TIERS: tuple[tuple[tuple[str, int], ...], ...] = (
-    (("users", 1), ("catalog", 2), ("payments", 1), ("delivery", 1), ("notifications", 1)),
+    (
+        ("users", 1),
+        ("catalog", 2),
+        ("payments", 1),
+        ("delivery", 1),
+        ("notifications", 1),
+        ("order-history", 1),
+    ),
     (("orders", 2),),
 )
 """(Consul service name, instances), tier by tier: a tier starts once every earlier tier
 passes in Consul, and a caller is in a later tier than what it calls (orders calls all the
 others). Stopped in reverse, callers first; the services of a tier together. Consumers of
-events (notifications) call nobody and may start first: their durable consumer keeps what
-was published before they came."""
+events (notifications, order-history) call nobody and may start first: their durable
+consumers keep what was published before they came."""
 DEFAULT_TRIP_SECONDS = 20.0
 """Delivery's trip time in the dev stack: the demo order is DELIVERED within the minute."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 LIST_ITEMS = "foodmesh.catalog.v1.CatalogService/ListItems"
 LIST_NOTIFICATIONS = "foodmesh.notifications.v1.NotificationService/ListNotifications"
+LIST_CUSTOMER_ORDERS = "foodmesh.orderhistory.v1.OrderHistoryService/ListCustomerOrders"
 CREATE_USER = "foodmesh.users.v1.UserService/CreateUser"
 LOGIN = "foodmesh.users.v1.UserService/Login"
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
@@ -286,7 +295,7 @@ class DevStack:
         args = [
             sys.executable,
             "-m",
-            f"services.{service}",
+            f"services.{service.replace('-', '_')}",  # order-history: services.order_history
             "--host",
             HOST,
             "--port",
@@ -366,14 +375,15 @@ class DevStack:
         else:
             say(f"NATS JetStream: {self.nats_url}  (${NATS_URL_ENV})")
         say("Instances:")
+        width = max(len(sp.name) for sp in self.services)
         for sp in self.services:
             say(
-                f"  {sp.name:<10} {sp.address:<21} pid {sp.pid:<7} "
+                f"  {sp.name:<{width}} {sp.address:<21} pid {sp.pid:<7} "
                 f"id {sp.instance_id}  log {shown(sp.log_path)}"
             )
         say("Metrics (Prometheus):")
         for sp in self.services:
-            say(f"  {sp.name:<10} {sp.metrics_url or '(none registered)'}")
+            say(f"  {sp.name:<{width}} {sp.metrics_url or '(none registered)'}")
         describe_traces(self.receiver, self.otlp_endpoint)
 
     def run_demo(self) -> dev_demo.Demo:
@@ -415,6 +425,14 @@ class DevStack:
             (
                 grpcurl_command(notifications, LIST_NOTIFICATIONS, {"user_id": demo.user_id}),
                 "the demo user's notifications, made from the orders' events",
+            ),
+            (
+                grpcurl_command(
+                    self._first("order-history").address,
+                    LIST_CUSTOMER_ORDERS,
+                    {"customer_id": demo.user_id},
+                ),
+                "the demo user's order history, made from orders', delivery's, catalog's events",
             ),
             (load_command(agent.http_addr, demo.user_id), "load test, as the demo user"),
         ]
@@ -549,7 +567,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python scripts/dev_stack.py",
         description="Run a Consul dev agent, NATS JetStream (unless $NATS_URL names one) and "
-        "users, two catalog, payments, delivery, notifications and two orders instances, run "
+        "users, two catalog, payments, delivery, notifications, order-history and two orders "
+        "instances, run "
         "the demo (a user, a confirmed and a rejected order, their notifications) through the "
         "mesh, and stop everything on Ctrl-C.",
     )

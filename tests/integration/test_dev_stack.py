@@ -54,6 +54,7 @@ SERVICES = {
     "payments": 1,
     "delivery": 1,
     "notifications": 1,
+    "order-history": 1,
     "orders": 2,
 }
 """Instances of each service the dev stack starts."""
@@ -222,6 +223,11 @@ def check_demo(output: str) -> tuple[str, dict[str, str]]:
         ("NOTIFICATION_KIND_ORDER_CONFIRMED", confirmed["order_id"]),
         ("NOTIFICATION_KIND_ORDER_REJECTED", rejected["order_id"]),
     ], output
+    history = re.findall(r"^  (\S+) at Trattoria Roma: (.+); (PENDING -> \w+)", output, re.M)
+    assert history == [
+        (confirmed["order_id"], "2 x Margherita, 1 x Spaghetti Carbonara", "PENDING -> CONFIRMED"),
+        (rejected["order_id"], "1 x Margherita", "PENDING -> REJECTED"),
+    ], output  # (the confirmed order may be on its way already: more steps follow)
     return user_id, confirmed
 
 
@@ -391,6 +397,9 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     watched = run_printed(output, "OrderService/WatchOrder")  # ends after a final state
     assert {order["order_id"] for order in watched} == {confirmed["order_id"]}, watched
     assert watched[-1]["status"] == "ORDER_STATUS_DELIVERED", watched
+    [history] = run_printed(output, "OrderHistoryService/ListCustomerOrders")
+    shown = {o["order_id"]: o for o in history["orders"]}
+    assert shown[confirmed["order_id"]]["restaurant_name"] == "Trattoria Roma", history
     [notifications] = run_printed(output, "NotificationService/ListNotifications")
     kinds = {(n["order_id"], n["kind"]) for n in notifications["notifications"]}
     assert (confirmed["order_id"], "NOTIFICATION_KIND_ORDER_CONFIRMED") in kinds, notifications
