@@ -1,6 +1,8 @@
 """Traces with real parts: the platform's processes (users, catalog, payments, delivery,
-orders) export OTLP to a local receiver (the one developers use), and one PlaceOrder must be
-one trace across every hop, its checkout saga's steps and the catalog's retries shown."""
+orders, notifications, order-history) export OTLP to a local receiver (the one developers
+use), and one PlaceOrder must be one trace across every hop, its checkout saga's steps and
+the catalog's retries shown, and on through the events it caused (publish, then process) to
+each consumer's effect."""
 
 from __future__ import annotations
 
@@ -147,6 +149,69 @@ async def test_place_order_is_one_trace_across_orders_and_catalog(
         line.split(" trace=")[1].split()[0] for line in placed_lines
     }, "a log line written while serving a call carries that call's trace id"
     assert not [s for s in spans if "grpc.health" in s.name], "health checks make no spans"
+
+
+async def test_one_trace_runs_from_place_order_through_its_events_to_each_consumers_effect(
+    stack: Stack, receiver: TraceReceiver
+) -> None:
+    stack.start_nats()
+    export = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    stack.start("notifications", env=export)
+    stack.start("order-history", env=export)
+    stack.start_platform(env=export)
+    stack.wait_passing("notifications", 1)
+    stack.wait_passing("order-history", 1)
+    customer = stack.customer()
+    tracing = tracing_to(receiver.endpoint, Resource.create({"service.name": "shop"}))
+    try:
+        async with mesh.channel("orders", consul=stack.settings, tracing=tracing) as channel:
+            placed = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
+                order("traced-events", customer=customer), timeout=10
+            )
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
+    assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED, placed
+    confirmed = "orders.events.OrderConfirmed"
+    assigned = "delivery.events.CourierAssigned"
+    wanted = {
+        ("orders", f"publish {confirmed}"),
+        ("notifications", f"process {confirmed}"),
+        ("order-history", f"process {confirmed}"),
+        ("delivery", f"publish {assigned}"),  # under orders' ScheduleDelivery call
+        ("order-history", f"process {assigned}"),
+    }
+
+    def root_of(spans: list[SpanRecord]) -> SpanRecord | None:
+        roots = [s for s in spans if s.service_name == "shop" and named(s, PLACE_ORDER)]
+        return roots[0] if roots else None
+
+    def complete(spans: list[SpanRecord]) -> bool:
+        root = root_of(spans)
+        return root is not None and wanted <= {
+            (s.service_name, s.name) for s in spans if s.trace_id == root.trace_id
+        }
+
+    spans = await receiver.wait_for(complete, timeout=30)
+    root = root_of(spans)
+    assert root is not None
+    trace = receiver.traces()[root.trace_id]
+    by_id = {s.span_id: s for s in trace}
+    assert not [s for s in trace if s.parent_span_id and s.parent_span_id not in by_id], (
+        "every parent is in the trace"
+    )
+    for service, name in wanted:
+        (span,) = [s for s in trace if (s.service_name, s.name) == (service, name)]
+        if name.startswith("publish"):
+            assert span.kind == "PRODUCER"
+            assert span.attributes["messaging.system"] == "nats"
+            assert span.attributes["messaging.destination.name"] == name.split()[1]
+        else:
+            # The consumer's effect is a child of the publish that carried its event.
+            assert span.kind == "CONSUMER"
+            publish = by_id[span.parent_span_id]
+            assert (publish.kind, publish.name) == ("PRODUCER", f"publish {name.split()[1]}")
+            assert span.attributes["messaging.consumer.group.name"] == service
+            assert span.start_ns >= publish.start_ns
 
 
 def checkout_is_under_place_order(trace: list[SpanRecord], server: SpanRecord) -> None:
