@@ -29,16 +29,19 @@ from nats.js.errors import NotFoundError
 log = logging.getLogger(__name__)
 
 DAY_S = 24 * 3600.0
+CONTEXT_MAX_AGE_S = 365 * DAY_S
 
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
-    """A JetStream stream with its limits."""
+    """A JetStream stream with its limits. A context's stream is also what its read models
+    are rebuilt from, so it keeps a year of events by default (`max_age_s`; 0 keeps them
+    for ever), up to `max_bytes`, the oldest dropped first."""
 
     name: str
     subjects: tuple[str, ...]
-    max_age_s: float = 7 * DAY_S
-    max_bytes: int = 1 << 30
+    max_age_s: float = CONTEXT_MAX_AGE_S
+    max_bytes: int = 4 << 30
     duplicate_window_s: float = 120.0
     """How long JetStream remembers a `Nats-Msg-Id`: a relay that republishes after a crash
     (published, not yet marked) must do so within it, which its lease period (seconds) does
@@ -58,9 +61,20 @@ class StreamSpec:
         )
 
 
+KEPT_FOR_EVER = frozenset({"catalog"})
+"""Contexts whose events describe what is (a menu), not what happened: a rebuild needs the
+first ItemChanged of an item however old, so their streams have no age limit."""
+
+
 def context_stream(context: str) -> StreamSpec:
-    """The stream of a bounded context's events: `ORDERS` for `orders.events.>`."""
-    return StreamSpec(context.upper().replace("-", "_"), (f"{context}.events.>",))
+    """The stream of a bounded context's events: `ORDERS` for `orders.events.>`. Its limits
+    come from here alone, so that every process that declares it (its relay, its consumers)
+    declares the same."""
+    return StreamSpec(
+        context.upper().replace("-", "_"),
+        (f"{context}.events.>",),
+        max_age_s=0.0 if context in KEPT_FOR_EVER else CONTEXT_MAX_AGE_S,
+    )
 
 
 DEAD_LETTERS = StreamSpec("DEADLETTER", ("deadletter.>",), max_age_s=30 * DAY_S)
