@@ -75,9 +75,14 @@ def test_the_stubs_distribution_is_the_foodmesh_namespace_only(
     wheel = wheels["protos"]
     assert top_level(wheel) == {"foodmesh"}
     names = set(wheel.namelist())
-    for context in ("catalog", "orders"):
+    # Every .proto of the source tree, with its generated code: a context whose package
+    # lacks an __init__.py would silently be left out.
+    protos = sorted((PROJECT_ROOT / "protos").glob("foodmesh/*/v1/*.proto"))
+    assert len(protos) >= 9
+    for proto in protos:
+        stem = proto.relative_to(PROJECT_ROOT / "protos").with_suffix("").as_posix()
         for suffix in (".proto", "_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
-            assert f"foodmesh/{context}/v1/{context}{suffix}" in names
+            assert f"{stem}{suffix}" in names
     assert "foodmesh/py.typed" in names
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [
