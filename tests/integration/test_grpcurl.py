@@ -54,6 +54,7 @@ def test_list_shows_service_health_and_reflection(running: Running) -> None:
     assert methods.stdout.split() == [
         "foodmesh.catalog.v1.CatalogService.GetItem",
         "foodmesh.catalog.v1.CatalogService.ListItems",
+        "foodmesh.catalog.v1.CatalogService.PutItem",
     ]
 
 

@@ -171,7 +171,7 @@ async def test_reflection_unknown_method_lists_the_service_methods(
         await method_from_reflection(reflecting_server, "foodmesh.catalog.v1.CatalogService/Nope")
     assert str(error.value) == (
         "service foodmesh.catalog.v1.CatalogService has no method Nope"
-        " (methods: GetItem, ListItems)"
+        " (methods: GetItem, ListItems, PutItem)"
     )
 
 
