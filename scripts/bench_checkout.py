@@ -6,9 +6,9 @@ calls made directly, in one run, and `meshctl load` on PlaceOrder at -c 8.
 
 How: a Consul dev agent and the platform's processes on free ports in a temporary directory
 (users, catalog, payments, delivery with couriers for every order, two orders instances, as
-the dev stack runs them), and a customer. Two sides, each `--concurrency` tasks calling in a
-loop for `--duration`, in alternating rounds after a warm-up, on mesh channels from this
-process:
+the dev stack runs them, or `--orders-instances N`), and a customer. Two sides, each
+`--concurrency` tasks calling in a loop for `--duration`, in alternating rounds after a
+warm-up, on mesh channels from this process:
 
     checkout  PlaceOrder (a fresh idempotency key each): orders checks the customer and
               prices the line, at once, then the saga's three steps, each recorded
@@ -57,18 +57,19 @@ from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEM = "roma-margherita"
-SERVICES = (
+SERVICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("users", ()),
     ("catalog", ()),
     ("payments", ()),
     ("delivery", ("--couriers", "1000000", "--trip-seconds", "3600")),
-    ("orders", ()),
-    ("orders", ()),
 )
+ORDERS: tuple[str, tuple[str, ...]] = ("orders", ())
 
 
 @contextmanager
-def platform(root: Path) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
+def platform(
+    root: Path, orders_instances: int = 2
+) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
     """The Consul agent and the platform's processes, with the pids of each service's."""
     agent = ConsulAgent(log_path=root / "consul.log")
     agent.start()
@@ -78,7 +79,7 @@ def platform(root: Path) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FOODMESH_"))}
     env["CONSUL_HTTP_ADDR"] = agent.http_addr
     try:
-        for n, (name, flags) in enumerate(SERVICES):
+        for n, (name, flags) in enumerate((*SERVICES, *[ORDERS] * orders_instances)):
             port = free_tcp_port()
             command = [sys.executable, "-m", f"services.{name}", "--port", str(port)]
             command += ["--data-dir", str(root / "data"), "--check-interval", "1", *flags]
@@ -323,6 +324,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per side per round")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--orders-instances",
+        type=int,
+        default=2,
+        help="orders processes sharing one database (2, as the dev stack runs them)",
+    )
     parser.add_argument("--no-load", action="store_true", help="skip the meshctl load run")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
@@ -333,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         root = Path(tmp)
         (root / "data").mkdir()
-        with platform(root) as (agent, pids):
+        with platform(root, options.orders_instances) as (agent, pids):
             results = asyncio.run(measure(agent, pids, options))
             if not options.no_load:
                 results["meshctl_load"] = meshctl_load(

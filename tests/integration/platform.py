@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +29,7 @@ Status = orders_pb2.OrderStatus
 PAYMENT = payments_pb2.PaymentStatus
 DELIVERY = delivery_pb2.DeliveryStatus
 ACTIVE_DELIVERY = (delivery_pb2.DELIVERY_STATUS_ASSIGNED, delivery_pb2.DELIVERY_STATUS_PICKED_UP)
+T = TypeVar("T")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -122,16 +124,26 @@ async def notifications_of(
     stub: notifications_pb2_grpc.NotificationServiceAsyncStub, user_id: str
 ) -> list[notifications_pb2.Notification]:
     """All of the user's notifications, newest first, page by page."""
-    found: list[notifications_pb2.Notification] = []
-    token = ""
-    while True:
-        page = await stub.ListNotifications(
+
+    async def page(token: str) -> tuple[Sequence[notifications_pb2.Notification], str]:
+        answer = await stub.ListNotifications(
             notifications_pb2.ListNotificationsRequest(
                 user_id=user_id, page_size=7, page_token=token
             )
         )
-        found += page.notifications
-        token = page.next_page_token
+        return answer.notifications, answer.next_page_token
+
+    return await all_pages(page)
+
+
+async def all_pages(page: Callable[[str], Awaitable[tuple[Sequence[T], str]]]) -> list[T]:
+    """Every item of a paged list (AIP-158): `page(token)` is one page's items and the next
+    page's token, "" after the last."""
+    found: list[T] = []
+    token = ""
+    while True:
+        items, token = await page(token)
+        found += items
         if not token:
             return found
 
@@ -179,18 +191,16 @@ async def history_of(
     stub: orderhistory_pb2_grpc.OrderHistoryServiceAsyncStub, customer_id: str
 ) -> list[orderhistory_pb2.CustomerOrder]:
     """All of the customer's orders in the order history, newest first, page by page."""
-    found: list[orderhistory_pb2.CustomerOrder] = []
-    token = ""
-    while True:
-        page = await stub.ListCustomerOrders(
+
+    async def page(token: str) -> tuple[Sequence[orderhistory_pb2.CustomerOrder], str]:
+        answer = await stub.ListCustomerOrders(
             orderhistory_pb2.ListCustomerOrdersRequest(
                 customer_id=customer_id, page_size=5, page_token=token
             )
         )
-        found += page.orders
-        token = page.next_page_token
-        if not token:
-            return found
+        return answer.orders, answer.next_page_token
+
+    return await all_pages(page)
 
 
 async def in_history_exactly_once(
