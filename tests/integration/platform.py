@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
 
 import nats
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,12 +23,12 @@ from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from tests.integration.conftest import Stack
+from tests.paging import all_pages
 
 Status = orders_pb2.OrderStatus
 PAYMENT = payments_pb2.PaymentStatus
 DELIVERY = delivery_pb2.DeliveryStatus
 ACTIVE_DELIVERY = (delivery_pb2.DELIVERY_STATUS_ASSIGNED, delivery_pb2.DELIVERY_STATUS_PICKED_UP)
-T = TypeVar("T")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -134,18 +133,6 @@ async def notifications_of(
         return answer.notifications, answer.next_page_token
 
     return await all_pages(page)
-
-
-async def all_pages(page: Callable[[str], Awaitable[tuple[Sequence[T], str]]]) -> list[T]:
-    """Every item of a paged list (AIP-158): `page(token)` is one page's items and the next
-    page's token, "" after the last."""
-    found: list[T] = []
-    token = ""
-    while True:
-        items, token = await page(token)
-        found += items
-        if not token:
-            return found
 
 
 async def consumer_drained(

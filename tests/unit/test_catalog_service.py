@@ -25,6 +25,7 @@ from services.catalog.store import (
 )
 from services.datadir import database_path
 from services.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from tests.paging import all_pages
 from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
     UNAVAILABLE_ITEM_ID,
@@ -49,19 +50,17 @@ async def catalog(catalog_db: Path) -> AsyncIterator[CatalogStub]:
 
 async def list_all(stub: CatalogStub, restaurant_id: str, page_size: int) -> list[str]:
     """Every item_id, following next_page_token until it is empty."""
-    item_ids: list[str] = []
-    token = ""
-    while True:
-        page = await stub.ListItems(
+
+    async def page(token: str) -> tuple[list[str], str]:
+        answer = await stub.ListItems(
             catalog_pb2.ListItemsRequest(
                 restaurant_id=restaurant_id, page_size=page_size, page_token=token
             )
         )
-        assert len(page.items) <= page_size
-        item_ids.extend(item.item_id for item in page.items)
-        token = page.next_page_token
-        if not token:
-            return item_ids
+        assert len(answer.items) <= page_size
+        return [item.item_id for item in answer.items], answer.next_page_token
+
+    return await all_pages(page)
 
 
 async def test_seeding_is_idempotent_across_instances_on_one_file(catalog_db: Path) -> None:
