@@ -115,13 +115,15 @@ class ServiceRuntime:
             log.info("exporting traces as %s", instance_id)
         return cls(args, instance_id, policy, tracing, metrics, metrics_port)
 
-    def server(self) -> MeshServer:
+    def server(self, interceptors: Sequence[object] = ()) -> MeshServer:
+        """The service's MeshServer; `interceptors` run inside the mesh's own."""
         return MeshServer(
             server_config(self.args, version=project_version()),
             tracing=self.tracing,
             metrics=self.metrics,
             metrics_port=self.metrics_port,
             instance_id=self.instance_id,
+            interceptors=interceptors,
         )
 
     def channel(self, service: str) -> mesh.MeshChannel:

@@ -24,13 +24,15 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from mesh import layers
 from mesh.core import keepalive
@@ -96,18 +98,23 @@ class MeshServer:
         metrics: MeshMetrics | None = None,
         metrics_port: int | None = None,
         instance_id: str | None = None,
+        interceptors: Sequence[Any] = (),
     ) -> None:
+        """`interceptors` run inside the mesh's own (SERVER_LAYERS), in the order given:
+        a gateway's authentication and rate limiting, for example."""
         self.config = config
         self._consul = consul
         self.instance_id = instance_id or new_instance_id(config.service_name)
         self._metrics_port = metrics_port
         self._server = aio.server(
             options=keepalive.server_options(),
-            interceptors=server_interceptors(config, tracing, metrics),
+            interceptors=[*server_interceptors(config, tracing, metrics), *interceptors],
         )
         # grpc-stubs predate grpcio-health-checking's asyncio servicer.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._service_names: list[str] = []
+        self._reflection: Any = None
+        self._generic_handlers: list[grpc.GenericRpcHandler[Any, Any]] = []
         self._on_shutdown: list[ShutdownCallback] = []
         self._registration: ConsulRegistration | None = None
         self._stop_requested = asyncio.Event()
@@ -122,6 +129,16 @@ class MeshServer:
         with `catalog_pb2_grpc.add_CatalogServiceServicer_to_server`."""
         add_to_server(servicer, self._server)
         self._service_names.append(descriptor.full_name)
+
+    def serve_reflection(self, servicer: Any) -> None:
+        """Serve `servicer` as grpc.reflection.v1alpha instead of the reflection of the added
+        services (a gateway's merged reflection of the whole mesh)."""
+        self._reflection = servicer
+
+    def add_generic_handler(self, handler: grpc.GenericRpcHandler[Any, Any]) -> None:
+        """Let `handler` answer the methods no added service serves (a gateway's router);
+        health and reflection stay the server's own. Not listed in the Consul meta."""
+        self._generic_handlers.append(handler)
 
     def on_shutdown(self, callback: ShutdownCallback) -> None:
         """Run `callback` after the server has stopped (in the order added)."""
@@ -143,7 +160,13 @@ class MeshServer:
     async def start(self) -> int:
         """Bind, start serving, set health SERVING and begin registration; the bound port."""
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        enable_reflection((*self._service_names, health.SERVICE_NAME), self._server)
+        if self._reflection is None:
+            enable_reflection((*self._service_names, health.SERVICE_NAME), self._server)
+        else:
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                self._reflection, self._server
+            )
+        self._server.add_generic_rpc_handlers(tuple(self._generic_handlers))
         host = self.config.host
         bind = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         self.port = self._server.add_insecure_port(bind)
