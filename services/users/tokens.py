@@ -11,8 +11,9 @@ token signed just before a rotation never outlives its key's place in the key se
 
 verify_token checks the signature with the key the token's kid names (only ES256 is accepted,
 so a token cannot choose a weaker algorithm or "none"), then iss, aud, exp and iat, and that
-every claim above is present. Every failure is one InvalidToken whose message says what was
-wrong, never the token itself: the caller answers UNAUTHENTICATED.
+every claim above is present; it is meshkit.gateway.tokens.verify_jwt (what the gateway
+verifies with) over a key set given as GetJwks's JSON. Every failure is one InvalidToken whose
+message says what was wrong, never the token itself: the caller answers UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import jwt
+
+from meshkit.gateway.tokens import InvalidToken as InvalidToken
+from meshkit.gateway.tokens import key_set_from_json, token_kid, verify_jwt
 
 if TYPE_CHECKING:  # verifying tokens needs no database
     from services.users.keystore import SigningKeys
@@ -92,10 +96,6 @@ class TokenIssuer:
         return IssuedToken(token, self.settings.ttl_s, key.kid, jti)
 
 
-class InvalidToken(Exception):
-    """A token that does not verify; the message says why (never the token)."""
-
-
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     """The claims of a token that verified."""
@@ -120,33 +120,15 @@ def verify_token(
     """The claims of `token` if the key set `jwks_json` (GetJwks) verifies it for `issuer`
     and `audience` now; InvalidToken otherwise. `leeway` tolerates that much clock skew on
     exp and iat."""
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError as error:
-        raise InvalidToken(f"the token is malformed: {error}") from None
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise InvalidToken("the token's header names no key (kid)")
-    try:
-        key_set = jwt.PyJWKSet.from_json(jwks_json)
-    except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError) as error:
-        raise InvalidToken(f"the key set is not a usable JWK Set: {error}") from None
-    try:
-        key = key_set[kid]
-    except KeyError:
-        raise InvalidToken(f"no key {kid!r} in the key set (retired, or not ours)") from None
-    try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            audience=audience,
-            issuer=issuer,
-            leeway=leeway,
-            options={"require": list(REQUIRED_CLAIMS)},
-        )
-    except jwt.InvalidTokenError as error:
-        raise InvalidToken(f"the token does not verify: {error}") from None
+    claims = verify_jwt(
+        token,
+        key_set_from_json(jwks_json),
+        issuer=issuer,
+        audience=audience,
+        algorithms=[ALGORITHM],
+        leeway=leeway,
+        required=REQUIRED_CLAIMS,
+    )
     return VerifiedToken(
         user_id=claims["sub"],
         issuer=claims["iss"],
@@ -154,5 +136,5 @@ def verify_token(
         issued_at=datetime.fromtimestamp(claims["iat"], UTC),
         expires_at=datetime.fromtimestamp(claims["exp"], UTC),
         token_id=str(claims["jti"]),
-        kid=kid,
+        kid=token_kid(token),
     )
