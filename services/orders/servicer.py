@@ -44,6 +44,7 @@ from services.orders.state import (
     OrderStatus,
 )
 from services.orders.store import OrdersStore
+from services.callers import calling_user
 from services.refusals import Refusal, failed_precondition, invalid, not_found, refusing, status_of
 
 MAX_LINES = 100
@@ -96,6 +97,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     async def PlaceOrder(
         self, request: orders_pb2.PlaceOrderRequest, context: ServicerContext
     ) -> orders_pb2.Order:
+        request = for_caller(request, calling_user(context))
         problem = request_problem(request)
         if problem is not None:
             raise invalid(problem)
@@ -129,14 +131,14 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     async def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: ServicerContext
     ) -> orders_pb2.Order:
-        order, _ = await self._view(request.order_id)
+        order, _ = await self._view(request.order_id, calling_user(context))
         return order
 
     @refusing
     async def CancelOrder(
         self, request: orders_pb2.CancelOrderRequest, context: ServicerContext
     ) -> orders_pb2.Order:
-        order, _ = await self._view(request.order_id)
+        order, _ = await self._view(request.order_id, calling_user(context))
         while True:
             state, version = await self._store.load(request.order_id)
             events = await self._cancellation(state, context)
@@ -155,7 +157,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         self, request: orders_pb2.WatchOrderRequest, context: ServicerContext
     ) -> AsyncIterator[orders_pb2.Order]:
         try:
-            order, _ = await self._view(request.order_id)
+            order, _ = await self._view(request.order_id, calling_user(context))
         except Refusal as refusal:
             status = status_of(refusal)
             assert status is not None
@@ -174,11 +176,15 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _view(self, order_id: str) -> tuple[orders_pb2.Order, int]:
+    async def _view(
+        self, order_id: str, caller: str | None = None
+    ) -> tuple[orders_pb2.Order, int]:
+        """The order and its version; NOT_FOUND for a `caller` (x-user-id) whose order it
+        is not, exactly as for an order that does not exist (no telling which)."""
         if not order_id:
             raise invalid("order_id must not be empty")
         found = await self._store.get(order_id)
-        if found is None:
+        if found is None or (caller is not None and found[0].customer_id != caller):
             raise not_found(f"order_id {order_id!r}: no such order")
         return found
 
@@ -337,6 +343,25 @@ def _dependency_failure(service: str, doing: str, error: grpc.aio.AioRpcError) -
     code = error.code()
     message = f"the {service} service failed while {doing}: {code.name}: {error.details()}"
     return Refusal(code if code in _PASSED_ON_CODES else grpc.StatusCode.UNAVAILABLE, message)
+
+
+def for_caller(
+    request: orders_pb2.PlaceOrderRequest, caller: str | None
+) -> orders_pb2.PlaceOrderRequest:
+    """The request as placed by `caller` (the x-user-id the gateway set), whose orders are
+    their own: an empty customer_id becomes the caller, another one is PERMISSION_DENIED."""
+    if caller is None or request.customer_id == caller:
+        return request
+    if request.customer_id:
+        raise Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"customer_id {request.customer_id!r} is not the signed-in user: "
+            "an order is placed for oneself (leave customer_id empty)",
+        )
+    mine = orders_pb2.PlaceOrderRequest()
+    mine.CopyFrom(request)
+    mine.customer_id = caller
+    return mine
 
 
 def request_problem(request: orders_pb2.PlaceOrderRequest) -> str | None:

@@ -569,6 +569,48 @@ async def test_reading_no_order_names_the_order_id(
     assert "order_id" in (watched.value.details() or "")
 
 
+async def test_through_the_gateway_a_user_orders_and_sees_only_their_own(
+    platform: Platform,
+) -> None:
+    """x-user-id (what the gateway sets from a verified token): PlaceOrder takes the
+    customer from it, refuses another customer_id, and someone else's order is NOT_FOUND."""
+    ada = (("x-user-id", platform.customer_id),)
+    grace = await platform.participants.users.CreateUser(
+        users_pb2.CreateUserRequest(
+            email="grace@example.com", display_name="Grace", password="correct horse battery"
+        )
+    )
+    bob = (("x-user-id", grace.user_id),)
+    mine = await platform.orders.PlaceOrder(order_request(), metadata=ada)
+    assert mine.customer_id == platform.customer_id
+    refused = await rpc_error(
+        platform.orders.PlaceOrder(
+            order_request(customer_id=platform.customer_id, idempotency_key="k-other"),
+            metadata=bob,
+        )
+    )
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "customer_id" in (refused.details() or "")
+    request = orders_pb2.GetOrderRequest(order_id=mine.order_id)
+    assert (await platform.orders.GetOrder(request, metadata=ada)).order_id == mine.order_id
+    for call in (
+        platform.orders.GetOrder(request, metadata=bob),
+        platform.orders.CancelOrder(
+            orders_pb2.CancelOrderRequest(order_id=mine.order_id), metadata=bob
+        ),
+    ):
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert error.details() == f"order_id {mine.order_id!r}: no such order"
+    with pytest.raises(grpc.aio.AioRpcError) as watched:
+        async for _ in platform.orders.WatchOrder(
+            orders_pb2.WatchOrderRequest(order_id=mine.order_id), metadata=bob
+        ):
+            pass
+    assert watched.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await platform.orders.GetOrder(request)).status == CONFIRMED  # inside the mesh
+
+
 # -- cancelling -----------------------------------------------------------------------------
 
 
