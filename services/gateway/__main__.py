@@ -1,0 +1,73 @@
+"""`python -m services.gateway`: one gateway instance, registered in Consul as `gateway`.
+
+It routes every gRPC service the mesh has, by the name in the call's path, learnt from Consul
+(meshkit/gateway/), serves merged reflection of them all, and requires a token from users'
+Login on every method its policy file does not list as public:
+
+    python -m services.gateway --port 8080 --gateway-policy services/gateway/policy.toml
+    grpcurl -plaintext 127.0.0.1:8080 list
+
+It keeps no state: run as many as you like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from foodmesh.users.v1 import users_pb2, users_pb2_grpc
+from mesh.discovery.consul_settings import ConsulSettings
+from mesh.policy import PolicyError
+from meshkit.gateway import CatalogWatch, Gateway, KeySet, TokenVerifier, load_gateway_policy
+from services.runtime import ServiceRuntime
+
+SERVICE = "gateway"
+DEFAULT_POLICY = Path(__file__).with_name("policy.toml")
+JWKS_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
+
+
+def flags(parser: argparse.ArgumentParser) -> None:
+    edge = parser.add_argument_group("the edge")
+    edge.add_argument(
+        "--gateway-policy",
+        type=Path,
+        default=DEFAULT_POLICY,
+        metavar="FILE",
+        help="TOML file of the public methods and token rules (default: the platform's, "
+        "services/gateway/policy.toml)",
+    )
+
+
+async def main(argv: list[str]) -> int:
+    async with ServiceRuntime.started(SERVICE, argv, flags) as runtime:
+        try:
+            policy = load_gateway_policy(runtime.args.gateway_policy)
+        except PolicyError as exc:
+            print(f"python -m services.{SERVICE}: gateway policy: {exc}", file=sys.stderr)
+            return 2
+        auth = policy.auth
+
+        async def jwks() -> str:
+            stub = users_pb2_grpc.UserServiceStub(gateway.channel(auth.jwks_service))
+            answer = await stub.GetJwks(users_pb2.GetJwksRequest(), timeout=JWKS_TIMEOUT_S)
+            return answer.jwks_json
+
+        gateway = Gateway(
+            runtime.channel,
+            verifier=TokenVerifier(KeySet(jwks), auth.rules),
+            public=auth.public,
+            traces=runtime.tracing is not None,
+        )
+        server = runtime.server(interceptors=gateway.interceptors)
+        gateway.install(server)
+        watch, close_watch = CatalogWatch.consul(ConsulSettings.from_env())
+        runtime.background(gateway.follow(aiter(watch)), "route table", then=close_watch)
+        return await server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))
