@@ -1,0 +1,454 @@
+"""The gateway as a client outside the mesh uses it: a real `python -m services.gateway`
+process in front of the real platform, on a real Consul agent, called with real grpcurl and
+plain grpc channels that know nothing of the mesh.
+
+One platform and gateway serve the whole module; a test that needs a service to come and go
+starts its own (an in-process MeshServer of a `test.gateway.v1.Shapes` service, with all four
+call shapes) and stops it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf import descriptor_pb2, descriptor_pool, wrappers_pb2
+from grpc_health.v1 import health_pb2
+
+from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from foodmesh.users.v1 import users_pb2, users_pb2_grpc
+from mesh.server import MeshServer, ServerConfig
+from scripts.processes import wait_until
+from tests.integration.conftest import ServiceProcess, Stack, stack_under
+from tests.integration.test_grpcurl import grpcurl
+
+PLATFORM_SERVICES = [
+    "foodmesh.catalog.v1.CatalogService",
+    "foodmesh.delivery.v1.DeliveryService",
+    "foodmesh.orders.v1.OrderService",
+    "foodmesh.payments.v1.PaymentService",
+    "foodmesh.users.v1.UserService",
+]
+OWN_SERVICES = ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+SHAPES = "test.gateway.v1.Shapes"
+ISSUER, AUDIENCE = "foodmesh-users", "foodmesh"
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Edge:
+    stack: Stack
+    gateway: ServiceProcess
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address
+
+    def listed(self) -> list[str]:
+        answer = grpcurl(self.address, "list")
+        assert answer.returncode == 0, answer.stderr
+        return answer.stdout.split()
+
+    def signed(self, **claims: Any) -> str:
+        """A token signed with users' own newest key (read from its file), with these
+        claims over valid ones: how to make the expired and wrong-audience tokens Login
+        never hands out."""
+        with sqlite3.connect(self.stack.data_dir / "users.db") as db:
+            kid, pem = db.execute(
+                "SELECT kid, private_key_pem FROM signing_keys ORDER BY sequence DESC LIMIT 1"
+            ).fetchone()
+        now = int(time.time())
+        base = {"sub": "someone", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600}
+        return jwt.encode({**base, **claims}, pem, algorithm="ES256", headers={"kid": kid})
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    with stack_under(tmp_path_factory.mktemp("gateway")) as stack:
+        stack.start_platform()
+        gateway = stack.start("gateway")
+        stack.wait_passing("gateway", {gateway.port})
+        running = Edge(stack, gateway)
+        wait_until(
+            lambda: set(PLATFORM_SERVICES) <= set(running.listed()),
+            timeout=30,
+            message="the gateway's routes to the platform",
+        )
+        yield running
+
+
+@asynccontextmanager
+async def channel_to(edge: Edge) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(edge.address) as channel:
+        yield channel
+
+
+async def signed_up(edge: Edge, email: str) -> tuple[str, str]:
+    """A new user, signed up and logged in through the gateway: (user_id, access token)."""
+    async with channel_to(edge) as channel:
+        users = users_pb2_grpc.UserServiceStub(channel)
+        user = await users.CreateUser(
+            users_pb2.CreateUserRequest(email=email, display_name="T", password=PASSWORD),
+            timeout=10,
+        )
+        login = await users.Login(users_pb2.LoginRequest(email=email, password=PASSWORD))
+    return user.user_id, login.access_token
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+# -- routing and reflection ---------------------------------------------------------------
+
+
+def test_list_shows_every_service_of_the_mesh_and_the_gateways_own(edge: Edge) -> None:
+    assert edge.listed() == sorted([*PLATFORM_SERVICES, *OWN_SERVICES])
+    methods = grpcurl(edge.address, "list", "foodmesh.orders.v1.OrderService")
+    assert methods.stdout.split() == [
+        "foodmesh.orders.v1.OrderService.CancelOrder",
+        "foodmesh.orders.v1.OrderService.GetOrder",
+        "foodmesh.orders.v1.OrderService.PlaceOrder",
+        "foodmesh.orders.v1.OrderService.WatchOrder",
+    ]
+
+
+def test_describe_works_for_services_methods_and_messages(edge: Edge) -> None:
+    service = grpcurl(edge.address, "describe", "foodmesh.payments.v1.PaymentService")
+    assert service.returncode == 0, service.stderr
+    assert "rpc AuthorizePayment" in service.stdout
+    method = grpcurl(edge.address, "describe", "foodmesh.orders.v1.OrderService.WatchOrder")
+    assert method.returncode == 0, method.stderr
+    assert "returns ( stream .foodmesh.orders.v1.Order )" in method.stdout
+    message = grpcurl(edge.address, "describe", "foodmesh.orders.v1.PlaceOrderRequest")
+    assert message.returncode == 0, message.stderr
+    assert "string idempotency_key" in message.stdout
+
+
+def test_grpcurl_calls_through_the_gateway_without_proto_files(edge: Edge) -> None:
+    request = json.dumps({"item_id": "roma-margherita"})
+    answer = grpcurl(
+        "-v", "-d", request, edge.address, "foodmesh.catalog.v1.CatalogService/GetItem"
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert '"name": "Margherita"' in answer.stdout
+    assert "x-request-id: " in answer.stdout  # made, since the client sent none
+    kept = grpcurl(
+        "-v",
+        "-H",
+        "x-request-id: from-the-client",
+        "-d",
+        request,
+        edge.address,
+        "foodmesh.catalog.v1.CatalogService/GetItem",
+    )
+    assert "x-request-id: from-the-client" in kept.stdout
+
+
+async def test_an_unknown_service_is_unimplemented_naming_it(edge: Edge) -> None:
+    async with channel_to(edge) as channel:
+        call = channel.unary_unary("/nothere.v1.Nothing/Get")(b"", timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "nothere.v1.Nothing" in (refused.value.details() or "")
+
+
+# -- authentication -----------------------------------------------------------------------
+
+
+async def test_every_kind_of_bad_token_is_unauthenticated_saying_which(edge: Edge) -> None:
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    real = edge.signed()
+    kid = jwt.get_unverified_header(real)["kid"]
+    now = int(time.time())
+    claims = {"sub": "x", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600}
+    cases: dict[str, tuple[tuple[str, str], ...]] = {
+        "missing token": (),
+        "malformed token": (("authorization", "Bearer not-a-jwt"),),
+        "malformed token: the authorization header is not": (("authorization", "Basic eDp5"),),
+        "malformed token: more than one": (
+            ("authorization", f"Bearer {real}"),
+            ("authorization", f"Bearer {real}"),
+        ),
+        "expired token": bearer(edge.signed(iat=now - 7200, exp=now - 3600)),
+        "not yet valid token": bearer(edge.signed(nbf=now + 3600)),
+        "forged token": bearer(jwt.encode(claims, stranger, "ES256", headers={"kid": kid})),
+        "unknown key token": bearer(jwt.encode(claims, stranger, "ES256", headers={"kid": "k9"})),
+        "wrong issuer token": bearer(edge.signed(iss="someone-else")),
+        "wrong audience token": bearer(edge.signed(aud="another-app")),
+    }
+    async with channel_to(edge) as channel:
+        orders = orders_pb2_grpc.OrderServiceStub(channel)
+        for says, metadata in cases.items():
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await orders.GetOrder(
+                    orders_pb2.GetOrderRequest(order_id="o-1"), metadata=metadata, timeout=10
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, says
+            assert (refused.value.details() or "").startswith(says), refused.value.details()
+        # The catalog's reads are public; a valid token on them is fine too.
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        for metadata in ((), bearer(real)):
+            item = await catalog.GetItem(
+                catalog_pb2.GetItemRequest(item_id="roma-margherita"), metadata=metadata
+            )
+            assert item.name == "Margherita"
+
+
+async def test_the_token_decides_whose_orders_a_caller_sees(edge: Edge) -> None:
+    ada, ada_token = await signed_up(edge, "ada@gateway.example")
+    grace, grace_token = await signed_up(edge, "grace@gateway.example")
+    line = orders_pb2.OrderLine(item_id="roma-margherita", quantity=1)
+    request = orders_pb2.PlaceOrderRequest(
+        lines=[line], payment_method="pm_card_visa", delivery_address="1 Edge Road"
+    )
+    async with channel_to(edge) as channel:
+        orders = orders_pb2_grpc.OrderServiceStub(channel)
+        # A client's own x-user-id never reaches orders: the token's subject does.
+        placed = await orders.PlaceOrder(
+            request, metadata=(*bearer(ada_token), ("x-user-id", grace)), timeout=30
+        )
+        assert placed.customer_id == ada
+        assert placed.status == orders_pb2.ORDER_STATUS_CONFIRMED
+        refused = await _error(
+            orders.PlaceOrder(
+                orders_pb2.PlaceOrderRequest(
+                    customer_id=ada,
+                    lines=[line],
+                    payment_method="pm_card_visa",
+                    delivery_address="1 Edge Road",
+                ),
+                metadata=bearer(grace_token),
+                timeout=30,
+            )
+        )
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        mine = orders_pb2.GetOrderRequest(order_id=placed.order_id)
+        seen = await orders.GetOrder(mine, metadata=bearer(ada_token))
+        assert seen.order_id == placed.order_id
+        hidden = await _error(orders.GetOrder(mine, metadata=bearer(grace_token)))
+        assert hidden.code() == grpc.StatusCode.NOT_FOUND
+        # A server stream through the gateway: the first update, then the client leaves.
+        watch = orders.WatchOrder(
+            orders_pb2.WatchOrderRequest(order_id=placed.order_id),
+            metadata=bearer(ada_token),
+            timeout=30,
+        )
+        first = await watch.read()
+        assert first.order_id == placed.order_id
+        watch.cancel()
+
+
+async def _error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value
+
+
+# -- a service that comes and goes, with every call shape ----------------------------------
+
+
+def _shapes_descriptor() -> Any:
+    """`test.gateway.v1.Shapes` (StringValue in and out, one method per call shape), added to
+    the default pool so that the server's reflection serves it like any generated file."""
+    pool = descriptor_pool.Default()
+    try:
+        return pool.FindServiceByName(SHAPES)
+    except KeyError:
+        pass
+    wrappers = wrappers_pb2.DESCRIPTOR.name
+    file = descriptor_pb2.FileDescriptorProto(
+        name="test/gateway/v1/shapes.proto",
+        package="test.gateway.v1",
+        dependency=[wrappers],
+        syntax="proto3",
+    )
+    service = file.service.add(name="Shapes")
+    for name, client_streaming, server_streaming in (
+        ("Echo", False, False),
+        ("Expand", False, True),
+        ("Join", True, False),
+        ("Chat", True, True),
+    ):
+        service.method.add(
+            name=name,
+            input_type=".google.protobuf.StringValue",
+            output_type=".google.protobuf.StringValue",
+            client_streaming=client_streaming,
+            server_streaming=server_streaming,
+        )
+    pool.AddSerializedFile(file.SerializeToString())
+    return pool.FindServiceByName(SHAPES)
+
+
+def _shapes_handler() -> grpc.GenericRpcHandler:
+    text = wrappers_pb2.StringValue
+
+    async def echo(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """What the call arrived with: its metadata and its time left."""
+        seen = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        left = context.time_remaining()
+        return text(value=json.dumps({"metadata": seen, "time_remaining": left}))
+
+    async def expand(request: Any, context: Any) -> AsyncIterator[Any]:
+        for letter in request.value:
+            yield text(value=letter)
+
+    async def join(requests: Any, context: Any) -> Any:
+        return text(value="".join([r.value async for r in requests]))
+
+    async def chat(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield text(value=request.value.upper())
+
+    kinds = {
+        "Echo": grpc.unary_unary_rpc_method_handler,
+        "Expand": grpc.unary_stream_rpc_method_handler,
+        "Join": grpc.stream_unary_rpc_method_handler,
+        "Chat": grpc.stream_stream_rpc_method_handler,
+    }
+    behaviors = {"Echo": echo, "Expand": expand, "Join": join, "Chat": chat}
+    return grpc.method_handlers_generic_handler(
+        SHAPES,
+        {
+            name: kind(
+                behaviors[name],
+                request_deserializer=text.FromString,
+                response_serializer=text.SerializeToString,
+            )
+            for name, kind in kinds.items()
+        },
+    )
+
+
+@asynccontextmanager
+async def shapes_service(edge: Edge) -> AsyncIterator[MeshServer]:
+    config = ServerConfig("shapes", check_interval=1.0, drain_delay=0.0, grace_period=1.0)
+    server = MeshServer(config, consul=edge.stack.settings)
+    handler = _shapes_handler()
+    server.add_service(
+        _shapes_descriptor(), lambda _, s: s.add_generic_rpc_handlers((handler,)), None
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def _poll(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_service_that_registers_is_routed_in_all_four_shapes_until_it_leaves(
+    edge: Edge,
+) -> None:
+    user, token = await signed_up(edge, "shapes@gateway.example")
+    text = wrappers_pb2.StringValue
+    async with channel_to(edge) as channel:
+
+        def method(name: str, shape: str) -> Any:
+            return getattr(channel, shape)(
+                f"/{SHAPES}/{name}",
+                request_serializer=text.SerializeToString,
+                response_deserializer=text.FromString,
+            )
+
+        echo = method("Echo", "unary_unary")
+
+        async def echo_code() -> grpc.StatusCode:
+            try:
+                await echo(text(value="?"), metadata=bearer(token), timeout=5)
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        assert await echo_code() == grpc.StatusCode.UNIMPLEMENTED
+        async with shapes_service(edge) as server:
+            await _poll(lambda: _is(echo_code(), grpc.StatusCode.OK), "the gateway routes Shapes")
+            assert SHAPES in await asyncio.to_thread(edge.listed)
+            # Its descriptors follow (fetched from its reflection once it passes its check).
+            chat_shape = "( stream .google.protobuf.StringValue ) returns ( stream"
+            await _poll(
+                lambda: _described(edge, f"{SHAPES}.Chat", chat_shape),
+                "describe Shapes.Chat through the gateway",
+            )
+
+            # Metadata and the deadline pass through; what the gateway owns does not.
+            answer = await echo(
+                text(value="hi"),
+                metadata=(*bearer(token), ("x-custom", "kept"), ("x-user-id", "spoofed")),
+                timeout=7,
+            )
+            seen = json.loads(answer.value)
+            assert seen["metadata"]["x-custom"] == "kept"
+            assert seen["metadata"]["x-user-id"] == user
+            assert "authorization" not in seen["metadata"]
+            assert seen["metadata"]["x-request-id"]
+            assert 5 < seen["time_remaining"] <= 7
+
+            expanded = method("Expand", "unary_stream")(
+                text(value="abc"), metadata=bearer(token), timeout=10
+            )
+            assert [r.value async for r in expanded] == ["a", "b", "c"]
+            joined = await method("Join", "stream_unary")(
+                iter([text(value="x"), text(value="y")]), metadata=bearer(token), timeout=10
+            )
+            assert joined.value == "xy"
+            chat = method("Chat", "stream_stream")(metadata=bearer(token), timeout=10)
+            for word in ("one", "two"):
+                await chat.write(text(value=word))
+                assert (await chat.read()).value == word.upper()
+            await chat.done_writing()
+
+            # Registered but not healthy: UNAVAILABLE, naming the service.
+            await server._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await _poll(
+                lambda: _is(asyncio.to_thread(edge.stack.passing_ports, "shapes"), set()),
+                "Consul sees shapes critical",
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as unavailable:
+                await _until_code(echo, token, grpc.StatusCode.UNAVAILABLE)
+            assert SHAPES in (unavailable.value.details() or "")
+        # Deregistered: the route goes.
+        await _poll(lambda: _is(echo_code(), grpc.StatusCode.UNIMPLEMENTED), "the route to go away")
+        assert SHAPES not in await asyncio.to_thread(edge.listed)
+
+
+async def _described(edge: Edge, symbol: str, text: str) -> bool:
+    """Whether grpcurl's describe of `symbol` through the gateway shows `text` (run off the
+    loop, which serves the Shapes service the gateway asks)."""
+    answer = await asyncio.to_thread(grpcurl, edge.address, "describe", symbol)
+    return text in answer.stdout
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _until_code(echo: Any, token: str, code: grpc.StatusCode) -> None:
+    """Call until the call fails with `code` (re-raised), within 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            await echo(wrappers_pb2.StringValue(value="?"), metadata=bearer(token), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == code:
+                raise
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {code.name} within 30 s")

@@ -1,0 +1,274 @@
+"""The gateway's parts on their own: the route table from Consul answers, the catalog watch's
+loop on scripted answers, the key set's refetch rule on a fake clock, bearer headers, method
+patterns, the policy file, and the merged descriptor pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf import descriptor_pb2, timestamp_pb2
+from jwt.algorithms import ECAlgorithm
+
+from foodmesh.orders.v1 import orders_pb2
+from mesh.core.backoff import ExponentialBackoff
+from mesh.policy import PolicyError
+from mesh.testing import FakeClock
+from meshkit.gateway.auth import MethodPatterns, bearer_token
+from meshkit.gateway.descriptors import build_pool
+from meshkit.gateway.policy import load_gateway_policy, parse_gateway_policy
+from meshkit.gateway.routes import CatalogWatch, Route, RouteTable
+from meshkit.gateway.tokens import (
+    EXPIRED,
+    FORGED,
+    MALFORMED,
+    NO_KEYS,
+    UNKNOWN_KEY,
+    WRONG_AUDIENCE,
+    InvalidToken,
+    KeySet,
+    TokenRules,
+    TokenVerifier,
+)
+
+
+def instance(grpc_services: str, version: str = "1.0.0") -> dict[str, Any]:
+    return {"ServiceMeta": {"grpc_services": grpc_services, "version": version}}
+
+
+# -- the route table ----------------------------------------------------------------------
+
+
+def test_routes_come_from_the_grpc_services_meta_of_every_instance() -> None:
+    table = RouteTable.from_catalog(
+        {
+            "catalog": [instance("pkg.Catalog"), instance("pkg.Catalog", "1.1.0")],
+            "orders": [instance("pkg.Orders,pkg.Admin")],
+            "gateway": [instance("")],
+            "consul": [{"ServiceMeta": {}}],
+        }
+    )
+    assert table.routes == {
+        "pkg.Catalog": Route("pkg.Catalog", "catalog", frozenset({"1.0.0", "1.1.0"}), 2),
+        "pkg.Orders": Route("pkg.Orders", "orders", frozenset({"1.0.0"}), 1),
+        "pkg.Admin": Route("pkg.Admin", "orders", frozenset({"1.0.0"}), 1),
+    }
+    assert table.consul_services() == {"catalog", "orders"}
+
+
+def test_a_grpc_service_two_consul_services_claim_goes_to_the_bigger() -> None:
+    table = RouteTable.from_catalog(
+        {"old": [instance("pkg.S")], "new": [instance("pkg.S"), instance("pkg.S")]}
+    )
+    route = table.get("pkg.S")
+    assert route is not None and route.consul_service == "new"
+
+
+async def test_the_catalog_watch_follows_changes_and_keeps_its_table_through_failures() -> None:
+    answers: list[Any] = [
+        (5, {"catalog": []}),
+        RuntimeError("Consul down"),
+        (6, {"catalog": [], "orders": []}),
+        (6, {"catalog": [], "orders": []}),  # the same: nothing new to tell
+        (7, {"orders": []}),
+    ]
+    instances = {"catalog": [instance("pkg.Catalog")], "orders": [instance("pkg.Orders")]}
+    asked: list[int] = []
+
+    async def services(index: int, wait: float) -> tuple[int, Mapping[str, Any]]:
+        asked.append(index)
+        if not answers:
+            await asyncio.Event().wait()  # a blocking query that never answers
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    async def catalog_service(name: str) -> list[Mapping[str, Any]]:
+        return instances[name]
+
+    async def no_sleep(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    watch = CatalogWatch(
+        services, catalog_service, sleep=no_sleep, backoff=ExponentialBackoff(0.01, 0.01)
+    )
+    seen: list[set[str]] = []
+    async for table in watch:
+        seen.append(set(table.routes))
+        if len(seen) == 3:
+            break
+    assert seen == [{"pkg.Catalog"}, {"pkg.Catalog", "pkg.Orders"}, {"pkg.Orders"}]
+    assert asked == [0, 5, 5, 6, 6]  # the failed query is asked again with the same index
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+
+class Issuer:
+    """An issuer with one ES256 key and its JWK Set."""
+
+    def __init__(self, kid: str = "k1") -> None:
+        self.kid = kid
+        self.key = ec.generate_private_key(ec.SECP256R1())
+
+    def jwks(self) -> str:
+        jwk = ECAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        return json.dumps({"keys": [{**jwk, "kid": self.kid, "alg": "ES256", "use": "sig"}]})
+
+    def token(self, **claims: Any) -> str:
+        now = int(time.time())
+        base = {"sub": "u1", "iss": "iss", "aud": "aud", "iat": now, "exp": now + 60}
+        return jwt.encode({**base, **claims}, self.key, "ES256", headers={"kid": self.kid})
+
+
+async def test_an_unknown_kid_refetches_the_keys_at_most_once_per_interval() -> None:
+    clock = FakeClock()
+    old, new = Issuer("k1"), Issuer("k2")
+    published = [old.jwks()]
+
+    async def fetch() -> str:
+        return published[-1]
+
+    keys = KeySet(fetch, min_refetch=5.0, clock=clock)
+    verifier = TokenVerifier(keys, TokenRules("iss", "aud"))
+    assert (await verifier.verify(old.token()))["sub"] == "u1"
+    assert keys.fetches == 1
+    published.append(new.jwks())  # the issuer rotated
+    clock.advance(1.0)
+    with pytest.raises(InvalidToken) as unknown:
+        await verifier.verify(new.token())  # too soon after the last fetch to fetch again
+    assert unknown.value.reason == UNKNOWN_KEY
+    for _ in range(50):  # a flood of invented kids costs no fetch
+        with pytest.raises(InvalidToken):
+            await verifier.verify(Issuer("made-up").token())
+    assert keys.fetches == 1
+    clock.advance(5.0)
+    assert (await verifier.verify(new.token()))["sub"] == "u1"
+    assert keys.fetches == 2
+
+
+async def test_token_failures_have_their_reasons() -> None:
+    issuer = Issuer()
+
+    async def fetch() -> str:
+        return issuer.jwks()
+
+    verifier = TokenVerifier(KeySet(fetch), TokenRules("iss", "aud", leeway=_seconds(0)))
+    now = int(time.time())
+    other = Issuer(issuer.kid)
+    cases = {
+        EXPIRED: issuer.token(iat=now - 100, exp=now - 10),
+        WRONG_AUDIENCE: issuer.token(aud="else"),
+        FORGED: other.token(),
+        MALFORMED: "a.b.c",
+    }
+    for reason, token in cases.items():
+        with pytest.raises(InvalidToken) as refused:
+            await verifier.verify(token)
+        assert refused.value.reason == reason, refused.value
+
+
+async def test_keys_that_cannot_be_fetched_are_no_keys_not_a_crash() -> None:
+    async def fetch() -> str:
+        raise ConnectionError("users is down")
+
+    verifier = TokenVerifier(KeySet(fetch), TokenRules("iss", "aud"))
+    with pytest.raises(InvalidToken) as refused:
+        await verifier.verify(Issuer().token())
+    assert refused.value.reason == NO_KEYS
+
+
+def test_token_rules_refuse_symmetric_algorithms() -> None:
+    with pytest.raises(ValueError, match="asymmetric"):
+        TokenRules("iss", "aud", algorithms=("HS256",))
+
+
+def _seconds(value: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=value)
+
+
+# -- bearer headers and method patterns ------------------------------------------------------
+
+
+def test_bearer_header_rules() -> None:
+    assert bearer_token([]) is None
+    assert bearer_token(["Bearer abc.def.ghi"]) == "abc.def.ghi"
+    assert bearer_token(["bearer abc"]) == "abc"
+    for bad in (
+        ["Basic eDp5"],
+        ["Bearer"],
+        ["Bearer a b"],
+        ["Bearer a, Bearer b"],
+        ["Bearer a"] * 2,
+    ):
+        with pytest.raises(InvalidToken) as refused:
+            bearer_token(bad)
+        assert refused.value.reason == MALFORMED
+
+
+def test_method_patterns() -> None:
+    patterns = MethodPatterns(("pkg.Catalog/GetItem", "grpc.health.v1.Health/*"))
+    assert patterns.matches("/pkg.Catalog/GetItem")
+    assert patterns.matches("grpc.health.v1.Health/Watch")
+    assert not patterns.matches("/pkg.Catalog/PutItem")
+    assert not patterns.matches("/pkg.CatalogX/GetItem")
+    with pytest.raises(ValueError, match=r"pkg\.Service/Method"):
+        MethodPatterns(("pkg.Catalog",))
+
+
+# -- the policy file ------------------------------------------------------------------------
+
+
+def test_the_shipped_policy_loads_and_makes_the_catalog_reads_public() -> None:
+    policy = load_gateway_policy(Path("services/gateway/policy.toml"))
+    assert policy.auth.public.matches("/foodmesh.catalog.v1.CatalogService/ListItems")
+    assert not policy.auth.public.matches("/foodmesh.catalog.v1.CatalogService/PutItem")
+    assert not policy.auth.public.matches("/foodmesh.orders.v1.OrderService/PlaceOrder")
+    assert policy.auth.jwks_service == "users"
+
+
+@pytest.mark.parametrize(
+    ("document", "names"),
+    [
+        ({"auth": {"leeway": 3}}, "auth.leeway"),
+        ({"auth": {"issuer": 3}}, "auth.issuer"),
+        ({"auth": {"public": ["nope"]}}, "auth"),
+        ({"auth": {"public": "pkg.S/M"}}, "auth.public"),
+        ({"routes": {}}, "routes"),
+    ],
+)
+def test_a_bad_policy_names_the_key(document: dict[str, Any], names: str) -> None:
+    with pytest.raises(PolicyError, match=names):
+        parse_gateway_policy(document)
+
+
+# -- the merged descriptor pool --------------------------------------------------------------
+
+
+def _file(proto: Any) -> bytes:
+    copied = descriptor_pb2.FileDescriptorProto()
+    proto.DESCRIPTOR.CopyToProto(copied)
+    return copied.SerializeToString()
+
+
+def test_the_pool_adds_files_after_their_imports_and_leaves_out_what_lacks_one() -> None:
+    files = {
+        "foodmesh/orders/v1/orders.proto": _file(orders_pb2),
+        "google/protobuf/timestamp.proto": _file(timestamp_pb2),
+    }
+    pool = build_pool(files)
+    service = pool.FindServiceByName("foodmesh.orders.v1.OrderService")
+    assert service.methods_by_name["WatchOrder"].server_streaming
+    lacking = build_pool({"foodmesh/orders/v1/orders.proto": _file(orders_pb2)})
+    with pytest.raises(KeyError):
+        lacking.FindServiceByName("foodmesh.orders.v1.OrderService")
