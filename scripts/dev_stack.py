@@ -1,7 +1,7 @@
 """The whole platform on one machine, in one command: a Consul dev agent, NATS JetStream, the
 seven services (users, two catalog, payments, delivery, notifications, order-history, two
-orders) wired
-together through the mesh and the broker, and somewhere for their traces to go.
+orders) wired together through the mesh and the broker, the gateway in front of them (on 8080
+when free), and somewhere for their traces to go.
 
     python scripts/dev_stack.py            # runs until Ctrl-C (or SIGTERM)
     python scripts/dev_stack.py --once     # start, run the demo, stop (smoke test, CI)
@@ -13,8 +13,9 @@ instance passing its health check, and prints where the Consul UI, each instance
 endpoint (Consul meta ``metrics_port``) and the traces are. It proves the stack works with the
 demo (scripts/dev_demo.py): a user who logs in and places, through the mesh, one order that is
 CONFIRMED and one, paid with a declined card, that is REJECTED. Then it prints grpcurl commands
-to paste that use what the demo made (the user's id, the confirmed order's id), and a
-`meshctl load` command as that user. Delivery runs with short trips (``--trip-seconds``), so
+to paste, through the gateway as a client outside the mesh would call, that use what the demo
+made (the user's token, the confirmed order's id), and a `meshctl load` command as that user
+through the mesh. Delivery runs with short trips (``--trip-seconds``), so
 that the confirmed order is DELIVERED while one watches it. Traces go where OpenTelemetry's
 variables say, or to a local receiver the stack starts (scripts/dev_traces.py).
 
@@ -98,6 +99,7 @@ DEFAULT_CONSUL_HTTP_PORT = 8500
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".dev" / "data"
 DEFAULT_LOG_DIR = PROJECT_ROOT / ".dev" / "logs"
 DEFAULT_NATS_PORT = 4222
+DEFAULT_GATEWAY_PORT = 8080
 NATS_URL_ENV = "NATS_URL"
 TIERS: tuple[tuple[tuple[str, int], ...], ...] = (
     (
@@ -109,12 +111,13 @@ TIERS: tuple[tuple[tuple[str, int], ...], ...] = (
         ("order-history", 1),
     ),
     (("orders", 2),),
+    (("gateway", 1),),
 )
 """(Consul service name, instances), tier by tier: a tier starts once every earlier tier
 passes in Consul, and a caller is in a later tier than what it calls (orders calls all the
-others). Stopped in reverse, callers first; the services of a tier together. Consumers of
-events (notifications, order-history) call nobody and may start first: their durable
-consumers keep what was published before they came."""
+others; the gateway, the edge, routes to all of them). Stopped in reverse, callers first; the
+services of a tier together. Consumers of events (notifications, order-history) call nobody
+and may start first: their durable consumers keep what was published before they came."""
 DEFAULT_TRIP_SECONDS = 20.0
 """Delivery's trip time in the dev stack: the demo order is DELIVERED within the minute."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -140,7 +143,8 @@ ORDER_EXAMPLE = {
     "payment_method": dev_demo.PAYMENT_METHOD,
     "delivery_address": dev_demo.DEMO_ADDRESS,
 }
-"""A PlaceOrder body without its customer_id, which is the demo user's (known once it ran)."""
+"""A PlaceOrder body without its customer_id: through the gateway, the order is the token's
+user's."""
 LOAD_EXAMPLE = {
     "idempotency_key": "{{uuid}}",
     "lines": [{"item_id": "{{choice roma-margherita,roma-carbonara}}", "quantity": 1}],
@@ -184,9 +188,13 @@ class SignalGate:
         raise StopRequested(name)
 
 
-def grpcurl_command(address: str, method: str, request: dict[str, Any]) -> str:
-    """A grpcurl command line, quoted so that it can be pasted into a POSIX shell."""
-    return shlex.join(["grpcurl", "-plaintext", "-d", json.dumps(request), address, method])
+def grpcurl_command(
+    address: str, method: str, request: dict[str, Any], token: str | None = None
+) -> str:
+    """A grpcurl command line, quoted so that it can be pasted into a POSIX shell; with the
+    bearer `token` when the method needs one."""
+    auth = ["-H", f"authorization: Bearer {token}"] if token else []
+    return shlex.join(["grpcurl", "-plaintext", *auth, "-d", json.dumps(request), address, method])
 
 
 def load_command(consul_addr: str, customer_id: str) -> str:
@@ -299,7 +307,7 @@ class DevStack:
             "--host",
             HOST,
             "--port",
-            "0",
+            str(self._port_of(service)),
             "--data-dir",
             str(self.options.data_dir),
             "--log-level",
@@ -309,6 +317,15 @@ class DevStack:
         env = service_env(agent.http_addr, self.receiver, self.nats_url)
         proc = spawn(args, env=env, log_path=log_path, cwd=PROJECT_ROOT)
         self.services.append(ServiceProcess(name, service, proc, log_path))
+
+    def _port_of(self, service: str) -> int:
+        """0 (any free port) but for the gateway, whose address users type: --gateway-port,
+        else 8080 when free."""
+        if service != "gateway":
+            return 0
+        if self.options.gateway_port is not None:
+            return int(self.options.gateway_port)
+        return DEFAULT_GATEWAY_PORT if port_is_free(DEFAULT_GATEWAY_PORT) else 0
 
     def _service_flags(self, service: str) -> list[str]:
         """What one service's instances get besides the flags all share."""
@@ -397,45 +414,41 @@ class DevStack:
     def suggest(self, demo: dev_demo.Demo) -> None:
         """Print commands to try, with what the demo made: its user, its confirmed order."""
         agent = self._running_agent()
-        users, orders = self._first("users").address, self._first("orders").address
-        place_order = {"customer_id": demo.user_id, **ORDER_EXAMPLE}
+        edge = self._first("gateway").address
+        token = demo.login.access_token
         watch_order = {"order_id": demo.confirmed.order.order_id}
         trip = f"{self.options.trip_seconds:g}"
         declined = dev_demo.DECLINED_PAYMENT_METHOD
-        catalog = self._first("catalog").address
-        notifications = self._first("notifications").address
         tries = [
-            (grpcurl_command(catalog, LIST_ITEMS, LIST_ITEMS_EXAMPLE), "the menu"),
+            (shlex.join(["grpcurl", "-plaintext", edge, "list"]), "every service, at the edge"),
+            (grpcurl_command(edge, LIST_ITEMS, LIST_ITEMS_EXAMPLE), "the menu (public)"),
             (
-                grpcurl_command(users, CREATE_USER, CREATE_USER_EXAMPLE),
+                grpcurl_command(edge, CREATE_USER, CREATE_USER_EXAMPLE),
                 "a user of your own (pasted again: the same user)",
             ),
             (
-                grpcurl_command(users, LOGIN, LOGIN_EXAMPLE),
-                "the demo user's access token and user_id",
+                grpcurl_command(edge, LOGIN, LOGIN_EXAMPLE),
+                "the demo user's access token (below, it lasts an hour) and user_id",
             ),
             (
-                grpcurl_command(orders, PLACE_ORDER, place_order),
-                f"an order as the demo user: CONFIRMED (with {declined}: REJECTED)",
+                grpcurl_command(edge, PLACE_ORDER, ORDER_EXAMPLE, token),
+                f"an order as the token's user: CONFIRMED (with {declined}: REJECTED)",
             ),
             (
-                grpcurl_command(orders, WATCH_ORDER, watch_order),
+                grpcurl_command(edge, WATCH_ORDER, watch_order, token),
                 f"the confirmed demo order, until DELIVERED ({trip} s trips)",
             ),
             (
-                grpcurl_command(notifications, LIST_NOTIFICATIONS, {"user_id": demo.user_id}),
+                grpcurl_command(edge, LIST_NOTIFICATIONS, {"user_id": demo.user_id}, token),
                 "the demo user's notifications, made from the orders' events",
             ),
             (
-                grpcurl_command(
-                    self._first("order-history").address,
-                    LIST_CUSTOMER_ORDERS,
-                    {"customer_id": demo.user_id},
-                ),
+                grpcurl_command(edge, LIST_CUSTOMER_ORDERS, {"customer_id": demo.user_id}, token),
                 "the demo user's order history, made from orders', delivery's, catalog's events",
             ),
             (load_command(agent.http_addr, demo.user_id), "load test, as the demo user"),
         ]
+        say(f"The edge: the gateway at {edge} (gRPC; a token from Login on all but the menu)")
         say("Try:")
         for command, why in tries:
             say(f"  {command}   # {why}")
@@ -567,8 +580,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python scripts/dev_stack.py",
         description="Run a Consul dev agent, NATS JetStream (unless $NATS_URL names one) and "
-        "users, two catalog, payments, delivery, notifications, order-history and two orders "
-        "instances, run "
+        "users, two catalog, payments, delivery, notifications, order-history, two orders "
+        "instances and a gateway, run "
         "the demo (a user, a confirmed and a rejected order, their notifications) through the "
         "mesh, and stop everything on Ctrl-C.",
     )
@@ -587,6 +600,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"port of the NATS server the stack starts when ${NATS_URL_ENV} is not set "
         f"(default: {DEFAULT_NATS_PORT} when free, else any free port)",
+    )
+    parser.add_argument(
+        "--gateway-port",
+        type=port_number,
+        default=None,
+        metavar="N",
+        help=f"the gateway's gRPC port (default: {DEFAULT_GATEWAY_PORT} when free, "
+        "else any free port)",
     )
     parser.add_argument(
         "--data-dir",

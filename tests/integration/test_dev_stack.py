@@ -42,7 +42,7 @@ from scripts import dev_demo
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-RESERVED_PORTS = {8500, 8502, 8600, 4317, 4222}
+RESERVED_PORTS = {8500, 8502, 8600, 4317, 4222, 8080}
 READY_LINE = "dev stack ready; press Ctrl-C to stop"
 START_TIMEOUT_S = 90.0
 EXIT_TIMEOUT_S = 60.0
@@ -56,8 +56,12 @@ SERVICES = {
     "notifications": 1,
     "order-history": 1,
     "orders": 2,
+    "gateway": 1,
 }
 """Instances of each service the dev stack starts."""
+TRACED = {name: count for name, count in SERVICES.items() if name != "gateway"}
+"""The services the demo's orders pass through (the demo calls through the mesh, not the
+edge)."""
 DEMO_ORDER = re.compile(
     r"^Demo order through the mesh, paid with (?P<payment_method>\S+): order (?P<order_id>\S+) "
     r"for (?P<customer_id>\S+): (?P<lines>.+)\n"
@@ -157,6 +161,8 @@ def start_dev_stack(tmp_path: Path) -> Iterator[Any]:
             "--consul-http-port",
             str(port),
             "--nats-port",
+            str(free_port()),
+            "--gateway-port",
             str(free_port()),
             "--data-dir",
             str(tmp_path / "data"),
@@ -262,7 +268,7 @@ def waterfall_of(command: list[str], trace_id: str) -> str:
         assert result.returncode == 0, result.stderr
         for block in result.stdout.split("\n\n"):
             if block.startswith(f"trace {trace_id}") and all(
-                re.search(rf"^{service}\s", block, re.MULTILINE) for service in SERVICES
+                re.search(rf"^{service}\s", block, re.MULTILINE) for service in TRACED
             ):
                 return block
         return ""
@@ -274,7 +280,7 @@ def waterfall_of(command: list[str], trace_id: str) -> str:
             command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False
         )
         raise AssertionError(
-            f"no trace {trace_id} with a span of each of {list(SERVICES)} in:\n{last.stdout}"
+            f"no trace {trace_id} with a span of each of {list(TRACED)} in:\n{last.stdout}"
         ) from None
 
 
@@ -383,7 +389,12 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     )
     assert all("# TYPE mesh_server_calls_total counter" in text for text in texts)
 
-    # the grpcurl commands as printed
+    # the grpcurl commands as printed, through the gateway
+    listing = next(ln.split()[2] for ln in output.splitlines() if " list   # " in ln)
+    listed_services = subprocess.run(
+        [grpcurl_binary(), "-plaintext", listing, "list"], capture_output=True, text=True
+    )
+    assert "foodmesh.orders.v1.OrderService" in listed_services.stdout.split(), listed_services
     [listed] = run_printed(output, "CatalogService/ListItems")
     assert "roma-margherita" in {item["item_id"] for item in listed["items"]}
     [created] = run_printed(output, "UserService/CreateUser")
@@ -447,7 +458,7 @@ def test_once_runs_the_demo_exports_to_the_set_endpoint_and_stops(
     assert run.wait_for_exit(START_TIMEOUT_S) == 0, run.output()
 
     output = run.output()
-    user_id, confirmed = check_demo(output)
+    _, confirmed = check_demo(output)
     assert READY_LINE not in output
     assert f"Traces: exporting to {endpoint}" in output
     assert "local OTLP receiver" not in output
@@ -460,8 +471,9 @@ def test_once_runs_the_demo_exports_to_the_set_endpoint_and_stops(
         "ListNotifications",
     ):
         assert re.search(rf"^  grpcurl .*/{method}   # ", output, re.MULTILINE), method
-    assert user_id in printed_command(output, "OrderService/PlaceOrder")[3]
-    assert confirmed["order_id"] in printed_command(output, "OrderService/WatchOrder")[3]
+    place = printed_command(output, "OrderService/PlaceOrder")
+    assert place[2] == "-H" and place[3].startswith("authorization: Bearer ey"), place
+    assert confirmed["order_id"] in printed_command(output, "OrderService/WatchOrder")[5]
     pids = printed_pids(output)
     assert len(pids) == sum(SERVICES.values()) + 2, output  # and Consul, NATS: no receiver
     assert [pid for pid in pids if pid_exists(pid)] == []
@@ -472,7 +484,7 @@ def test_once_runs_the_demo_exports_to_the_set_endpoint_and_stops(
     wait_until(
         lambda: (
             {s.service_name for s in read_store(store) if s.trace_id == trace_id}
-            >= {"dev-stack", *SERVICES}
+            >= {"dev-stack", *TRACED}
         ),
         timeout=SPANS_TIMEOUT_S,
         message=f"trace {trace_id} incomplete at the endpoint in the environment",
