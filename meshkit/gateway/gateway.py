@@ -1,6 +1,6 @@
 """The gateway's parts put together on one MeshServer.
 
-    gateway = Gateway(channel_for, verifier=verifier, public=policy.auth.public)
+    gateway = Gateway(channel_for, verifier=verifier, public=policy.auth.public, rate_limits=limits)
     server = MeshServer(config, interceptors=gateway.interceptors)
     gateway.install(server)                  # merged reflection, and the router for the rest
     watch, close = CatalogWatch.consul(settings)
@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from mesh.server import MeshServer
 from meshkit.gateway.auth import AuthInterceptor, MethodPatterns, Outcome
 from meshkit.gateway.descriptors import MeshDescriptors
+from meshkit.gateway.ratelimit import Decided, GcraLimiter, RateLimitInterceptor, RateLimits
 from meshkit.gateway.reflection import SERVICE_NAME as REFLECTION
 from meshkit.gateway.reflection import MergedReflection
 from meshkit.gateway.router import Router
@@ -45,9 +46,13 @@ class Gateway:
         public: MethodPatterns = NO_PATTERNS,
         traces: bool = False,
         on_auth_outcome: Outcome | None = None,
+        rate_limits: RateLimits | None = None,
+        limiter: GcraLimiter | None = None,
+        on_rate_decision: Decided | None = None,
     ) -> None:
         """`channel_for(name)` makes the mesh channel to Consul service `name`; `verifier`
-        None serves every method without a token; `traces` says whether the gateway's own
+        None serves every method without a token; `rate_limits` None limits nothing (the
+        `limiter` holds the state, local by default); `traces` says whether the gateway's own
         spans carry the trace on (then the client's trace headers are not forwarded)."""
         self._make_channel = channel_for
         self._channels: dict[str, aio.Channel] = {}
@@ -66,6 +71,15 @@ class Gateway:
                     public,
                     applies=self._applies,
                     on_outcome=on_auth_outcome,
+                )
+            )
+        if rate_limits is not None:  # inside auth: it needs the verified consumer
+            self.interceptors.append(
+                RateLimitInterceptor(
+                    rate_limits,
+                    limiter if limiter is not None else GcraLimiter(),
+                    applies=self._applies,
+                    on_decision=on_rate_decision,
                 )
             )
 

@@ -1,4 +1,5 @@
-"""The gateway's policy file: which methods need a token, and what a token must say.
+"""The gateway's policy file: which methods need a token, what a token must say, and the
+routes whose rate limits differ from the default.
 
 TOML, like the mesh's policy (mesh/policy.py), read once at start-up; a bad file stops the
 gateway with a message naming the key.
@@ -12,6 +13,11 @@ gateway with a message naming the key.
         "foodmesh.catalog.v1.CatalogService/GetItem",
         "grpc.health.v1.Health/*",
     ]
+
+    [[rate_limit.routes]]            # limits other than the default (--rate-limit, --rate-burst)
+    methods = ["foodmesh.users.v1.UserService/Login"]   # the first route that matches wins
+    rate = "1/s"                     # N/s, N/min or N/hour, per consumer (user, or address)
+    burst = 5
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from typing import Any
 
 from mesh.policy import PolicyError
 from meshkit.gateway.auth import MethodPatterns
+from meshkit.gateway.ratelimit import Limit, RouteLimit, parse_rate
 from meshkit.gateway.tokens import TokenRules
 
 _AUTH_KEYS = frozenset({"issuer", "audience", "leeway_seconds", "jwks_service", "public"})
+_ROUTE_KEYS = frozenset({"methods", "rate", "burst"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,8 @@ class AuthPolicy:
 @dataclass(frozen=True, slots=True)
 class GatewayPolicy:
     auth: AuthPolicy = field(default_factory=AuthPolicy)
+    rate_routes: tuple[RouteLimit, ...] = ()
+    """Routes whose limits differ from the default (which the gateway's flags set)."""
 
 
 def load_gateway_policy(path: str | Path) -> GatewayPolicy:
@@ -55,16 +65,39 @@ def load_gateway_policy(path: str | Path) -> GatewayPolicy:
 
 
 def parse_gateway_policy(document: dict[str, Any]) -> GatewayPolicy:
-    unknown = sorted(set(document) - {"auth"})
-    if unknown:
-        raise PolicyError(f"unknown key {unknown[0]!r} (known: auth)")
-    auth = document.get("auth", {})
-    if not isinstance(auth, dict):
-        raise PolicyError(f"auth: must be a table, got {auth!r}")
-    unknown = sorted(set(auth) - _AUTH_KEYS)
-    if unknown:
-        known = ", ".join(sorted(_AUTH_KEYS))
-        raise PolicyError(f"auth.{unknown[0]}: unknown key (known: {known})")
+    _known(document, frozenset({"auth", "rate_limit"}), "")
+    auth = _table(document, "auth", "")
+    rate_limit = _table(document, "rate_limit", "")
+    _known(rate_limit, frozenset({"routes"}), "rate_limit")
+    routes = _value(rate_limit, "routes", list, [], "rate_limit")
+    return GatewayPolicy(
+        _auth(auth),
+        tuple(_route(route, f"rate_limit.routes[{i}]") for i, route in enumerate(routes)),
+    )
+
+
+def _route(route: Any, path: str) -> RouteLimit:
+    if not isinstance(route, dict):
+        raise PolicyError(f"{path}: must be a table, got {route!r}")
+    _known(route, _ROUTE_KEYS, path)
+    missing = sorted(_ROUTE_KEYS - set(route))
+    if missing:
+        raise PolicyError(f"{path}.{missing[0]}: missing")
+    methods = _value(route, "methods", list, [], path)
+    try:
+        return RouteLimit(
+            MethodPatterns(tuple(str(m) for m in methods)),
+            Limit(
+                parse_rate(_value(route, "rate", str, "", path)),
+                _value(route, "burst", int, 1, path),
+            ),
+        )
+    except ValueError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+
+
+def _auth(auth: dict[str, Any]) -> AuthPolicy:
+    _known(auth, _AUTH_KEYS, "auth")
     defaults = AuthPolicy()
     leeway = _value(auth, "leeway_seconds", (int, float), defaults.rules.leeway.total_seconds())
     public = _value(auth, "public", list, [])
@@ -80,16 +113,28 @@ def parse_gateway_policy(document: dict[str, Any]) -> GatewayPolicy:
     except ValueError as exc:
         raise PolicyError(f"auth: {exc}") from None
     jwks_service = _value(auth, "jwks_service", str, defaults.jwks_service)
-    return GatewayPolicy(AuthPolicy(rules, jwks_service, patterns))
+    return AuthPolicy(rules, jwks_service, patterns)
 
 
-def _value(table: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
+def _known(table: dict[str, Any], keys: frozenset[str], path: str) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise PolicyError(f"{where}: unknown key (known: {', '.join(sorted(keys))})")
+
+
+def _table(table: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    return dict(_value(table, key, dict, {}, path))
+
+
+def _value(table: dict[str, Any], key: str, kind: Any, default: Any, path: str = "auth") -> Any:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise PolicyError(f"auth.{key}: must be a {_kind_name(kind)}, got {value!r}")
+        where = f"{path}.{key}" if path else key
+        raise PolicyError(f"{where}: must be a {_kind_name(kind)}, got {value!r}")
     return value
 
 
 def _kind_name(kind: Any) -> str:
-    names = {str: "string", list: "list", (int, float): "number"}
+    names = {str: "string", list: "list", dict: "table", int: "integer", (int, float): "number"}
     return names.get(kind, str(kind))

@@ -141,7 +141,7 @@ class Router(_GenericHandler):
             rid = uuid.uuid4().hex
             kept.append((REQUEST_ID, rid))
         request_id.set(rid)
-        peer = _peer_host(context.peer())
+        peer = peer_host(context.peer())
         if peer:
             forwarded = [str(v) for k, v in kept if k == FORWARDED_FOR]
             kept = [(k, v) for k, v in kept if k != FORWARDED_FOR]
@@ -228,7 +228,7 @@ def _response_metadata(metadata: Any) -> Metadata:
 _STATUS_BIN = "grpc-status-details-bin"
 
 
-def _peer_host(peer: str | None) -> str | None:
+def peer_host(peer: str | None) -> str | None:
     """The client's address of grpc's peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`)."""
     if not peer:
         return None

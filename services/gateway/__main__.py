@@ -2,7 +2,8 @@
 
 It routes every gRPC service the mesh has, by the name in the call's path, learnt from Consul
 (meshkit/gateway/), serves merged reflection of them all, and requires a token from users'
-Login on every method its policy file does not list as public:
+Login on every method its policy file does not list as public, and limits each consumer's
+rate on each route (GCRA; --rate-limit and --rate-burst, and the policy file's routes):
 
     python -m services.gateway --port 8080 --gateway-policy services/gateway/policy.toml
     grpcurl -plaintext 127.0.0.1:8080 list
@@ -22,11 +23,14 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.discovery.consul_settings import ConsulSettings
 from mesh.policy import PolicyError
 from meshkit.gateway import CatalogWatch, Gateway, KeySet, TokenVerifier, load_gateway_policy
+from meshkit.gateway.ratelimit import Limit, RateLimits, parse_rate
+from services.cli import non_negative_int
 from services.runtime import ServiceRuntime
 
 SERVICE = "gateway"
 DEFAULT_POLICY = Path(__file__).with_name("policy.toml")
 JWKS_TIMEOUT_S = 5.0
+DEFAULT_LIMIT = Limit(20.0, 40)
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +41,39 @@ def flags(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=DEFAULT_POLICY,
         metavar="FILE",
-        help="TOML file of the public methods and token rules (default: the platform's, "
-        "services/gateway/policy.toml)",
+        help="TOML file of the public methods, token rules and per-route rate limits "
+        "(default: the platform's, services/gateway/policy.toml)",
     )
+    edge.add_argument(
+        "--rate-limit",
+        type=rate,
+        default=DEFAULT_LIMIT.rate,
+        metavar="N/s",
+        help="each consumer's (user's, or address's) rate on each route the policy file "
+        "does not set: N/s, N/min or N/hour (default: 20/s)",
+    )
+    edge.add_argument(
+        "--rate-burst",
+        type=positive_int,
+        default=DEFAULT_LIMIT.burst,
+        metavar="N",
+        help="the calls a consumer may make at once on such a route (default: %(default)s)",
+    )
+
+
+def rate(text: str) -> float:
+    """An argparse type: a rate, N/s, N/min or N/hour, in calls per second."""
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 async def main(argv: list[str]) -> int:
@@ -61,6 +95,9 @@ async def main(argv: list[str]) -> int:
             verifier=TokenVerifier(KeySet(jwks), auth.rules),
             public=auth.public,
             traces=runtime.tracing is not None,
+            rate_limits=RateLimits(
+                Limit(runtime.args.rate_limit, runtime.args.rate_burst), policy.rate_routes
+            ),
         )
         server = runtime.server(interceptors=gateway.interceptors)
         gateway.install(server)

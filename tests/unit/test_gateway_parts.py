@@ -24,6 +24,7 @@ from mesh.testing import FakeClock
 from meshkit.gateway.auth import MethodPatterns, bearer_token
 from meshkit.gateway.descriptors import build_pool
 from meshkit.gateway.policy import load_gateway_policy, parse_gateway_policy
+from meshkit.gateway.ratelimit import GcraLimiter, Limit, RateLimits, parse_rate
 from meshkit.gateway.routes import CatalogWatch, Route, RouteTable
 from meshkit.gateway.tokens import (
     EXPIRED,
@@ -272,3 +273,50 @@ def test_the_pool_adds_files_after_their_imports_and_leaves_out_what_lacks_one()
     lacking = build_pool({"foodmesh/orders/v1/orders.proto": _file(orders_pb2)})
     with pytest.raises(KeyError):
         lacking.FindServiceByName("foodmesh.orders.v1.OrderService")
+
+
+# -- GCRA --------------------------------------------------------------------------------------
+
+
+def test_gcra_allows_a_burst_then_the_rate_and_says_when_to_retry() -> None:
+    clock = FakeClock()
+    limiter = GcraLimiter(clock=clock)
+    limit = Limit(rate=2.0, burst=3)  # one call per 0.5 s, three at once
+    decisions = [limiter.decide("ada", limit) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
+    assert decisions[3].retry_after == pytest.approx(0.5)
+    assert limiter.decide("grace", limit).allowed  # another consumer has its own
+    clock.advance(0.25)
+    refused = limiter.decide("ada", limit)
+    assert not refused.allowed and refused.retry_after == pytest.approx(0.25)
+    clock.advance(0.25)
+    assert limiter.decide("ada", limit).allowed
+    assert not limiter.decide("ada", limit).allowed  # refused calls used up nothing
+    clock.advance(10.0)  # idle: the whole burst is back, and no more
+    assert [limiter.decide("ada", limit).allowed for _ in range(4)] == [True, True, True, False]
+
+
+def test_gcra_sweeps_the_keys_it_no_longer_needs() -> None:
+    clock = FakeClock()
+    limiter = GcraLimiter(clock=clock, max_keys=10)
+    for n in range(10):
+        limiter.decide(f"client-{n}", Limit(1.0, 1))
+    clock.advance(5.0)
+    limiter.decide("one-more", Limit(1.0, 1))
+    assert len(limiter) == 1
+
+
+def test_rates_and_route_limits_from_the_policy() -> None:
+    assert parse_rate("20/s") == 20.0
+    assert parse_rate("600/min") == 10.0
+    assert parse_rate("36/hour") == pytest.approx(0.01)
+    for bad in ("20", "x/s", "5/day", "-1/s"):
+        with pytest.raises(ValueError, match="rate"):
+            parse_rate(bad)
+    policy = load_gateway_policy(Path("services/gateway/policy.toml"))
+    limits = RateLimits(Limit(20.0, 40), policy.rate_routes)
+    assert limits.for_method("/foodmesh.users.v1.UserService/Login") == Limit(2.0, 10)
+    assert limits.for_method("/foodmesh.catalog.v1.CatalogService/GetItem") == Limit(20.0, 40)
+    with pytest.raises(PolicyError, match=r"rate_limit\.routes\[0\]\.burst"):
+        parse_gateway_policy({"rate_limit": {"routes": [{"methods": ["a.B/*"], "rate": "1/s"}]}})
