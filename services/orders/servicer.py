@@ -37,6 +37,7 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from meshkit.events import StaleStream
 from meshkit.saga import SagaRunner
 from meshkit.storage.idempotency import key_problem
+from services.callers import calling_user
 from services.orders.state import (
     FINAL,
     SETTLED,
@@ -44,7 +45,6 @@ from services.orders.state import (
     OrderStatus,
 )
 from services.orders.store import OrdersStore
-from services.callers import calling_user
 from services.refusals import Refusal, failed_precondition, invalid, not_found, refusing, status_of
 
 MAX_LINES = 100
