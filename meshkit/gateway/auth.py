@@ -3,11 +3,12 @@
 The AuthInterceptor runs in the gateway's server (inside the deadline layer, so a JWKS fetch
 is bounded by the call's time) around every method: it reads `authorization: Bearer <token>`
 from the call's metadata (gRPC metadata and HTTP headers are the same thing here), verifies
-the token (meshkit/gateway/tokens.py) and runs the call with the token's subject in context,
-which the router sends on as `x-user-id`. A call to a method that is not public and carries
-no token, or whose token does not verify, fails with UNAUTHENTICATED and a message that says
-which of missing, malformed, expired, not yet valid, forged, unknown key, wrong issuer or
-wrong audience it was; more than one token is refused as malformed (RFC 6750 allows one).
+the token (meshkit/gateway/tokens.py) and records its subject in the call (calls.py), which
+the router sends on as `x-user-id` and rate limiting counts as the consumer. A call to a
+method that is not public and carries no token, or whose token does not verify, fails with
+UNAUTHENTICATED and a message that says which of missing, malformed, expired, not yet valid,
+forged, unknown key, wrong issuer or wrong audience it was; more than one token is refused as
+malformed (RFC 6750 allows one).
 
 A public method (the policy file's list) is served without a token; one that comes anyway is
 verified all the same, so a bad token is never silently ignored (Envoy's `allow_missing`).
@@ -17,7 +18,6 @@ UNIMPLEMENTED, which is the more useful answer.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +28,7 @@ import grpc
 from grpc import aio
 
 from mesh.server.hooks import BehaviorInterceptor, Exit, Hook
-from meshkit.gateway.router import verified_user
+from meshkit.gateway.calls import call_of
 from meshkit.gateway.tokens import MALFORMED, InvalidToken, TokenVerifier
 
 MISSING = "missing"
@@ -101,27 +101,26 @@ class AuthInterceptor(BehaviorInterceptor):
         async def enter(context: aio.ServicerContext[Any, Any]) -> Exit | None:
             if not applies(method):
                 return None
+            call = call_of(context)
             values = authorization_values(context.invocation_metadata() or ())
             try:
                 token = bearer_token(values)
                 if token is None:
                     if public:
-                        told(method, "anonymous")
+                        call.auth = "anonymous"
+                        told(method, call.auth)
                         return None
+                    call.auth = MISSING
                     told(method, MISSING)
                     await _refuse(context, refusal_message(method, None))
                 claims = await verifier.verify(token)
             except InvalidToken as error:
+                call.auth = error.reason
                 told(method, error.reason)
                 await _refuse(context, refusal_message(method, error))
-            told(method, "ok")
-            reset = verified_user.set(str(claims["sub"]))
-
-            def leave() -> None:
-                with contextlib.suppress(ValueError):  # a stream closed from another context
-                    verified_user.reset(reset)
-
-            return leave
+            call.auth, call.user = "ok", str(claims["sub"])
+            told(method, call.auth)
+            return None
 
         return enter
 

@@ -22,9 +22,10 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from mesh.server import MeshServer
-from meshkit.gateway.auth import AuthInterceptor, MethodPatterns, Outcome
+from meshkit.gateway.auth import AuthInterceptor, MethodPatterns
 from meshkit.gateway.descriptors import MeshDescriptors
-from meshkit.gateway.ratelimit import Decided, GcraLimiter, RateLimitInterceptor, RateLimits
+from meshkit.gateway.observe import AccessLogInterceptor, GatewayMetrics
+from meshkit.gateway.ratelimit import GcraLimiter, RateLimitInterceptor, RateLimits
 from meshkit.gateway.reflection import SERVICE_NAME as REFLECTION
 from meshkit.gateway.reflection import MergedReflection
 from meshkit.gateway.router import Router
@@ -45,15 +46,15 @@ class Gateway:
         verifier: TokenVerifier | None = None,
         public: MethodPatterns = NO_PATTERNS,
         traces: bool = False,
-        on_auth_outcome: Outcome | None = None,
         rate_limits: RateLimits | None = None,
         limiter: GcraLimiter | None = None,
-        on_rate_decision: Decided | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         """`channel_for(name)` makes the mesh channel to Consul service `name`; `verifier`
         None serves every method without a token; `rate_limits` None limits nothing (the
-        `limiter` holds the state, local by default); `traces` says whether the gateway's own
-        spans carry the trace on (then the client's trace headers are not forwarded)."""
+        `limiter` holds the state, local by default); `metrics` counts auth outcomes, rate-limit
+        decisions and routes; `traces` says whether the gateway's own spans carry the trace
+        on (then the client's trace headers are not forwarded)."""
         self._make_channel = channel_for
         self._channels: dict[str, aio.Channel] = {}
         self.descriptors = MeshDescriptors(
@@ -63,14 +64,15 @@ class Gateway:
         self.reflection = MergedReflection(
             self.descriptors, lambda: self.router.table, (health.SERVICE_NAME, REFLECTION)
         )
-        self.interceptors: list[object] = []
+        self.interceptors: list[object] = [AccessLogInterceptor()]
+        self.metrics = metrics
         if verifier is not None:
             self.interceptors.append(
                 AuthInterceptor(
                     verifier,
                     public,
                     applies=self._applies,
-                    on_outcome=on_auth_outcome,
+                    on_outcome=metrics.auth_outcome if metrics is not None else None,
                 )
             )
         if rate_limits is not None:  # inside auth: it needs the verified consumer
@@ -79,7 +81,7 @@ class Gateway:
                     rate_limits,
                     limiter if limiter is not None else GcraLimiter(),
                     applies=self._applies,
-                    on_decision=on_rate_decision,
+                    on_decision=metrics.rate_decision if metrics is not None else None,
                 )
             )
 
@@ -107,6 +109,8 @@ class Gateway:
             async for table in tables:
                 before = self.router.table
                 self.router.table = table
+                if self.metrics is not None:
+                    self.metrics.routes.set(len(table.routes))
                 added = sorted(set(table.routes) - set(before.routes))
                 removed = sorted(set(before.routes) - set(table.routes))
                 if added or removed:

@@ -34,7 +34,7 @@ from grpc_status import rpc_status
 
 from mesh.server.hooks import BehaviorInterceptor, Exit, Hook
 from meshkit.gateway.auth import MethodPatterns
-from meshkit.gateway.router import peer_host, verified_user
+from meshkit.gateway.calls import call_of
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
@@ -159,8 +159,9 @@ class RateLimitInterceptor(BehaviorInterceptor):
         async def enter(context: aio.ServicerContext[Any, Any]) -> Exit | None:
             if not applies(method):
                 return None
-            consumer = verified_user.get() or f"addr:{peer_host(context.peer()) or '?'}"
-            decision = limiter.decide(f"{consumer} {method}", limit)
+            call = call_of(context)
+            decision = limiter.decide(f"{call.consumer} {method}", limit)
+            call.rate_limit = "allowed" if decision.allowed else "limited"
             told(method, decision.allowed)
             if not decision.allowed:
                 await refuse(context, method, limit, decision)

@@ -24,9 +24,7 @@ trailers when the call fails), `x-forwarded-for`, and the verified `x-user-id`.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
@@ -35,6 +33,7 @@ from grpc import aio
 
 from mesh.core.errors import RefusedByMesh
 from mesh.server.hooks import Handler
+from meshkit.gateway.calls import REQUEST_ID, call_of
 from meshkit.gateway.routes import EMPTY, RouteTable
 
 if TYPE_CHECKING:  # generic only in grpc-stubs
@@ -43,7 +42,6 @@ else:
     _GenericHandler = grpc.GenericRpcHandler
 log = logging.getLogger(__name__)
 
-REQUEST_ID = "x-request-id"
 USER_ID = "x-user-id"
 FORWARDED_FOR = "x-forwarded-for"
 HOP_BY_HOP = frozenset(
@@ -69,17 +67,6 @@ TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "baggage"})
 ChannelFor = Callable[[str], aio.Channel]
 ShapeOf = Callable[[str], str | None]
 Metadata = tuple[tuple[str, str | bytes], ...]
-
-verified_user: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "gateway_verified_user", default=None
-)
-"""The subject of the call's verified token, set by the auth layer (meshkit/gateway/auth.py)
-for the call it runs in; the router sends it on as `x-user-id`."""
-
-request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "gateway_request_id", default=None
-)
-"""The call's request id, once the router has read or made it (access logs use it)."""
 
 
 def service_of(method: str) -> str:
@@ -136,19 +123,17 @@ class Router(_GenericHandler):
             for key, value in inbound
             if key not in drop and not key.startswith(("grpc-", ":"))
         ]
-        rid = next((str(v) for k, v in kept if k == REQUEST_ID), None)
-        if rid is None:
-            rid = uuid.uuid4().hex
-            kept.append((REQUEST_ID, rid))
-        request_id.set(rid)
-        peer = peer_host(context.peer())
+        call = call_of(context)
+        rid = call.request_id
+        kept = [(k, v) for k, v in kept if k != REQUEST_ID]
+        kept.append((REQUEST_ID, rid))
+        peer = call.peer
         if peer:
             forwarded = [str(v) for k, v in kept if k == FORWARDED_FOR]
             kept = [(k, v) for k, v in kept if k != FORWARDED_FOR]
             kept.append((FORWARDED_FOR, ", ".join([*forwarded, peer])))
-        user = verified_user.get()
-        if user is not None:
-            kept.append((USER_ID, user))
+        if call.user is not None:
+            kept.append((USER_ID, call.user))
         return rid, tuple(kept)
 
     def _forwarder(
@@ -226,18 +211,6 @@ def _response_metadata(metadata: Any) -> Metadata:
 
 
 _STATUS_BIN = "grpc-status-details-bin"
-
-
-def peer_host(peer: str | None) -> str | None:
-    """The client's address of grpc's peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`)."""
-    if not peer:
-        return None
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or None
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]") or None
-    return None
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> Handler:

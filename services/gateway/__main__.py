@@ -23,6 +23,7 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.discovery.consul_settings import ConsulSettings
 from mesh.policy import PolicyError
 from meshkit.gateway import CatalogWatch, Gateway, KeySet, TokenVerifier, load_gateway_policy
+from meshkit.gateway.observe import GatewayMetrics
 from meshkit.gateway.ratelimit import Limit, RateLimits, parse_rate
 from services.cli import non_negative_int
 from services.runtime import ServiceRuntime
@@ -95,6 +96,7 @@ async def main(argv: list[str]) -> int:
             verifier=TokenVerifier(KeySet(jwks), auth.rules),
             public=auth.public,
             traces=runtime.tracing is not None,
+            metrics=GatewayMetrics(runtime.metrics.registry) if runtime.metrics else None,
             rate_limits=RateLimits(
                 Limit(runtime.args.rate_limit, runtime.args.rate_burst), policy.rate_routes
             ),

@@ -33,6 +33,7 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.server import MeshServer, ServerConfig
 from scripts.processes import wait_until
 from tests.integration.conftest import ServiceProcess, Stack, stack_under
+from tests.integration.platform import scrape, value
 from tests.integration.test_grpcurl import grpcurl
 
 PLATFORM_SERVICES = [
@@ -200,6 +201,16 @@ async def test_every_kind_of_bad_token_is_unauthenticated_saying_which(edge: Edg
                 )
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, says
             assert (refused.value.details() or "").startswith(says), refused.value.details()
+        get_order = "/foodmesh.orders.v1.OrderService/GetOrder"
+        samples = scrape(edge.stack, "gateway", edge.gateway.port)
+        for outcome in ("missing", "malformed", "expired", "forged", "wrong_audience"):
+            counted = value(
+                samples, "foodmesh_gateway_auth_total", method=get_order, outcome=outcome
+            )
+            assert counted >= 1, outcome
+        assert f"{get_order} rid=" in edge.gateway.log()
+        assert "code=UNAUTHENTICATED" in edge.gateway.log()
+        assert "auth=not_yet_valid" in edge.gateway.log()
         # The catalog's reads are public; a valid token on them is fine too.
         catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
         for metadata in ((), bearer(real)):
