@@ -4,6 +4,7 @@
 #                   generated stubs (protos/, editable) and the dev tools, grpcurl among them;
 #                   the demo services run from the checkout, never installed
 #   .tools/bin/     a Consul binary, unless one is on PATH (scripts/get_consul.py)
+#   Debian's redis-server, when it is missing and apt-get can install it (root, as on CI)
 # Sourced by scripts/dev and scripts/test; safe to run by itself.
 set -euo pipefail
 
@@ -31,3 +32,18 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 "$ROOT/.venv/bin/python" "$ROOT/scripts/get_consul.py" >/dev/null
+
+# System packages the tests start for real, from Debian, when missing.
+need_package() {
+    local command="$1" package="$2"
+    command -v "$command" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing Debian's $package" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q "$package" >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$package" >/dev/null; }
+    else
+        echo "bootstrap: $command not found: install Debian's $package (tests need it)" >&2
+    fi
+}
+need_package redis-server redis-server

@@ -25,7 +25,7 @@ from mesh.server import MeshServer
 from meshkit.gateway.auth import AuthInterceptor, MethodPatterns
 from meshkit.gateway.descriptors import MeshDescriptors
 from meshkit.gateway.observe import AccessLogInterceptor, GatewayMetrics
-from meshkit.gateway.ratelimit import GcraLimiter, RateLimitInterceptor, RateLimits
+from meshkit.gateway.ratelimit import GcraLimiter, Limiter, RateLimitInterceptor, RateLimits
 from meshkit.gateway.reflection import SERVICE_NAME as REFLECTION
 from meshkit.gateway.reflection import MergedReflection
 from meshkit.gateway.router import Router
@@ -47,7 +47,7 @@ class Gateway:
         public: MethodPatterns = NO_PATTERNS,
         traces: bool = False,
         rate_limits: RateLimits | None = None,
-        limiter: GcraLimiter | None = None,
+        limiter: Limiter | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         """`channel_for(name)` makes the mesh channel to Consul service `name`; `verifier`

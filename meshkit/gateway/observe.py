@@ -5,6 +5,7 @@ Calls per route (method) and status code, and their durations, are the mesh's se
 
     foodmesh_gateway_auth_total{method, outcome}          ok, anonymous, missing, expired, ...
     foodmesh_gateway_rate_limit_total{method, decision}   allowed, limited
+    foodmesh_gateway_rate_limit_store_errors_total        Redis unreachable: let through
     foodmesh_gateway_routes                               gRPC services in the route table
 
 The access log (logger `meshkit.gateway.access`, one line per call, with the trace id like
@@ -45,6 +46,12 @@ class GatewayMetrics:
             "foodmesh_gateway_rate_limit",
             "Rate-limit decisions: allowed or limited.",
             ("method", "decision"),
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "foodmesh_gateway_rate_limit_store_errors",
+            "Rate-limit decisions the shared store (Redis) could not make: the call was let "
+            "through (fail open).",
             registry=registry,
         )
         self.routes = Gauge(

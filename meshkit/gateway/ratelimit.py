@@ -9,7 +9,8 @@ refused request must wait. A token bucket needs the same two numbers per key and
 rule; GCRA's one timestamp is why redis-cell and Stripe use it.
 
 `Limit` is the value (rate and burst), `GcraLimiter` the local state (one dict of TATs, with
-stale keys swept), and the RateLimitInterceptor refuses a call over its limit with
+stale keys swept; ratelimit_redis.py keeps it in Redis instead, shared by the replicas), and
+the RateLimitInterceptor refuses a call over its limit with
 RESOURCE_EXHAUSTED, a `google.rpc.RetryInfo` in the status details (grpc-status-details-bin,
 as grpcio-status writes it) and a `retry-after` trailer in whole seconds. The consumer is the
 verified user (meshkit/gateway/auth.py, which runs first), else the client's address; the
@@ -18,13 +19,14 @@ route is the method.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -38,6 +40,13 @@ from meshkit.gateway.calls import call_of
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+class Limiter(Protocol):
+    """Where GCRA's state is: this process (GcraLimiter) or Redis (ratelimit_redis.py)."""
+
+    def decide(self, key: str, limit: Limit) -> Decision | Awaitable[Decision]: ...
+
 
 Decided = Callable[[str, bool], None]
 """Told (method, allowed) for every call the limiter decides on."""
@@ -141,7 +150,7 @@ class RateLimitInterceptor(BehaviorInterceptor):
     def __init__(
         self,
         limits: RateLimits,
-        limiter: GcraLimiter,
+        limiter: Limiter,
         *,
         applies: Callable[[str], bool] = lambda method: True,
         on_decision: Decided | None = None,
@@ -160,7 +169,8 @@ class RateLimitInterceptor(BehaviorInterceptor):
             if not applies(method):
                 return None
             call = call_of(context)
-            decision = limiter.decide(f"{call.consumer} {method}", limit)
+            decided = limiter.decide(f"{call.consumer} {method}", limit)
+            decision = await decided if inspect.isawaitable(decided) else decided
             call.rate_limit = "allowed" if decision.allowed else "limited"
             told(method, decision.allowed)
             if not decision.allowed:

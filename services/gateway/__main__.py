@@ -25,6 +25,7 @@ from mesh.policy import PolicyError
 from meshkit.gateway import CatalogWatch, Gateway, KeySet, TokenVerifier, load_gateway_policy
 from meshkit.gateway.observe import GatewayMetrics
 from meshkit.gateway.ratelimit import Limit, RateLimits, parse_rate
+from meshkit.gateway.ratelimit_redis import RedisLimiter
 from services.cli import non_negative_int
 from services.runtime import ServiceRuntime
 
@@ -52,6 +53,13 @@ def flags(parser: argparse.ArgumentParser) -> None:
         metavar="N/s",
         help="each consumer's (user's, or address's) rate on each route the policy file "
         "does not set: N/s, N/min or N/hour (default: 20/s)",
+    )
+    edge.add_argument(
+        "--rate-limit-store",
+        default=None,
+        metavar="URL",
+        help="redis://HOST:PORT/DB to share the rate limits' state between gateway replicas "
+        "(fails open when Redis is down); default: each gateway counts on its own",
     )
     edge.add_argument(
         "--rate-burst",
@@ -91,12 +99,22 @@ async def main(argv: list[str]) -> int:
             answer = await stub.GetJwks(users_pb2.GetJwksRequest(), timeout=JWKS_TIMEOUT_S)
             return answer.jwks_json
 
+        metrics = GatewayMetrics(runtime.metrics.registry) if runtime.metrics else None
+        limiter = None
+        if runtime.args.rate_limit_store:
+            shared = RedisLimiter(
+                runtime.args.rate_limit_store,
+                on_error=metrics.store_errors.inc if metrics is not None else None,
+            )
+            limiter = await runtime.closing(asyncio.sleep(0, result=shared))  # closed at exit
+            log.info("rate limits shared through %s", shared.url)
         gateway = Gateway(
             runtime.channel,
             verifier=TokenVerifier(KeySet(jwks), auth.rules),
             public=auth.public,
             traces=runtime.tracing is not None,
-            metrics=GatewayMetrics(runtime.metrics.registry) if runtime.metrics else None,
+            metrics=metrics,
+            limiter=limiter,
             rate_limits=RateLimits(
                 Limit(runtime.args.rate_limit, runtime.args.rate_burst), policy.rate_routes
             ),

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.server import MeshServer, ServerConfig
 from scripts.processes import wait_until
+from scripts.redis_server import RedisServer
 from tests.integration.conftest import ServiceProcess, Stack, stack_under
 from tests.integration.platform import scrape, value
 from tests.integration.test_grpcurl import grpcurl
@@ -506,3 +508,48 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_per_consumer
             assert item.name == "Margherita"
     finally:
         tight.stop()
+
+
+async def test_two_replicas_sharing_redis_hold_the_combined_rate_and_fail_open_without_it(
+    edge: Edge, tmp_path: Path
+) -> None:
+    redis = RedisServer(log_path=tmp_path / "redis.log")
+    redis.start()
+    flags = ("--rate-limit", "1/min", "--rate-burst", "4", "--rate-limit-store", redis.url)
+    replicas = [edge.stack.start("gateway", *flags) for _ in range(2)]
+    try:
+        await asyncio.to_thread(edge.stack.wait_passing, "gateway", 3)
+        for replica in replicas:
+            await asyncio.to_thread(
+                wait_until,
+                lambda r=replica: set(PLATFORM_SERVICES) <= set(Edge(edge.stack, r).listed()),
+                timeout=30,
+                message="a replica's routes",
+            )
+        request = catalog_pb2.GetItemRequest(item_id="roma-margherita")
+        async with (
+            channel_to(Edge(edge.stack, replicas[0])) as one,
+            channel_to(Edge(edge.stack, replicas[1])) as two,
+        ):
+            stubs = [catalog_pb2_grpc.CatalogServiceStub(c) for c in (one, two)]
+            codes = []
+            for n in range(8):  # alternating between the replicas
+                try:
+                    await stubs[n % 2].GetItem(request, timeout=10)
+                    codes.append("OK")
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code().name)
+            # One budget of 4 for the pair, not 4 each.
+            assert codes == ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 4
+
+            redis.stop()
+            for stub in stubs:  # Redis gone: both let calls through
+                assert (await stub.GetItem(request, timeout=10)).name == "Margherita"
+        for replica in replicas:
+            assert "rate-limit store" in replica.log() and "unreachable" in replica.log()
+            samples = scrape(edge.stack, "gateway", replica.port)
+            assert value(samples, "foodmesh_gateway_rate_limit_store_errors_total") >= 1
+    finally:
+        for replica in replicas:
+            replica.stop()
+        redis.stop()
