@@ -17,6 +17,7 @@ files whose content changed, and removes generated files that no .proto produces
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 import sysconfig
@@ -85,9 +86,17 @@ def find_protos(root: Path) -> list[Path]:
 
 
 def include_args(root: Path) -> list[str]:
-    """protoc's --proto_path arguments: root first, then grpc_tools' bundled well-known types."""
+    """protoc's --proto_path arguments: root first, then grpc_tools' bundled well-known types,
+    then googleapis-common-protos' (google/api/annotations.proto, for the HTTP mappings)."""
     well_known = resources.files("grpc_tools") / "_proto"
-    return [f"--proto_path={root.resolve()}", f"--proto_path={well_known}"]
+    annotations = importlib.util.find_spec("google.api.annotations_pb2")
+    assert annotations is not None and annotations.origin, "googleapis-common-protos is missing"
+    googleapis = Path(annotations.origin).parents[2]
+    return [
+        f"--proto_path={root.resolve()}",
+        f"--proto_path={well_known}",
+        f"--proto_path={googleapis}",
+    ]
 
 
 def generate(root: Path, out_dir: Path) -> None:

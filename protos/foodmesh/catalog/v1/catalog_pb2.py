@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!foodmesh/catalog/v1/catalog.proto\x12\x13\x66oodmesh.catalog.v1\"\x8b\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x15\n\rrestaurant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x0bprice_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x11\n\tavailable\x18\x07 \x01(\x08\"!\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"P\n\x10ListItemsRequest\x12\x15\n\rrestaurant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListItemsResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.foodmesh.catalog.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0ePutItemRequest\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.foodmesh.catalog.v1.Item2\x91\x02\n\x0e\x43\x61talogService\x12N\n\x07GetItem\x12#.foodmesh.catalog.v1.GetItemRequest\x1a\x19.foodmesh.catalog.v1.Item\"\x03\x90\x02\x01\x12_\n\tListItems\x12%.foodmesh.catalog.v1.ListItemsRequest\x1a&.foodmesh.catalog.v1.ListItemsResponse\"\x03\x90\x02\x01\x12N\n\x07PutItem\x12#.foodmesh.catalog.v1.PutItemRequest\x1a\x19.foodmesh.catalog.v1.Item\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!foodmesh/catalog/v1/catalog.proto\x12\x13\x66oodmesh.catalog.v1\x1a\x1cgoogle/api/annotations.proto\"\x8b\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x15\n\rrestaurant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x0bprice_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x11\n\tavailable\x18\x07 \x01(\x08\"!\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\"P\n\x10ListItemsRequest\x12\x15\n\rrestaurant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListItemsResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.foodmesh.catalog.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0ePutItemRequest\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.foodmesh.catalog.v1.Item2\xe3\x02\n\x0e\x43\x61talogService\x12i\n\x07GetItem\x12#.foodmesh.catalog.v1.GetItemRequest\x1a\x19.foodmesh.catalog.v1.Item\"\x1e\x90\x02\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/items/{item_id}\x12p\n\tListItems\x12%.foodmesh.catalog.v1.ListItemsRequest\x1a&.foodmesh.catalog.v1.ListItemsResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/items\x12t\n\x07PutItem\x12#.foodmesh.catalog.v1.PutItemRequest\x1a\x19.foodmesh.catalog.v1.Item\")\x90\x02\x02\x82\xd3\xe4\x93\x02 \x1a\x18/v1/items/{item.item_id}:\x04itemb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foodmesh.catalog.v1.catalog
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CATALOGSERVICE'].methods_by_name['GetItem']._loaded_options = None
-  _globals['_CATALOGSERVICE'].methods_by_name['GetItem']._serialized_options = b'\220\002\001'
+  _globals['_CATALOGSERVICE'].methods_by_name['GetItem']._serialized_options = b'\220\002\001\202\323\344\223\002\025\022\023/v1/items/{item_id}'
   _globals['_CATALOGSERVICE'].methods_by_name['ListItems']._loaded_options = None
-  _globals['_CATALOGSERVICE'].methods_by_name['ListItems']._serialized_options = b'\220\002\001'
+  _globals['_CATALOGSERVICE'].methods_by_name['ListItems']._serialized_options = b'\220\002\001\202\323\344\223\002\013\022\t/v1/items'
   _globals['_CATALOGSERVICE'].methods_by_name['PutItem']._loaded_options = None
-  _globals['_CATALOGSERVICE'].methods_by_name['PutItem']._serialized_options = b'\220\002\002'
-  _globals['_ITEM']._serialized_start=59
-  _globals['_ITEM']._serialized_end=198
-  _globals['_GETITEMREQUEST']._serialized_start=200
-  _globals['_GETITEMREQUEST']._serialized_end=233
-  _globals['_LISTITEMSREQUEST']._serialized_start=235
-  _globals['_LISTITEMSREQUEST']._serialized_end=315
-  _globals['_LISTITEMSRESPONSE']._serialized_start=317
-  _globals['_LISTITEMSRESPONSE']._serialized_end=403
-  _globals['_PUTITEMREQUEST']._serialized_start=405
-  _globals['_PUTITEMREQUEST']._serialized_end=462
-  _globals['_CATALOGSERVICE']._serialized_start=465
-  _globals['_CATALOGSERVICE']._serialized_end=738
+  _globals['_CATALOGSERVICE'].methods_by_name['PutItem']._serialized_options = b'\220\002\002\202\323\344\223\002 \032\030/v1/items/{item.item_id}:\004item'
+  _globals['_ITEM']._serialized_start=89
+  _globals['_ITEM']._serialized_end=228
+  _globals['_GETITEMREQUEST']._serialized_start=230
+  _globals['_GETITEMREQUEST']._serialized_end=263
+  _globals['_LISTITEMSREQUEST']._serialized_start=265
+  _globals['_LISTITEMSREQUEST']._serialized_end=345
+  _globals['_LISTITEMSRESPONSE']._serialized_start=347
+  _globals['_LISTITEMSRESPONSE']._serialized_end=433
+  _globals['_PUTITEMREQUEST']._serialized_start=435
+  _globals['_PUTITEMREQUEST']._serialized_end=492
+  _globals['_CATALOGSERVICE']._serialized_start=495
+  _globals['_CATALOGSERVICE']._serialized_end=850
 # @@protoc_insertion_point(module_scope)

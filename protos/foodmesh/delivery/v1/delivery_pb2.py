@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#foodmesh/delivery/v1/delivery.proto\x12\x14\x66oodmesh.delivery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x02\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x12\n\ncourier_id\x18\x03 \x01(\t\x12\x34\n\x06status\x18\x04 \x01(\x0e\x32$.foodmesh.delivery.v1.DeliveryStatus\x12,\n\x08\x65ta_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrestaurant_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12/\n\x0bpickup_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x17ScheduleDeliveryRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x15\n\rrestaurant_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"E\n\x15\x43\x61ncelDeliveryRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\")\n\x12GetDeliveryRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\")\n\x15ListDeliveriesRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"L\n\x16ListDeliveriesResponse\x12\x32\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1e.foodmesh.delivery.v1.Delivery\"+\n\x14TrackDeliveryRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t*\xac\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45LIVERY_STATUS_ASSIGNED\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_PICKED_UP\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x03\x12\x1d\n\x19\x44\x45LIVERY_STATUS_CANCELLED\x10\x04\x32\x8c\x04\n\x0f\x44\x65liveryService\x12\x61\n\x10ScheduleDelivery\x12-.foodmesh.delivery.v1.ScheduleDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\x12\x62\n\x0e\x43\x61ncelDelivery\x12+.foodmesh.delivery.v1.CancelDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\"\x03\x90\x02\x02\x12\\\n\x0bGetDelivery\x12(.foodmesh.delivery.v1.GetDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\"\x03\x90\x02\x01\x12p\n\x0eListDeliveries\x12+.foodmesh.delivery.v1.ListDeliveriesRequest\x1a,.foodmesh.delivery.v1.ListDeliveriesResponse\"\x03\x90\x02\x01\x12\x62\n\rTrackDelivery\x12*.foodmesh.delivery.v1.TrackDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#foodmesh/delivery/v1/delivery.proto\x12\x14\x66oodmesh.delivery.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x02\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x12\n\ncourier_id\x18\x03 \x01(\t\x12\x34\n\x06status\x18\x04 \x01(\x0e\x32$.foodmesh.delivery.v1.DeliveryStatus\x12,\n\x08\x65ta_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrestaurant_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12/\n\x0bpickup_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x17ScheduleDeliveryRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x15\n\rrestaurant_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"E\n\x15\x43\x61ncelDeliveryRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\")\n\x12GetDeliveryRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\")\n\x15ListDeliveriesRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"L\n\x16ListDeliveriesResponse\x12\x32\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1e.foodmesh.delivery.v1.Delivery\"+\n\x14TrackDeliveryRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t*\xac\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45LIVERY_STATUS_ASSIGNED\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_PICKED_UP\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x03\x12\x1d\n\x19\x44\x45LIVERY_STATUS_CANCELLED\x10\x04\x32\xf3\x04\n\x0f\x44\x65liveryService\x12\x61\n\x10ScheduleDelivery\x12-.foodmesh.delivery.v1.ScheduleDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\x12\x62\n\x0e\x43\x61ncelDelivery\x12+.foodmesh.delivery.v1.CancelDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\"\x03\x90\x02\x02\x12\x80\x01\n\x0bGetDelivery\x12(.foodmesh.delivery.v1.GetDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/deliveries/{delivery_id}\x12\x86\x01\n\x0eListDeliveries\x12+.foodmesh.delivery.v1.ListDeliveriesRequest\x1a,.foodmesh.delivery.v1.ListDeliveriesResponse\"\x19\x90\x02\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/deliveries\x12\x8c\x01\n\rTrackDelivery\x12*.foodmesh.delivery.v1.TrackDeliveryRequest\x1a\x1e.foodmesh.delivery.v1.Delivery\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/deliveries/{delivery_id}:track0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELIVERYSERVICE'].methods_by_name['CancelDelivery']._loaded_options = None
   _globals['_DELIVERYSERVICE'].methods_by_name['CancelDelivery']._serialized_options = b'\220\002\002'
   _globals['_DELIVERYSERVICE'].methods_by_name['GetDelivery']._loaded_options = None
-  _globals['_DELIVERYSERVICE'].methods_by_name['GetDelivery']._serialized_options = b'\220\002\001'
+  _globals['_DELIVERYSERVICE'].methods_by_name['GetDelivery']._serialized_options = b'\220\002\001\202\323\344\223\002\036\022\034/v1/deliveries/{delivery_id}'
   _globals['_DELIVERYSERVICE'].methods_by_name['ListDeliveries']._loaded_options = None
-  _globals['_DELIVERYSERVICE'].methods_by_name['ListDeliveries']._serialized_options = b'\220\002\001'
+  _globals['_DELIVERYSERVICE'].methods_by_name['ListDeliveries']._serialized_options = b'\220\002\001\202\323\344\223\002\020\022\016/v1/deliveries'
   _globals['_DELIVERYSERVICE'].methods_by_name['TrackDelivery']._loaded_options = None
-  _globals['_DELIVERYSERVICE'].methods_by_name['TrackDelivery']._serialized_options = b'\220\002\001'
-  _globals['_DELIVERYSTATUS']._serialized_start=844
-  _globals['_DELIVERYSTATUS']._serialized_end=1016
-  _globals['_DELIVERY']._serialized_start=95
-  _globals['_DELIVERY']._serialized_end=451
-  _globals['_SCHEDULEDELIVERYREQUEST']._serialized_start=453
-  _globals['_SCHEDULEDELIVERYREQUEST']._serialized_end=561
-  _globals['_CANCELDELIVERYREQUEST']._serialized_start=563
-  _globals['_CANCELDELIVERYREQUEST']._serialized_end=632
-  _globals['_GETDELIVERYREQUEST']._serialized_start=634
-  _globals['_GETDELIVERYREQUEST']._serialized_end=675
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=677
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=718
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=720
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=796
-  _globals['_TRACKDELIVERYREQUEST']._serialized_start=798
-  _globals['_TRACKDELIVERYREQUEST']._serialized_end=841
-  _globals['_DELIVERYSERVICE']._serialized_start=1019
-  _globals['_DELIVERYSERVICE']._serialized_end=1543
+  _globals['_DELIVERYSERVICE'].methods_by_name['TrackDelivery']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/deliveries/{delivery_id}:track'
+  _globals['_DELIVERYSTATUS']._serialized_start=874
+  _globals['_DELIVERYSTATUS']._serialized_end=1046
+  _globals['_DELIVERY']._serialized_start=125
+  _globals['_DELIVERY']._serialized_end=481
+  _globals['_SCHEDULEDELIVERYREQUEST']._serialized_start=483
+  _globals['_SCHEDULEDELIVERYREQUEST']._serialized_end=591
+  _globals['_CANCELDELIVERYREQUEST']._serialized_start=593
+  _globals['_CANCELDELIVERYREQUEST']._serialized_end=662
+  _globals['_GETDELIVERYREQUEST']._serialized_start=664
+  _globals['_GETDELIVERYREQUEST']._serialized_end=705
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=707
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=748
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=750
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=826
+  _globals['_TRACKDELIVERYREQUEST']._serialized_start=828
+  _globals['_TRACKDELIVERYREQUEST']._serialized_end=871
+  _globals['_DELIVERYSERVICE']._serialized_start=1049
+  _globals['_DELIVERYSERVICE']._serialized_end=1676
 # @@protoc_insertion_point(module_scope)

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-foodmesh/notifications/v1/notifications.proto\x12\x19\x66oodmesh.notifications.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08order_id\x18\x03 \x01(\t\x12\x39\n\x04kind\x18\x04 \x01(\x0e\x32+.foodmesh.notifications.v1.NotificationKind\x12\x0c\n\x04text\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x18ListNotificationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"t\n\x19ListNotificationsResponse\x12>\n\rnotifications\x18\x01 \x03(\x0b\x32\'.foodmesh.notifications.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x19WatchNotificationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t*\xf7\x01\n\x10NotificationKind\x12!\n\x1dNOTIFICATION_KIND_UNSPECIFIED\x10\x00\x12%\n!NOTIFICATION_KIND_ORDER_CONFIRMED\x10\x01\x12$\n NOTIFICATION_KIND_ORDER_REJECTED\x10\x02\x12%\n!NOTIFICATION_KIND_ORDER_PICKED_UP\x10\x03\x12%\n!NOTIFICATION_KIND_ORDER_DELIVERED\x10\x04\x12%\n!NOTIFICATION_KIND_ORDER_CANCELLED\x10\x05\x32\x97\x02\n\x13NotificationService\x12\x83\x01\n\x11ListNotifications\x12\x33.foodmesh.notifications.v1.ListNotificationsRequest\x1a\x34.foodmesh.notifications.v1.ListNotificationsResponse\"\x03\x90\x02\x01\x12z\n\x12WatchNotifications\x12\x34.foodmesh.notifications.v1.WatchNotificationsRequest\x1a\'.foodmesh.notifications.v1.Notification\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-foodmesh/notifications/v1/notifications.proto\x12\x19\x66oodmesh.notifications.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08order_id\x18\x03 \x01(\t\x12\x39\n\x04kind\x18\x04 \x01(\x0e\x32+.foodmesh.notifications.v1.NotificationKind\x12\x0c\n\x04text\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x18ListNotificationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"t\n\x19ListNotificationsResponse\x12>\n\rnotifications\x18\x01 \x03(\x0b\x32\'.foodmesh.notifications.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x19WatchNotificationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t*\xf7\x01\n\x10NotificationKind\x12!\n\x1dNOTIFICATION_KIND_UNSPECIFIED\x10\x00\x12%\n!NOTIFICATION_KIND_ORDER_CONFIRMED\x10\x01\x12$\n NOTIFICATION_KIND_ORDER_REJECTED\x10\x02\x12%\n!NOTIFICATION_KIND_ORDER_PICKED_UP\x10\x03\x12%\n!NOTIFICATION_KIND_ORDER_DELIVERED\x10\x04\x12%\n!NOTIFICATION_KIND_ORDER_CANCELLED\x10\x05\x32\xf0\x02\n\x13NotificationService\x12\xac\x01\n\x11ListNotifications\x12\x33.foodmesh.notifications.v1.ListNotificationsRequest\x1a\x34.foodmesh.notifications.v1.ListNotificationsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/users/{user_id}/notifications\x12\xa9\x01\n\x12WatchNotifications\x12\x34.foodmesh.notifications.v1.WatchNotificationsRequest\x1a\'.foodmesh.notifications.v1.Notification\"2\x90\x02\x01\x82\xd3\xe4\x93\x02)\x12\'/v1/users/{user_id}/notifications:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foodmesh.notifications.v1.n
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
-  _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\220\002\001'
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/users/{user_id}/notifications'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['WatchNotifications']._loaded_options = None
-  _globals['_NOTIFICATIONSERVICE'].methods_by_name['WatchNotifications']._serialized_options = b'\220\002\001'
-  _globals['_NOTIFICATIONKIND']._serialized_start=557
-  _globals['_NOTIFICATIONKIND']._serialized_end=804
-  _globals['_NOTIFICATION']._serialized_start=110
-  _globals['_NOTIFICATION']._serialized_end=306
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=308
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=390
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=392
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=508
-  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_start=510
-  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_end=554
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=807
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=1086
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['WatchNotifications']._serialized_options = b'\220\002\001\202\323\344\223\002)\022\'/v1/users/{user_id}/notifications:watch'
+  _globals['_NOTIFICATIONKIND']._serialized_start=587
+  _globals['_NOTIFICATIONKIND']._serialized_end=834
+  _globals['_NOTIFICATION']._serialized_start=140
+  _globals['_NOTIFICATION']._serialized_end=336
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=338
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=420
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=422
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=538
+  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_start=540
+  _globals['_WATCHNOTIFICATIONSREQUEST']._serialized_end=584
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=837
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=1205
 # @@protoc_insertion_point(module_scope)

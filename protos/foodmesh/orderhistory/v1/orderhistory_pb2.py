@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from foodmesh.orders.v1 import orders_pb2 as foodmesh_dot_orders_dot_v1_dot_orders__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+foodmesh/orderhistory/v1/orderhistory.proto\x12\x18\x66oodmesh.orderhistory.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x66oodmesh/orders/v1/orders.proto\"W\n\x19ListCustomerOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x1aListCustomerOrdersResponse\x12\x37\n\x06orders\x18\x01 \x03(\x0b\x32\'.foodmesh.orderhistory.v1.CustomerOrder\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd5\x03\n\rCustomerOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.foodmesh.orders.v1.OrderStatus\x12\x15\n\rrestaurant_id\x18\x04 \x01(\t\x12\x17\n\x0frestaurant_name\x18\x05 \x01(\t\x12\x34\n\x05items\x18\x06 \x03(\x0b\x32%.foodmesh.orderhistory.v1.OrderedItem\x12\x13\n\x0btotal_cents\x18\x07 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x08timeline\x18\x0b \x03(\x0b\x32&.foodmesh.orderhistory.v1.StatusChange\x12\x18\n\x10rejection_reason\x18\x0c \x01(\t\x12\x12\n\ncourier_id\x18\r \x01(\t\x12,\n\x08\x65ta_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x0bOrderedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12\x18\n\x10unit_price_cents\x18\x04 \x01(\x03\"}\n\x0cStatusChange\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.foodmesh.orders.v1.OrderStatus\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\x03 \x01(\t2\x9c\x01\n\x13OrderHistoryService\x12\x84\x01\n\x12ListCustomerOrders\x12\x33.foodmesh.orderhistory.v1.ListCustomerOrdersRequest\x1a\x34.foodmesh.orderhistory.v1.ListCustomerOrdersResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+foodmesh/orderhistory/v1/orderhistory.proto\x12\x18\x66oodmesh.orderhistory.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x66oodmesh/orders/v1/orders.proto\"W\n\x19ListCustomerOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x1aListCustomerOrdersResponse\x12\x37\n\x06orders\x18\x01 \x03(\x0b\x32\'.foodmesh.orderhistory.v1.CustomerOrder\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd5\x03\n\rCustomerOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.foodmesh.orders.v1.OrderStatus\x12\x15\n\rrestaurant_id\x18\x04 \x01(\t\x12\x17\n\x0frestaurant_name\x18\x05 \x01(\t\x12\x34\n\x05items\x18\x06 \x03(\x0b\x32%.foodmesh.orderhistory.v1.OrderedItem\x12\x13\n\x0btotal_cents\x18\x07 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x08timeline\x18\x0b \x03(\x0b\x32&.foodmesh.orderhistory.v1.StatusChange\x12\x18\n\x10rejection_reason\x18\x0c \x01(\t\x12\x12\n\ncourier_id\x18\r \x01(\t\x12,\n\x08\x65ta_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x0bOrderedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12\x18\n\x10unit_price_cents\x18\x04 \x01(\x03\"}\n\x0cStatusChange\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.foodmesh.orders.v1.OrderStatus\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nevent_type\x18\x03 \x01(\t2\xc6\x01\n\x13OrderHistoryService\x12\xae\x01\n\x12ListCustomerOrders\x12\x33.foodmesh.orderhistory.v1.ListCustomerOrdersRequest\x1a\x34.foodmesh.orderhistory.v1.ListCustomerOrdersResponse\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/customers/{customer_id}/ordersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +35,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foodmesh.orderhistory.v1.or
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ORDERHISTORYSERVICE'].methods_by_name['ListCustomerOrders']._loaded_options = None
-  _globals['_ORDERHISTORYSERVICE'].methods_by_name['ListCustomerOrders']._serialized_options = b'\220\002\001'
-  _globals['_LISTCUSTOMERORDERSREQUEST']._serialized_start=139
-  _globals['_LISTCUSTOMERORDERSREQUEST']._serialized_end=226
-  _globals['_LISTCUSTOMERORDERSRESPONSE']._serialized_start=228
-  _globals['_LISTCUSTOMERORDERSRESPONSE']._serialized_end=338
-  _globals['_CUSTOMERORDER']._serialized_start=341
-  _globals['_CUSTOMERORDER']._serialized_end=810
-  _globals['_ORDEREDITEM']._serialized_start=812
-  _globals['_ORDEREDITEM']._serialized_end=900
-  _globals['_STATUSCHANGE']._serialized_start=902
-  _globals['_STATUSCHANGE']._serialized_end=1027
-  _globals['_ORDERHISTORYSERVICE']._serialized_start=1030
-  _globals['_ORDERHISTORYSERVICE']._serialized_end=1186
+  _globals['_ORDERHISTORYSERVICE'].methods_by_name['ListCustomerOrders']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/customers/{customer_id}/orders'
+  _globals['_LISTCUSTOMERORDERSREQUEST']._serialized_start=169
+  _globals['_LISTCUSTOMERORDERSREQUEST']._serialized_end=256
+  _globals['_LISTCUSTOMERORDERSRESPONSE']._serialized_start=258
+  _globals['_LISTCUSTOMERORDERSRESPONSE']._serialized_end=368
+  _globals['_CUSTOMERORDER']._serialized_start=371
+  _globals['_CUSTOMERORDER']._serialized_end=840
+  _globals['_ORDEREDITEM']._serialized_start=842
+  _globals['_ORDEREDITEM']._serialized_end=930
+  _globals['_STATUSCHANGE']._serialized_start=932
+  _globals['_STATUSCHANGE']._serialized_end=1057
+  _globals['_ORDERHISTORYSERVICE']._serialized_start=1060
+  _globals['_ORDERHISTORYSERVICE']._serialized_end=1258
 # @@protoc_insertion_point(module_scope)

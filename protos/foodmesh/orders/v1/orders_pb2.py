@@ -22,36 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66oodmesh/orders/v1/orders.proto\x12\x12\x66oodmesh.orders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\tOrderLine\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12\x18\n\x10unit_price_cents\x18\x03 \x01(\x03\"\xa1\x01\n\x11PlaceOrderRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12,\n\x05lines\x18\x02 \x03(\x0b\x32\x1d.foodmesh.orders.v1.OrderLine\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x16\n\x0epayment_method\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\x05 \x01(\t\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"&\n\x12\x43\x61ncelOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"%\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xa2\x03\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x15\n\rrestaurant_id\x18\x03 \x01(\t\x12,\n\x05lines\x18\x04 \x03(\x0b\x32\x1d.foodmesh.orders.v1.OrderLine\x12\x13\n\x0btotal_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12/\n\x06status\x18\x07 \x01(\x0e\x32\x1f.foodmesh.orders.v1.OrderStatus\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10rejection_reason\x18\t \x01(\t\x12\x12\n\npayment_id\x18\n \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x0b \x01(\t\x12\x16\n\x0epayment_method\x18\x0c \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\r \x01(\t\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8c\x02\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATUS_PLACED\x10\x01\x12\x1a\n\x16ORDER_STATUS_CONFIRMED\x10\x02\x12\x1a\n\x16ORDER_STATUS_PREPARING\x10\x03\x12!\n\x1dORDER_STATUS_OUT_FOR_DELIVERY\x10\x04\x12\x1a\n\x16ORDER_STATUS_DELIVERED\x10\x05\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x06\x12\x18\n\x14ORDER_STATUS_PENDING\x10\x07\x12\x19\n\x15ORDER_STATUS_REJECTED\x10\x08\x32\xdd\x02\n\x0cOrderService\x12N\n\nPlaceOrder\x12%.foodmesh.orders.v1.PlaceOrderRequest\x1a\x19.foodmesh.orders.v1.Order\x12O\n\x08GetOrder\x12#.foodmesh.orders.v1.GetOrderRequest\x1a\x19.foodmesh.orders.v1.Order\"\x03\x90\x02\x01\x12U\n\x0b\x43\x61ncelOrder\x12&.foodmesh.orders.v1.CancelOrderRequest\x1a\x19.foodmesh.orders.v1.Order\"\x03\x90\x02\x02\x12U\n\nWatchOrder\x12%.foodmesh.orders.v1.WatchOrderRequest\x1a\x19.foodmesh.orders.v1.Order\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66oodmesh/orders/v1/orders.proto\x12\x12\x66oodmesh.orders.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\tOrderLine\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12\x18\n\x10unit_price_cents\x18\x03 \x01(\x03\"\xa1\x01\n\x11PlaceOrderRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12,\n\x05lines\x18\x02 \x03(\x0b\x32\x1d.foodmesh.orders.v1.OrderLine\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x16\n\x0epayment_method\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\x05 \x01(\t\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"&\n\x12\x43\x61ncelOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"%\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xa2\x03\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x15\n\rrestaurant_id\x18\x03 \x01(\t\x12,\n\x05lines\x18\x04 \x03(\x0b\x32\x1d.foodmesh.orders.v1.OrderLine\x12\x13\n\x0btotal_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12/\n\x06status\x18\x07 \x01(\x0e\x32\x1f.foodmesh.orders.v1.OrderStatus\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10rejection_reason\x18\t \x01(\t\x12\x12\n\npayment_id\x18\n \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x0b \x01(\t\x12\x16\n\x0epayment_method\x18\x0c \x01(\t\x12\x18\n\x10\x64\x65livery_address\x18\r \x01(\t\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8c\x02\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATUS_PLACED\x10\x01\x12\x1a\n\x16ORDER_STATUS_CONFIRMED\x10\x02\x12\x1a\n\x16ORDER_STATUS_PREPARING\x10\x03\x12!\n\x1dORDER_STATUS_OUT_FOR_DELIVERY\x10\x04\x12\x1a\n\x16ORDER_STATUS_DELIVERED\x10\x05\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x06\x12\x18\n\x14ORDER_STATUS_PENDING\x10\x07\x12\x19\n\x15ORDER_STATUS_REJECTED\x10\x08\x32\xdb\x03\n\x0cOrderService\x12\x65\n\nPlaceOrder\x12%.foodmesh.orders.v1.PlaceOrderRequest\x1a\x19.foodmesh.orders.v1.Order\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12l\n\x08GetOrder\x12#.foodmesh.orders.v1.GetOrderRequest\x1a\x19.foodmesh.orders.v1.Order\" \x90\x02\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/orders/{order_id}\x12|\n\x0b\x43\x61ncelOrder\x12&.foodmesh.orders.v1.CancelOrderRequest\x1a\x19.foodmesh.orders.v1.Order\"*\x90\x02\x02\x82\xd3\xe4\x93\x02!\"\x1c/v1/orders/{order_id}:cancel:\x01*\x12x\n\nWatchOrder\x12%.foodmesh.orders.v1.WatchOrderRequest\x1a\x19.foodmesh.orders.v1.Order\"&\x90\x02\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/orders/{order_id}:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foodmesh.orders.v1.orders_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['PlaceOrder']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['PlaceOrder']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/orders:\001*'
   _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._loaded_options = None
-  _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._serialized_options = b'\220\002\001'
+  _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._serialized_options = b'\220\002\001\202\323\344\223\002\027\022\025/v1/orders/{order_id}'
   _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._loaded_options = None
-  _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._serialized_options = b'\220\002\002'
+  _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._serialized_options = b'\220\002\002\202\323\344\223\002!\"\034/v1/orders/{order_id}:cancel:\001*'
   _globals['_ORDERSERVICE'].methods_by_name['WatchOrder']._loaded_options = None
-  _globals['_ORDERSERVICE'].methods_by_name['WatchOrder']._serialized_options = b'\220\002\001'
-  _globals['_ORDERSTATUS']._serialized_start=864
-  _globals['_ORDERSTATUS']._serialized_end=1132
-  _globals['_ORDERLINE']._serialized_start=88
-  _globals['_ORDERLINE']._serialized_end=160
-  _globals['_PLACEORDERREQUEST']._serialized_start=163
-  _globals['_PLACEORDERREQUEST']._serialized_end=324
-  _globals['_GETORDERREQUEST']._serialized_start=326
-  _globals['_GETORDERREQUEST']._serialized_end=361
-  _globals['_CANCELORDERREQUEST']._serialized_start=363
-  _globals['_CANCELORDERREQUEST']._serialized_end=401
-  _globals['_WATCHORDERREQUEST']._serialized_start=403
-  _globals['_WATCHORDERREQUEST']._serialized_end=440
-  _globals['_ORDER']._serialized_start=443
-  _globals['_ORDER']._serialized_end=861
-  _globals['_ORDERSERVICE']._serialized_start=1135
-  _globals['_ORDERSERVICE']._serialized_end=1484
+  _globals['_ORDERSERVICE'].methods_by_name['WatchOrder']._serialized_options = b'\220\002\001\202\323\344\223\002\035\022\033/v1/orders/{order_id}:watch'
+  _globals['_ORDERSTATUS']._serialized_start=894
+  _globals['_ORDERSTATUS']._serialized_end=1162
+  _globals['_ORDERLINE']._serialized_start=118
+  _globals['_ORDERLINE']._serialized_end=190
+  _globals['_PLACEORDERREQUEST']._serialized_start=193
+  _globals['_PLACEORDERREQUEST']._serialized_end=354
+  _globals['_GETORDERREQUEST']._serialized_start=356
+  _globals['_GETORDERREQUEST']._serialized_end=391
+  _globals['_CANCELORDERREQUEST']._serialized_start=393
+  _globals['_CANCELORDERREQUEST']._serialized_end=431
+  _globals['_WATCHORDERREQUEST']._serialized_start=433
+  _globals['_WATCHORDERREQUEST']._serialized_end=470
+  _globals['_ORDER']._serialized_start=473
+  _globals['_ORDER']._serialized_end=891
+  _globals['_ORDERSERVICE']._serialized_start=1165
+  _globals['_ORDERSERVICE']._serialized_end=1640
 # @@protoc_insertion_point(module_scope)

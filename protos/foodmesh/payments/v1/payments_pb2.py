@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#foodmesh/payments/v1/payments.proto\x12\x14\x66oodmesh.payments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.foodmesh.payments.v1.PaymentStatus\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65\x63line_reason\x18\x06 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x07 \x01(\t\x12\x16\n\x0epayment_method\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x17\x41uthorizePaymentRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x16\n\x0epayment_method\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"D\n\x15\x43\x61pturePaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"A\n\x12VoidPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x14RefundPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"\'\n\x13ListPaymentsRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"G\n\x14ListPaymentsResponse\x12/\n\x08payments\x18\x01 \x03(\x0b\x32\x1d.foodmesh.payments.v1.Payment*\xc0\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19PAYMENT_STATUS_AUTHORIZED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_DECLINED\x10\x02\x12\x1b\n\x17PAYMENT_STATUS_CAPTURED\x10\x03\x12\x19\n\x15PAYMENT_STATUS_VOIDED\x10\x04\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x05\x32\xcb\x04\n\x0ePaymentService\x12`\n\x10\x41uthorizePayment\x12-.foodmesh.payments.v1.AuthorizePaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12\\\n\x0e\x43\x61pturePayment\x12+.foodmesh.payments.v1.CapturePaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12V\n\x0bVoidPayment\x12(.foodmesh.payments.v1.VoidPaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12Z\n\rRefundPayment\x12*.foodmesh.payments.v1.RefundPaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12Y\n\nGetPayment\x12\'.foodmesh.payments.v1.GetPaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\"\x03\x90\x02\x01\x12j\n\x0cListPayments\x12).foodmesh.payments.v1.ListPaymentsRequest\x1a*.foodmesh.payments.v1.ListPaymentsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#foodmesh/payments/v1/payments.proto\x12\x14\x66oodmesh.payments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.foodmesh.payments.v1.PaymentStatus\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65\x63line_reason\x18\x06 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x07 \x01(\t\x12\x16\n\x0epayment_method\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x17\x41uthorizePaymentRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x16\n\x0epayment_method\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"D\n\x15\x43\x61pturePaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"A\n\x12VoidPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"C\n\x14RefundPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"\'\n\x13ListPaymentsRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"G\n\x14ListPaymentsResponse\x12/\n\x08payments\x18\x01 \x03(\x0b\x32\x1d.foodmesh.payments.v1.Payment*\xc0\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19PAYMENT_STATUS_AUTHORIZED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_DECLINED\x10\x02\x12\x1b\n\x17PAYMENT_STATUS_CAPTURED\x10\x03\x12\x19\n\x15PAYMENT_STATUS_VOIDED\x10\x04\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x05\x32\x80\x05\n\x0ePaymentService\x12`\n\x10\x41uthorizePayment\x12-.foodmesh.payments.v1.AuthorizePaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12\\\n\x0e\x43\x61pturePayment\x12+.foodmesh.payments.v1.CapturePaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12V\n\x0bVoidPayment\x12(.foodmesh.payments.v1.VoidPaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12Z\n\rRefundPayment\x12*.foodmesh.payments.v1.RefundPaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\x12z\n\nGetPayment\x12\'.foodmesh.payments.v1.GetPaymentRequest\x1a\x1d.foodmesh.payments.v1.Payment\"$\x90\x02\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x12~\n\x0cListPayments\x12).foodmesh.payments.v1.ListPaymentsRequest\x1a*.foodmesh.payments.v1.ListPaymentsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/paymentsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +34,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foodmesh.payments.v1.paymen
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._loaded_options = None
-  _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._serialized_options = b'\220\002\001'
+  _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._serialized_options = b'\220\002\001\202\323\344\223\002\033\022\031/v1/payments/{payment_id}'
   _globals['_PAYMENTSERVICE'].methods_by_name['ListPayments']._loaded_options = None
-  _globals['_PAYMENTSERVICE'].methods_by_name['ListPayments']._serialized_options = b'\220\002\001'
-  _globals['_PAYMENTSTATUS']._serialized_start=922
-  _globals['_PAYMENTSTATUS']._serialized_end=1114
-  _globals['_PAYMENT']._serialized_start=95
-  _globals['_PAYMENT']._serialized_end=402
-  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_start=405
-  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_end=558
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=560
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=628
-  _globals['_VOIDPAYMENTREQUEST']._serialized_start=630
-  _globals['_VOIDPAYMENTREQUEST']._serialized_end=695
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=697
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=764
-  _globals['_GETPAYMENTREQUEST']._serialized_start=766
-  _globals['_GETPAYMENTREQUEST']._serialized_end=805
-  _globals['_LISTPAYMENTSREQUEST']._serialized_start=807
-  _globals['_LISTPAYMENTSREQUEST']._serialized_end=846
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=848
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=919
-  _globals['_PAYMENTSERVICE']._serialized_start=1117
-  _globals['_PAYMENTSERVICE']._serialized_end=1704
+  _globals['_PAYMENTSERVICE'].methods_by_name['ListPayments']._serialized_options = b'\220\002\001\202\323\344\223\002\016\022\014/v1/payments'
+  _globals['_PAYMENTSTATUS']._serialized_start=952
+  _globals['_PAYMENTSTATUS']._serialized_end=1144
+  _globals['_PAYMENT']._serialized_start=125
+  _globals['_PAYMENT']._serialized_end=432
+  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_start=435
+  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_end=588
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=590
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=658
+  _globals['_VOIDPAYMENTREQUEST']._serialized_start=660
+  _globals['_VOIDPAYMENTREQUEST']._serialized_end=725
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=727
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=794
+  _globals['_GETPAYMENTREQUEST']._serialized_start=796
+  _globals['_GETPAYMENTREQUEST']._serialized_end=835
+  _globals['_LISTPAYMENTSREQUEST']._serialized_start=837
+  _globals['_LISTPAYMENTSREQUEST']._serialized_end=876
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=878
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=949
+  _globals['_PAYMENTSERVICE']._serialized_start=1147
+  _globals['_PAYMENTSERVICE']._serialized_end=1787
 # @@protoc_insertion_point(module_scope)

@@ -22,36 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66oodmesh/users/v1/users.proto\x12\x11\x66oodmesh.users.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"/\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"^\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t2\xce\x02\n\x0bUserService\x12K\n\nCreateUser\x12$.foodmesh.users.v1.CreateUserRequest\x1a\x17.foodmesh.users.v1.User\x12O\n\x05Login\x12\x1f.foodmesh.users.v1.LoginRequest\x1a .foodmesh.users.v1.LoginResponse\"\x03\x90\x02\x02\x12J\n\x07GetUser\x12!.foodmesh.users.v1.GetUserRequest\x1a\x17.foodmesh.users.v1.User\"\x03\x90\x02\x01\x12U\n\x07GetJwks\x12!.foodmesh.users.v1.GetJwksRequest\x1a\".foodmesh.users.v1.GetJwksResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66oodmesh/users/v1/users.proto\x12\x11\x66oodmesh.users.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"/\n\x0cLoginRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"^\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x03\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t2\xa9\x03\n\x0bUserService\x12\x61\n\nCreateUser\x12$.foodmesh.users.v1.CreateUserRequest\x1a\x17.foodmesh.users.v1.User\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/users:\x01*\x12i\n\x05Login\x12\x1f.foodmesh.users.v1.LoginRequest\x1a .foodmesh.users.v1.LoginResponse\"\x1d\x90\x02\x02\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/users:login:\x01*\x12\x65\n\x07GetUser\x12!.foodmesh.users.v1.GetUserRequest\x1a\x17.foodmesh.users.v1.User\"\x1e\x90\x02\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12\x65\n\x07GetJwks\x12!.foodmesh.users.v1.GetJwksRequest\x1a\".foodmesh.users.v1.GetJwksResponse\"\x13\x90\x02\x01\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jwksb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foodmesh.users.v1.users_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/users:\001*'
   _globals['_USERSERVICE'].methods_by_name['Login']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['Login']._serialized_options = b'\220\002\002'
+  _globals['_USERSERVICE'].methods_by_name['Login']._serialized_options = b'\220\002\002\202\323\344\223\002\024\"\017/v1/users:login:\001*'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\220\002\001'
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\220\002\001\202\323\344\223\002\025\022\023/v1/users/{user_id}'
   _globals['_USERSERVICE'].methods_by_name['GetJwks']._loaded_options = None
-  _globals['_USERSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\220\002\001'
-  _globals['_USER']._serialized_start=85
-  _globals['_USER']._serialized_end=194
-  _globals['_CREATEUSERREQUEST']._serialized_start=196
-  _globals['_CREATEUSERREQUEST']._serialized_end=295
-  _globals['_LOGINREQUEST']._serialized_start=297
-  _globals['_LOGINREQUEST']._serialized_end=344
-  _globals['_LOGINRESPONSE']._serialized_start=346
-  _globals['_LOGINRESPONSE']._serialized_end=440
-  _globals['_GETUSERREQUEST']._serialized_start=442
-  _globals['_GETUSERREQUEST']._serialized_end=475
-  _globals['_GETJWKSREQUEST']._serialized_start=477
-  _globals['_GETJWKSREQUEST']._serialized_end=493
-  _globals['_GETJWKSRESPONSE']._serialized_start=495
-  _globals['_GETJWKSRESPONSE']._serialized_end=531
-  _globals['_USERSERVICE']._serialized_start=534
-  _globals['_USERSERVICE']._serialized_end=868
+  _globals['_USERSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\220\002\001\202\323\344\223\002\n\022\010/v1/jwks'
+  _globals['_USER']._serialized_start=115
+  _globals['_USER']._serialized_end=224
+  _globals['_CREATEUSERREQUEST']._serialized_start=226
+  _globals['_CREATEUSERREQUEST']._serialized_end=325
+  _globals['_LOGINREQUEST']._serialized_start=327
+  _globals['_LOGINREQUEST']._serialized_end=374
+  _globals['_LOGINRESPONSE']._serialized_start=376
+  _globals['_LOGINRESPONSE']._serialized_end=470
+  _globals['_GETUSERREQUEST']._serialized_start=472
+  _globals['_GETUSERREQUEST']._serialized_end=505
+  _globals['_GETJWKSREQUEST']._serialized_start=507
+  _globals['_GETJWKSREQUEST']._serialized_end=523
+  _globals['_GETJWKSRESPONSE']._serialized_start=525
+  _globals['_GETJWKSRESPONSE']._serialized_end=561
+  _globals['_USERSERVICE']._serialized_start=564
+  _globals['_USERSERVICE']._serialized_end=989
 # @@protoc_insertion_point(module_scope)
