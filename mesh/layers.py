@@ -107,4 +107,3 @@ def render() -> str:
     lines += ["", "server: interceptors, outermost first, then the servicer"]
     lines += [f"  -> {layer.name:<13} {layer.where:<30} {layer.does}" for layer in SERVER_LAYERS]
     return "\n".join(lines)
-

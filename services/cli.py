@@ -46,7 +46,7 @@ def parse_args(
     )
     parser.add_argument(
         "--port",
-        type=_port_number,
+        type=port_number,
         default=0,
         help="port to listen on; 0 takes any free port (default: %(default)s)",
     )
@@ -102,7 +102,7 @@ def parse_args(
     )
     parser.add_argument(
         "--metrics-port",
-        type=_port_number,
+        type=port_number,
         default=0,
         help="port of the Prometheus endpoint (/metrics) on --host; 0 takes any free port; "
         "registered in Consul as meta metrics_port (default: %(default)s)",
@@ -253,7 +253,7 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def _port_number(text: str) -> int:
+def port_number(text: str) -> int:
     try:
         port = int(text)
     except ValueError:

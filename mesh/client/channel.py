@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class MeshChannel(MultiCallables, aio.Channel):
     """A grpc.aio.Channel that routes each call to a healthy instance of `service`."""
 

@@ -116,6 +116,7 @@ class MeshServer:
         self._reflection: Any = None
         self._generic_handlers: list[grpc.GenericRpcHandler[Any, Any]] = []
         self._on_shutdown: list[ShutdownCallback] = []
+        self._on_started: list[ShutdownCallback] = []
         self._registration: ConsulRegistration | None = None
         self._stop_requested = asyncio.Event()
         self._skip_drain = asyncio.Event()
@@ -139,6 +140,11 @@ class MeshServer:
         """Let `handler` answer the methods no added service serves (a gateway's router);
         health and reflection stay the server's own. Not listed in the Consul meta."""
         self._generic_handlers.append(handler)
+
+    def on_started(self, callback: ShutdownCallback) -> None:
+        """Run `callback` once the server serves, before it registers (a gateway's HTTP
+        port, which calls this server's port)."""
+        self._on_started.append(callback)
 
     def on_shutdown(self, callback: ShutdownCallback) -> None:
         """Run `callback` after the server has stopped (in the order added)."""
@@ -179,6 +185,8 @@ class MeshServer:
             ", ".join(self._service_names) or "no services",
             self.address,
         )
+        for callback in self._on_started:
+            await callback()
         if self.config.register:
             self._registration = ConsulRegistration(self._instance(), self._consul)
             await self._registration.start()

@@ -117,4 +117,3 @@ def _finish(span: Span, error: BaseException | None) -> None:
     else:
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
     span.end()
-

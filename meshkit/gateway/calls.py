@@ -9,12 +9,18 @@ writes its line from it when the call ends.
 from __future__ import annotations
 
 import contextvars
+import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 REQUEST_ID = "x-request-id"
+LOOPBACK_PEER = "x-gateway-peer"
+"""Set by the gateway's HTTP port on the calls it makes to its own gRPC port: the secret
+below and the HTTP client's address, which then counts as the call's peer."""
+LOOPBACK_SECRET = secrets.token_urlsafe(24)
+"""Known to this process only: a client cannot pose as the HTTP port to choose its address."""
 
 
 @dataclass(slots=True)
@@ -65,8 +71,19 @@ def call_of(context: Any) -> GatewayCall:
     made it yet."""
     call = current_call.get()
     if call is None:
-        call = GatewayCall(
-            request_id_of(context.invocation_metadata() or ()), peer_host(context.peer())
-        )
+        call = new_call(context)
         current_call.set(call)
     return call
+
+
+def new_call(context: Any) -> GatewayCall:
+    """The record of the call `context` serves: its request id, and its client's address
+    (the HTTP client's, for a call from the gateway's own HTTP port)."""
+    metadata = tuple(context.invocation_metadata() or ())
+    peer = peer_host(context.peer())
+    for key, value in metadata:
+        if key == LOOPBACK_PEER:
+            secret, _, address = str(value).partition(" ")
+            if secrets.compare_digest(secret, LOOPBACK_SECRET) and address:
+                peer = address
+    return GatewayCall(request_id_of(metadata), peer)

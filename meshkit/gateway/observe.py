@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from mesh.core.plumbing import PLUMBING_METHOD_PREFIXES
 from mesh.server.hooks import BehaviorInterceptor, Exit, Hook
 from mesh.server.metrics import final_code
-from meshkit.gateway.calls import GatewayCall, current_call, peer_host, request_id_of
+from meshkit.gateway.calls import current_call, new_call
 
 access_log = logging.getLogger("meshkit.gateway.access")
 
@@ -82,9 +82,7 @@ class AccessLogInterceptor(BehaviorInterceptor):
 
         async def enter(context: aio.ServicerContext[Any, Any]) -> Exit:
             started = clock()
-            call = GatewayCall(
-                request_id_of(context.invocation_metadata() or ()), peer_host(context.peer())
-            )
+            call = new_call(context)
             current_call.set(call)
 
             def done() -> None:

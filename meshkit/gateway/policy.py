@@ -14,6 +14,9 @@ gateway with a message naming the key.
         "grpc.health.v1.Health/*",
     ]
 
+    [http]
+    cors_origins = ["https://shop.example"]   # pages that may call the HTTP port (CORS)
+
     [[rate_limit.routes]]            # limits other than the default (--rate-limit, --rate-burst)
     methods = ["foodmesh.users.v1.UserService/Login"]   # the first route that matches wins
     rate = "1/s"                     # N/s, N/min or N/hour, per consumer (user, or address)
@@ -49,6 +52,8 @@ class AuthPolicy:
 @dataclass(frozen=True, slots=True)
 class GatewayPolicy:
     auth: AuthPolicy = field(default_factory=AuthPolicy)
+    cors_origins: tuple[str, ...] = ()
+    """Origins whose pages may call the HTTP port (HTTP/JSON and gRPC-Web) from a browser."""
     rate_routes: tuple[RouteLimit, ...] = ()
     """Routes whose limits differ from the default (which the gateway's flags set)."""
 
@@ -65,14 +70,22 @@ def load_gateway_policy(path: str | Path) -> GatewayPolicy:
 
 
 def parse_gateway_policy(document: dict[str, Any]) -> GatewayPolicy:
-    _known(document, frozenset({"auth", "rate_limit"}), "")
+    _known(document, frozenset({"auth", "rate_limit", "http"}), "")
+    http = _table(document, "http", "")
+    _known(http, frozenset({"cors_origins"}), "http")
+    origins = _value(http, "cors_origins", list, [], "http")
+    if not all(isinstance(o, str) and o.startswith(("http://", "https://")) for o in origins):
+        raise PolicyError("http.cors_origins: must be a list of origins like https://shop.example")
     auth = _table(document, "auth", "")
     rate_limit = _table(document, "rate_limit", "")
     _known(rate_limit, frozenset({"routes"}), "rate_limit")
     routes = _value(rate_limit, "routes", list, [], "rate_limit")
     return GatewayPolicy(
-        _auth(auth),
-        tuple(_route(route, f"rate_limit.routes[{i}]") for i, route in enumerate(routes)),
+        auth=_auth(auth),
+        cors_origins=tuple(origins),
+        rate_routes=tuple(
+            _route(route, f"rate_limit.routes[{i}]") for i, route in enumerate(routes)
+        ),
     )
 
 

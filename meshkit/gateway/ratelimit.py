@@ -193,7 +193,7 @@ def refusal_status(method: str, limit: Limit, decision: Decision) -> grpc.Status
     status = rpc_status.to_status(
         status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
     )
-    return _WithRetryAfter(status, math.ceil(decision.retry_after))
+    return _WithRetryAfter(status, limit, decision)
 
 
 async def refuse(
@@ -204,8 +204,18 @@ async def refuse(
 
 
 class _WithRetryAfter(grpc.Status):
-    def __init__(self, status: grpc.Status, retry_after: int) -> None:
+    """The status with `retry-after` (whole seconds), and the IETF draft's `ratelimit-policy`
+    (q: the burst, w: the seconds it takes to refill) and `ratelimit` (r: calls left, t: the
+    seconds until the burst is whole again), which the HTTP port turns into headers."""
+
+    def __init__(self, status: grpc.Status, limit: Limit, decision: Decision) -> None:
         self.code = status.code
         self.details = status.details
         trailers: Sequence[tuple[str, Any]] = tuple(status.trailing_metadata or ())
-        self.trailing_metadata = (*trailers, ("retry-after", str(max(retry_after, 1))))
+        window = max(1, math.ceil(limit.window))
+        self.trailing_metadata = (
+            *trailers,
+            ("retry-after", str(max(1, math.ceil(decision.retry_after)))),
+            ("ratelimit-policy", f'"gateway";q={limit.burst};w={window}'),
+            ("ratelimit", f'"gateway";r={decision.remaining};t={math.ceil(decision.reset_after)}'),
+        )

@@ -33,7 +33,7 @@ from grpc import aio
 
 from mesh.core.errors import RefusedByMesh
 from mesh.server.hooks import Handler
-from meshkit.gateway.calls import REQUEST_ID, call_of
+from meshkit.gateway.calls import LOOPBACK_PEER, REQUEST_ID, call_of
 from meshkit.gateway.routes import EMPTY, RouteTable
 
 if TYPE_CHECKING:  # generic only in grpc-stubs
@@ -61,7 +61,7 @@ HOP_BY_HOP = frozenset(
         "user-agent",
     }
 )
-GATEWAY_OWNED = frozenset({"authorization", USER_ID})
+GATEWAY_OWNED = frozenset({"authorization", USER_ID, LOOPBACK_PEER})
 TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "baggage"})
 
 ChannelFor = Callable[[str], aio.Channel]

@@ -49,11 +49,9 @@ class Queries(Protocol):
     """Where reads run: an open transaction, or the database itself for a read that is one
     query (consistent on its own), which saves the round trips of BEGIN and COMMIT."""
 
-    async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> sqlite3.Row | None:
-        ...
+    async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> sqlite3.Row | None: ...
 
-    async def fetch_all(self, sql: str, parameters: SqlParameters = ()) -> list[sqlite3.Row]:
-        ...
+    async def fetch_all(self, sql: str, parameters: SqlParameters = ()) -> list[sqlite3.Row]: ...
 
 
 class SqlTransaction:

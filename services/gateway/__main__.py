@@ -23,14 +23,16 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.discovery.consul_settings import ConsulSettings
 from mesh.policy import PolicyError
 from meshkit.gateway import CatalogWatch, Gateway, KeySet, TokenVerifier, load_gateway_policy
+from meshkit.gateway.http import HttpEdge
 from meshkit.gateway.observe import GatewayMetrics
 from meshkit.gateway.ratelimit import Limit, RateLimits, parse_rate
 from meshkit.gateway.ratelimit_redis import RedisLimiter
-from services.cli import non_negative_int
+from services.cli import non_negative_int, port_number
 from services.runtime import ServiceRuntime
 
 SERVICE = "gateway"
 DEFAULT_POLICY = Path(__file__).with_name("policy.toml")
+STOREFRONT = Path(__file__).with_name("storefront")
 JWKS_TIMEOUT_S = 5.0
 DEFAULT_LIMIT = Limit(20.0, 40)
 log = logging.getLogger(__name__)
@@ -45,6 +47,14 @@ def flags(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML file of the public methods, token rules and per-route rate limits "
         "(default: the platform's, services/gateway/policy.toml)",
+    )
+    edge.add_argument(
+        "--http-port",
+        type=port_number,
+        default=0,
+        metavar="PORT",
+        help="port of HTTP/JSON, gRPC-Web and the storefront on --host; 0 takes any free "
+        "port (default: %(default)s)",
     )
     edge.add_argument(
         "--rate-limit",
@@ -121,6 +131,22 @@ async def main(argv: list[str]) -> int:
         )
         server = runtime.server(interceptors=gateway.interceptors)
         gateway.install(server)
+        http = HttpEdge(
+            gateway.descriptors,
+            lambda: gateway.router.table,
+            lambda: server.address,
+            cors_origins=policy.cors_origins,
+            static_dir=STOREFRONT if STOREFRONT.is_dir() else None,
+        )
+
+        async def serve_http() -> None:
+            port = await http.start(runtime.args.host, runtime.args.http_port)
+            log.info(
+                "HTTP/JSON, gRPC-Web and the storefront on http://%s:%d/", runtime.args.host, port
+            )
+
+        server.on_started(serve_http)
+        server.on_shutdown(http.stop)
         watch, close_watch = CatalogWatch.consul(ConsulSettings.from_env())
         runtime.background(gateway.follow(aiter(watch)), "route table", then=close_watch)
         return await server.run()

@@ -176,9 +176,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _view(
-        self, order_id: str, caller: str | None = None
-    ) -> tuple[orders_pb2.Order, int]:
+    async def _view(self, order_id: str, caller: str | None = None) -> tuple[orders_pb2.Order, int]:
         """The order and its version; NOT_FOUND for a `caller` (x-user-id) whose order it
         is not, exactly as for an order that does not exist (no telling which)."""
         if not order_id:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import jwt
 import pytest
@@ -32,7 +33,7 @@ from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.server import MeshServer, ServerConfig
-from scripts.processes import wait_until
+from scripts.processes import free_tcp_port, wait_until
 from scripts.redis_server import RedisServer
 from tests.integration.conftest import ServiceProcess, Stack, stack_under
 from tests.integration.platform import scrape, value
@@ -49,16 +50,22 @@ OWN_SERVICES = ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflecti
 SHAPES = "test.gateway.v1.Shapes"
 ISSUER, AUDIENCE = "foodmesh-users", "foodmesh"
 PASSWORD = "correct horse battery"
+JSON = "application/json"
 
 
 @dataclass
 class Edge:
     stack: Stack
     gateway: ServiceProcess
+    http_port: int = 0
 
     @property
     def address(self) -> str:
         return self.gateway.address
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def listed(self) -> list[str]:
         answer = grpcurl(self.address, "list")
@@ -82,9 +89,10 @@ class Edge:
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     with stack_under(tmp_path_factory.mktemp("gateway")) as stack:
         stack.start_platform()
-        gateway = stack.start("gateway")
+        http_port = free_tcp_port()
+        gateway = stack.start("gateway", "--http-port", str(http_port))
         stack.wait_passing("gateway", {gateway.port})
-        running = Edge(stack, gateway)
+        running = Edge(stack, gateway, http_port)
         wait_until(
             lambda: set(PLATFORM_SERVICES) <= set(running.listed()),
             timeout=30,
@@ -475,10 +483,13 @@ async def _until_code(echo: Any, token: str, code: grpc.StatusCode) -> None:
 async def test_over_the_limit_is_resource_exhausted_with_retry_info_per_consumer(
     edge: Edge,
 ) -> None:
-    tight = edge.stack.start("gateway", "--rate-limit", "1/min", "--rate-burst", "3")
+    http_port = free_tcp_port()
+    tight = edge.stack.start(
+        "gateway", "--rate-limit", "1/min", "--rate-burst", "3", "--http-port", str(http_port)
+    )
     try:
         await asyncio.to_thread(edge.stack.wait_passing, "gateway", 2)
-        limited = Edge(edge.stack, tight)
+        limited = Edge(edge.stack, tight, http_port)
         await asyncio.to_thread(
             wait_until,
             lambda: set(PLATFORM_SERVICES) <= set(limited.listed()),
@@ -506,6 +517,17 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_per_consumer
             # The limit is per consumer: a signed-in user is another consumer.
             item = await catalog.GetItem(request, metadata=bearer(token), timeout=10)
             assert item.name == "Margherita"
+        # Over HTTP: 429 with Retry-After and the IETF RateLimit headers; the HTTP client
+        # (this one address) is the consumer, as over gRPC.
+        async with http_client() as http:
+            async with http.get(f"{limited.http}/v1/items/roma-margherita") as answer:
+                assert answer.status == 429, await answer.text()
+                assert answer.headers["Retry-After"] == "60"
+                assert answer.headers["RateLimit-Policy"] == '"gateway";q=3;w=180'
+                assert answer.headers["RateLimit"].startswith('"gateway";r=0;t=')
+                body = await answer.json()
+        assert body["code"] == 8
+        assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.RetryInfo"
     finally:
         tight.stop()
 
@@ -553,3 +575,114 @@ async def test_two_replicas_sharing_redis_hold_the_combined_rate_and_fail_open_w
         for replica in replicas:
             replica.stop()
         redis.stop()
+
+
+# -- HTTP/JSON ------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def http_client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def test_http_json_reads_the_menu_with_path_and_query_parameters(edge: Edge) -> None:
+    async with http_client() as http:
+        async with http.get(f"{edge.http}/v1/items/roma-margherita") as answer:
+            assert answer.status == 200, await answer.text()
+            item = await answer.json()
+            assert answer.headers["X-Request-Id"]
+        # lowerCamelCase out, int64 as a string (proto3 JSON)
+        assert item["itemId"] == "roma-margherita" and item["priceCents"] == "850"
+        listed: list[str] = []
+        token = ""
+        while True:  # both spellings in: restaurantId and page_size
+            query = {"restaurantId": "trattoria-roma", "page_size": "2", "pageToken": token}
+            async with http.get(f"{edge.http}/v1/items", params=query) as answer:
+                assert answer.status == 200, await answer.text()
+                page = await answer.json()
+            assert len(page["items"]) <= 2
+            listed += [i["itemId"] for i in page["items"]]
+            token = page.get("nextPageToken", "")
+            if not token:
+                break
+        assert "roma-margherita" in listed and len(listed) > 2
+
+
+async def test_http_json_signs_up_logs_in_orders_watches_and_cancels(edge: Edge) -> None:
+    email = "http@gateway.example"
+    async with http_client() as http:
+        body = {"email": email, "displayName": "Http", "password": PASSWORD}
+        async with http.post(f"{edge.http}/v1/users", json=body) as answer:
+            assert answer.status == 200, await answer.text()
+            user = await answer.json()
+        login = {"email": email, "password": PASSWORD}
+        async with http.post(f"{edge.http}/v1/users:login", json=login) as answer:
+            assert answer.status == 200, await answer.text()
+            token = (await answer.json())["accessToken"]
+        auth = {"Authorization": f"Bearer {token}"}
+        order = {
+            "lines": [{"item_id": "roma-margherita", "quantity": 1}],
+            "paymentMethod": "pm_card_visa",
+            "deliveryAddress": "2 Http Lane",
+        }
+        async with http.post(f"{edge.http}/v1/orders", json=order, headers=auth) as answer:
+            assert answer.status == 200, await answer.text()
+            placed = await answer.json()
+        assert placed["customerId"] == user["userId"]
+        assert placed["status"] == "ORDER_STATUS_CONFIRMED"
+        order_url = f"{edge.http}/v1/orders/{placed['orderId']}"
+        async with http.get(order_url, headers=auth) as answer:
+            assert (await answer.json())["orderId"] == placed["orderId"]
+        async with http.get(f"{order_url}:watch", headers=auth) as watching:
+            assert watching.status == 200
+            assert watching.headers["Content-Type"].startswith("application/x-ndjson")
+            first = json.loads(await watching.content.readline())
+            assert first["result"]["status"] == "ORDER_STATUS_CONFIRMED"
+            async with http.post(f"{order_url}:cancel", json={}, headers=auth) as cancelled:
+                assert cancelled.status == 200, await cancelled.text()
+                assert (await cancelled.json())["status"] == "ORDER_STATUS_CANCELLED"
+            last = json.loads(await watching.content.readline())
+            assert last["result"]["status"] == "ORDER_STATUS_CANCELLED"
+            assert await watching.content.readline() == b""  # final: the stream ends
+
+
+async def test_http_errors_have_the_right_status_and_a_json_body(edge: Edge) -> None:
+    async with http_client() as http:
+
+        async def refused(method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
+            async with http.request(method, f"{edge.http}{path}", **kwargs) as answer:
+                return answer.status, answer.headers, await answer.json()
+
+        status, headers, body = await refused("GET", "/v1/orders/o-1")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert body["code"] == 16 and body["message"].startswith("missing token")
+        status, _, body = await refused("GET", "/v1/items/no-such-item")
+        assert status == 404 and body["code"] == 5 and "item_id" in body["message"]
+        _, token = await signed_up(edge, "errors@gateway.example")
+        auth = {"Authorization": f"Bearer {token}"}
+        status, _, body = await refused(
+            "POST", "/v1/orders", data=b"{not json", headers={**auth, "Content-Type": JSON}
+        )
+        assert status == 400 and body["code"] == 3 and "JSON" in body["message"]
+        status, _, body = await refused(
+            "POST", "/v1/orders", json={"lines": [{"quantity": "many"}]}, headers=auth
+        )
+        assert status == 400 and body["code"] == 3 and "quantity" in body["message"]
+        status, _, body = await refused(
+            "POST", "/v1/orders", data=b"<order/>", headers={**auth, "Content-Type": "text/xml"}
+        )
+        assert status == 415 and "application/json" in body["message"]
+        big = json.dumps({"deliveryAddress": "x" * (2 << 20)}).encode()
+        status, _, body = await refused(
+            "POST", "/v1/orders", data=big, headers={**auth, "Content-Type": JSON}
+        )
+        assert status == 413 and "limit" in body["message"]
+        status, _, body = await refused("GET", "/v2/nothing")
+        assert status == 404 and "no route for GET /v2/nothing" in body["message"]
+        status, headers, body = await refused("DELETE", "/v1/items/roma-margherita")
+        assert status == 405 and headers["Allow"] == "GET, PUT"
+        status, _, body = await refused(
+            "POST", "/v1/orders", json={"lines": []}, headers=auth
+        )  # the service's own refusal, mapped
+        assert status == 400 and "lines" in body["message"]
