@@ -10,8 +10,10 @@ call shapes) and stops it itself.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -35,7 +37,7 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.server import MeshServer, ServerConfig
 from scripts.processes import free_tcp_port, wait_until
 from scripts.redis_server import RedisServer
-from tests.integration.conftest import ServiceProcess, Stack, stack_under
+from tests.integration.conftest import PROJECT_ROOT, ServiceProcess, Stack, stack_under
 from tests.integration.platform import scrape, value
 from tests.integration.test_grpcurl import grpcurl
 
@@ -51,6 +53,7 @@ SHAPES = "test.gateway.v1.Shapes"
 ISSUER, AUDIENCE = "foodmesh-users", "foodmesh"
 PASSWORD = "correct horse battery"
 JSON = "application/json"
+SHOP_ORIGIN = "http://shop.test"
 
 
 @dataclass
@@ -87,10 +90,16 @@ class Edge:
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    with stack_under(tmp_path_factory.mktemp("gateway")) as stack:
+    root = tmp_path_factory.mktemp("gateway")
+    policy = root / "policy.toml"  # the platform's, with a shop's origin allowed (CORS)
+    shipped = (PROJECT_ROOT / "services/gateway/policy.toml").read_text()
+    policy.write_text(f'{shipped}\n[http]\ncors_origins = ["{SHOP_ORIGIN}"]\n')
+    with stack_under(root) as stack:
         stack.start_platform()
         http_port = free_tcp_port()
-        gateway = stack.start("gateway", "--http-port", str(http_port))
+        gateway = stack.start(
+            "gateway", "--http-port", str(http_port), "--gateway-policy", str(policy)
+        )
         stack.wait_passing("gateway", {gateway.port})
         running = Edge(stack, gateway, http_port)
         wait_until(
@@ -686,3 +695,100 @@ async def test_http_errors_have_the_right_status_and_a_json_body(edge: Edge) -> 
             "POST", "/v1/orders", json={"lines": []}, headers=auth
         )  # the service's own refusal, mapped
         assert status == 400 and "lines" in body["message"]
+
+
+# -- gRPC-Web -------------------------------------------------------------------------------
+
+
+def _grpc_web_frames(body: bytes) -> tuple[list[bytes], dict[str, str]]:
+    """The messages and the trailers of a gRPC-Web response body."""
+    messages, trailers, position = [], {}, 0
+    while position < len(body):
+        flags, length = struct.unpack_from(">BI", body, position)
+        payload = body[position + 5 : position + 5 + length]
+        position += 5 + length
+        if flags & 0x80:
+            for line in payload.decode().split("\r\n"):
+                if line:
+                    key, _, value = line.partition(":")
+                    trailers[key.strip()] = value.strip()
+        else:
+            messages.append(payload)
+    return messages, trailers
+
+
+async def _grpc_web(
+    edge: Edge, method: str, request: Any, *, text: bool = False, **headers: str
+) -> tuple[int, Any, list[bytes], dict[str, str]]:
+    payload = request.SerializeToString()
+    body = struct.pack(">BI", 0, len(payload)) + payload
+    kind = "application/grpc-web-text" if text else "application/grpc-web+proto"
+    async with http_client() as http:
+        async with http.post(
+            f"{edge.http}/{method}",
+            data=base64.b64encode(body) if text else body,
+            headers={"Content-Type": kind, "X-Grpc-Web": "1", **headers},
+        ) as answer:
+            raw = await answer.read()
+            status, answer_headers = answer.status, answer.headers
+    messages, trailers = _grpc_web_frames(base64.b64decode(raw) if text else raw)
+    return status, answer_headers, messages, trailers
+
+
+async def test_grpc_web_unary_and_server_streaming_in_binary_and_text(edge: Edge) -> None:
+    get_item = "foodmesh.catalog.v1.CatalogService/GetItem"
+    request = catalog_pb2.GetItemRequest(item_id="roma-margherita")
+    for text in (False, True):
+        status, headers, messages, trailers = await _grpc_web(
+            edge, get_item, request, text=text, Origin=SHOP_ORIGIN
+        )
+        assert status == 200 and trailers["grpc-status"] == "0", trailers
+        assert catalog_pb2.Item.FromString(messages[0]).name == "Margherita"
+        assert headers["Access-Control-Allow-Origin"] == SHOP_ORIGIN
+        assert headers["x-request-id"]
+
+    status, _, messages, trailers = await _grpc_web(
+        edge, "foodmesh.orders.v1.OrderService/GetOrder", orders_pb2.GetOrderRequest(order_id="o")
+    )
+    assert messages == [] and trailers["grpc-status"] == "16"  # no token
+    assert "missing%20token" in trailers["grpc-message"]
+
+    _, token = await signed_up(edge, "web@gateway.example")
+    async with channel_to(edge) as channel:
+        placed = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
+            orders_pb2.PlaceOrderRequest(
+                lines=[orders_pb2.OrderLine(item_id="roma-margherita", quantity=1)],
+                payment_method="pm_card_visa",
+                delivery_address="3 Web Way",
+            ),
+            metadata=bearer(token),
+            timeout=30,
+        )
+    watch = orders_pb2.WatchOrderRequest(order_id=placed.order_id)
+    status, _, messages, trailers = await _grpc_web(
+        edge,
+        "foodmesh.orders.v1.OrderService/WatchOrder",
+        watch,
+        authorization=f"Bearer {token}",
+        **{"grpc-timeout": "2S"},
+    )  # the order never becomes final in 2 s: the stream ends at the deadline
+    assert [orders_pb2.Order.FromString(m).order_id for m in messages][:1] == [placed.order_id]
+    assert trailers["grpc-status"] == "4", trailers
+
+
+async def test_grpc_web_preflight_answers_configured_origins_only(edge: Edge) -> None:
+    async with http_client() as http:
+        for origin, allowed in ((SHOP_ORIGIN, True), ("http://evil.test", False)):
+            async with http.options(
+                f"{edge.http}/foodmesh.catalog.v1.CatalogService/GetItem",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type,x-grpc-web,authorization",
+                },
+            ) as answer:
+                assert answer.status == 204
+                got = answer.headers.get("Access-Control-Allow-Origin")
+                assert (got == origin) if allowed else got is None
+                if allowed:
+                    assert "authorization" in answer.headers["Access-Control-Allow-Headers"]
