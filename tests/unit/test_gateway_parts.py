@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,6 +38,16 @@ from meshkit.gateway.tokens import (
     KeySet,
     TokenRules,
     TokenVerifier,
+)
+from meshkit.gateway.transcoder import (
+    BadRequest,
+    HttpRoute,
+    PathTemplate,
+    error_body,
+    find_route,
+    http_routes,
+    http_status,
+    request_message,
 )
 
 
@@ -256,21 +267,24 @@ def test_a_bad_policy_names_the_key(document: dict[str, Any], names: str) -> Non
 # -- the merged descriptor pool --------------------------------------------------------------
 
 
-def _file(proto: Any) -> bytes:
+def _files(file: Any) -> dict[str, bytes]:
+    """`file` and everything it imports, serialized, by name."""
     copied = descriptor_pb2.FileDescriptorProto()
-    proto.DESCRIPTOR.CopyToProto(copied)
-    return copied.SerializeToString()
+    file.CopyToProto(copied)
+    found = {file.name: copied.SerializeToString()}
+    for dependency in file.dependencies:
+        found.update(_files(dependency))
+    return found
 
 
 def test_the_pool_adds_files_after_their_imports_and_leaves_out_what_lacks_one() -> None:
-    files = {
-        "foodmesh/orders/v1/orders.proto": _file(orders_pb2),
-        "google/protobuf/timestamp.proto": _file(timestamp_pb2),
-    }
-    pool = build_pool(files)
+    files = _files(orders_pb2.DESCRIPTOR)
+    assert "google/api/annotations.proto" in files  # the HTTP mappings' import, among others
+    pool = build_pool(dict(reversed(files.items())))
     service = pool.FindServiceByName("foodmesh.orders.v1.OrderService")
     assert service.methods_by_name["WatchOrder"].server_streaming
-    lacking = build_pool({"foodmesh/orders/v1/orders.proto": _file(orders_pb2)})
+    del files[timestamp_pb2.DESCRIPTOR.name]
+    lacking = build_pool(files)
     with pytest.raises(KeyError):
         lacking.FindServiceByName("foodmesh.orders.v1.OrderService")
 
@@ -320,3 +334,79 @@ def test_rates_and_route_limits_from_the_policy() -> None:
     assert limits.for_method("/foodmesh.catalog.v1.CatalogService/GetItem") == Limit(20.0, 40)
     with pytest.raises(PolicyError, match=r"rate_limit\.routes\[0\]\.burst"):
         parse_gateway_policy({"rate_limit": {"routes": [{"methods": ["a.B/*"], "rate": "1/s"}]}})
+
+
+# -- the HTTP/JSON transcoder ------------------------------------------------------------------
+
+
+def test_path_templates_match_variables_wildcards_and_verbs() -> None:
+    item = PathTemplate.parse("/v1/items/{item_id}")
+    assert item.match("/v1/items/roma%20margherita") == {"item_id": "roma margherita"}
+    assert item.match("/v1/items/a/b") is None
+    nested = PathTemplate.parse("/v1/{name=shelves/*/books/**}:read")
+    assert nested.verb == ":read"
+    assert nested.match("/v1/shelves/s1/books/b/c:read") == {"name": "shelves/s1/books/b/c"}
+    assert nested.match("/v1/shelves/s1/books/b") is None
+    assert PathTemplate.parse("/v1/items/{item.item_id}").variables == ("item.item_id",)
+
+
+def _orders_routes() -> list[HttpRoute]:
+    pool = build_pool(_files(orders_pb2.DESCRIPTOR))
+    return http_routes(pool, ["foodmesh.orders.v1.OrderService"])
+
+
+def test_routes_come_from_the_annotations_and_verbs_win() -> None:
+    routes = _orders_routes()
+    watch, _ = find_route(routes, "GET", "/v1/orders/o-1:watch")
+    assert watch is not None and watch.route.grpc_method.endswith("/WatchOrder")
+    assert watch.route.server_streaming and watch.variables == {"order_id": "o-1"}
+    get, _ = find_route(routes, "GET", "/v1/orders/o-1")
+    assert get is not None and get.route.grpc_method.endswith("/GetOrder")
+    missing, allowed = find_route(routes, "DELETE", "/v1/orders/o-1")
+    assert missing is None and allowed == ["GET"]
+
+
+def test_a_request_is_built_from_body_path_and_query_in_both_spellings() -> None:
+    routes = _orders_routes()
+    place, _ = find_route(routes, "POST", "/v1/orders")
+    assert place is not None
+    body = b'{"lines": [{"itemId": "x", "quantity": "2"}], "payment_method": "pm_card_visa"}'
+    message = request_message(place, [], body)
+    assert message.lines[0].item_id == "x" and message.lines[0].quantity == 2
+    assert message.payment_method == "pm_card_visa"
+    get, _ = find_route(routes, "GET", "/v1/orders/o-9")
+    assert get is not None
+    assert request_message(get, [], None).order_id == "o-9"
+    for bad, names in ((b"[1]", "JSON object"), (b"{", "not JSON"), (b'{"nope": 1}', "nope")):
+        with pytest.raises(BadRequest, match=names):
+            request_message(place, [], bad)
+
+
+def test_query_parameters_fill_the_fields_the_path_leaves() -> None:
+    from foodmesh.catalog.v1 import catalog_pb2
+
+    pool = build_pool(_files(catalog_pb2.DESCRIPTOR))
+    routes = http_routes(pool, ["foodmesh.catalog.v1.CatalogService"])
+    listing, _ = find_route(routes, "GET", "/v1/items")
+    assert listing is not None
+    query = [("restaurantId", "r1"), ("page_size", "5")]
+    message = request_message(listing, query, None)
+    assert (message.restaurant_id, message.page_size) == ("r1", 5)
+    for bad, names in (
+        ([("page_size", "five")], "page_size"),
+        ([("page_size", "1"), ("page_size", "2")], "2 times"),
+        ([("colour", "red")], "colour"),
+    ):
+        with pytest.raises(BadRequest, match=names):
+            request_message(listing, bad, None)
+
+
+def test_errors_map_to_http_and_grpc_gateways_body() -> None:
+    assert http_status(grpc.StatusCode.UNAUTHENTICATED) == 401
+    assert http_status(grpc.StatusCode.FAILED_PRECONDITION) == 400
+    assert http_status(grpc.StatusCode.UNAVAILABLE) == 503
+    assert json.loads(error_body(grpc.StatusCode.NOT_FOUND, "no such item")) == {
+        "code": 5,
+        "message": "no such item",
+        "details": [],
+    }
