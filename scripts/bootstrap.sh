@@ -4,7 +4,8 @@
 #                   generated stubs (protos/, editable) and the dev tools, grpcurl among them;
 #                   the demo services run from the checkout, never installed
 #   .tools/bin/     a Consul binary, unless one is on PATH (scripts/get_consul.py)
-#   Debian's redis-server, when it is missing and apt-get can install it (root, as on CI)
+#   Debian's redis-server and chromium, when missing and apt-get can install them (root, as
+#                   on CI)
 # Sourced by scripts/dev and scripts/test; safe to run by itself.
 set -euo pipefail
 
@@ -46,4 +47,5 @@ need_package() {
         echo "bootstrap: $command not found: install Debian's $package (tests need it)" >&2
     fi
 }
-need_package redis-server redis-server
+need_package redis-server redis-server   # the gateway's shared rate limits
+need_package chromium chromium           # the storefront's browser test (Playwright drives it)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import sqlite3
 import struct
 import time
@@ -30,6 +31,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, wrappers_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+from playwright.async_api import async_playwright
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
@@ -792,3 +794,68 @@ async def test_grpc_web_preflight_answers_configured_origins_only(edge: Edge) ->
                 assert (got == origin) if allowed else got is None
                 if allowed:
                     assert "authorization" in answer.headers["Access-Control-Allow-Headers"]
+
+
+# -- the storefront, in a real browser --------------------------------------------------------
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+async def test_the_storefront_signs_up_orders_and_shows_the_status_change_live(
+    edge: Edge, tmp_path: Path
+) -> None:
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed (scripts/bootstrap.sh installs it)"
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{edge.http}/")
+            await page.wait_for_selector('.item[data-item-id="roma-margherita"]')
+            assert "Margherita" in await page.inner_text("#menu")
+
+            signup = page.locator("#signup")
+            await signup.locator("[name=display_name]").fill("Browser")
+            await signup.locator("[name=email]").fill("browser@gateway.example")
+            await signup.locator("[name=password]").fill(PASSWORD)
+            await signup.locator("button").click()
+            await page.wait_for_function(
+                "document.getElementById('who').textContent.startsWith('Signed in as')"
+            )
+
+            await page.locator('.item[data-item-id="roma-margherita"] button').click()
+            await page.locator("#place").click()
+            status = page.locator("#order-status")
+            await page.wait_for_function(
+                "document.getElementById('order-status').textContent === 'CONFIRMED'"
+            )
+            order_id = await page.inner_text("#order-id")
+            token = await page.evaluate("sessionStorage.getItem('token')")
+
+            # Cancelled from elsewhere: the page's WatchOrder shows it without a reload.
+            async with http_client() as http:
+                async with http.post(
+                    f"{edge.http}/v1/orders/{order_id}:cancel",
+                    json={},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as answer:
+                    assert answer.status == 200, await answer.text()
+            await page.wait_for_function(
+                "document.getElementById('order-status').textContent === 'CANCELLED'"
+            )
+            assert await status.inner_text() == "CANCELLED"
+            steps = await page.locator("#order-history li").all_inner_texts()
+            assert steps[0] == "CONFIRMED" and steps[-1].startswith("CANCELLED")
+            await page.screenshot(path=str(tmp_path / "storefront.png"))
+        finally:
+            await browser.close()
