@@ -93,13 +93,20 @@ from scripts.dev_traces import (  # noqa: E402
     waterfall_command,
 )
 from scripts.nats_server import NatsServer  # noqa: E402
-from scripts.processes import log_tail, spawn, stop_process, wait_until  # noqa: E402
+from scripts.processes import (  # noqa: E402
+    free_tcp_port,
+    log_tail,
+    spawn,
+    stop_process,
+    wait_until,
+)
 
 DEFAULT_CONSUL_HTTP_PORT = 8500
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".dev" / "data"
 DEFAULT_LOG_DIR = PROJECT_ROOT / ".dev" / "logs"
 DEFAULT_NATS_PORT = 4222
 DEFAULT_GATEWAY_PORT = 8080
+DEFAULT_GATEWAY_HTTP_PORT = 8081
 NATS_URL_ENV = "NATS_URL"
 TIERS: tuple[tuple[tuple[str, int], ...], ...] = (
     (
@@ -197,6 +204,18 @@ def grpcurl_command(
     return shlex.join(["grpcurl", "-plaintext", *auth, "-d", json.dumps(request), address, method])
 
 
+def curl_command(
+    method: str, url: str, body: dict[str, Any] | None = None, token: str | None = None
+) -> str:
+    """A curl command line for the gateway's HTTP/JSON port, pasteable into a POSIX shell."""
+    words = ["curl", "-sS", "-X", method]
+    if token:
+        words += ["-H", f"Authorization: Bearer {token}"]
+    if body is not None:
+        words += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    return shlex.join([*words, url])
+
+
 def load_command(consul_addr: str, customer_id: str) -> str:
     """A `meshctl load` command line against the stack's orders, through the mesh, placing
     orders as the user ``customer_id``."""
@@ -229,6 +248,7 @@ class DevStack:
         self.receiver: ReceiverProcess | None = None
         self.nats: NatsServer | None = None
         self.nats_url = ""
+        self.gateway_http_port = 0
         """The broker the services use: $NATS_URL, or the one the stack started."""
         self.otlp_endpoint = ""
         """Where the services (and the demo) export traces; "" when tracing is off."""
@@ -329,6 +349,13 @@ class DevStack:
 
     def _service_flags(self, service: str) -> list[str]:
         """What one service's instances get besides the flags all share."""
+        if service == "gateway":
+            port = self.options.gateway_http_port
+            if port is None:
+                free = DEFAULT_GATEWAY_HTTP_PORT
+                port = free if port_is_free(free) else free_tcp_port(HOST)
+            self.gateway_http_port = int(port)
+            return ["--http-port", str(port)]
         if service == "delivery":
             # Enough couriers that a load test's checkouts are confirmed, not out of couriers.
             return ["--trip-seconds", f"{self.options.trip_seconds:g}", "--couriers", "500"]
@@ -448,7 +475,22 @@ class DevStack:
             ),
             (load_command(agent.http_addr, demo.user_id), "load test, as the demo user"),
         ]
+        web = f"http://{HOST}:{self.gateway_http_port}"
+        tries += [
+            (curl_command("GET", f"{web}/v1/items?restaurantId=trattoria-roma"), "the menu, JSON"),
+            (
+                curl_command("POST", f"{web}/v1/orders", ORDER_EXAMPLE, token),
+                "an order over HTTP/JSON, as the demo user",
+            ),
+            (
+                curl_command(
+                    "GET", f"{web}/v1/orders/{demo.confirmed.order.order_id}", None, token
+                ),
+                "the confirmed demo order, JSON",
+            ),
+        ]
         say(f"The edge: the gateway at {edge} (gRPC; a token from Login on all but the menu)")
+        say(f"  storefront: {web}/   (open it in a browser: menu, sign-up, order, live status)")
         say("Try:")
         for command, why in tries:
             say(f"  {command}   # {why}")
@@ -608,6 +650,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"the gateway's gRPC port (default: {DEFAULT_GATEWAY_PORT} when free, "
         "else any free port)",
+    )
+    parser.add_argument(
+        "--gateway-http-port",
+        type=port_number,
+        default=None,
+        metavar="N",
+        help=f"the gateway's HTTP port: HTTP/JSON, gRPC-Web and the storefront (default: "
+        f"{DEFAULT_GATEWAY_HTTP_PORT} when free, else any free port)",
     )
     parser.add_argument(
         "--data-dir",

@@ -164,6 +164,8 @@ def start_dev_stack(tmp_path: Path) -> Iterator[Any]:
             str(free_port()),
             "--gateway-port",
             str(free_port()),
+            "--gateway-http-port",
+            str(free_port()),
             "--data-dir",
             str(tmp_path / "data"),
             "--log-dir",
@@ -341,6 +343,18 @@ def run_printed(output: str, method: str) -> list[Any]:
     return messages
 
 
+def run_printed_curl(output: str, marker: str) -> list[Any]:
+    """Run the banner's curl command whose line holds ``marker``; its JSON answer."""
+    line = next(
+        ln.strip() for ln in output.splitlines() if ln.strip().startswith("curl ") and marker in ln
+    )
+    result = subprocess.run(
+        shlex.split(line, comments=True), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"{line}: {result.stderr}"
+    return [json.loads(result.stdout)]
+
+
 def printed_load_command(output: str) -> tuple[dict[str, str], list[str]]:
     """The banner's `meshctl load` command: (its environment assignments, its arguments)."""
     line = next(ln.strip() for ln in output.splitlines() if " load orders " in ln)
@@ -414,6 +428,19 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     [notifications] = run_printed(output, "NotificationService/ListNotifications")
     kinds = {(n["order_id"], n["kind"]) for n in notifications["notifications"]}
     assert (confirmed["order_id"], "NOTIFICATION_KIND_ORDER_CONFIRMED") in kinds, notifications
+
+    # the curl commands and the storefront, through the gateway's HTTP port
+    [menu] = run_printed_curl(output, "/v1/items?")
+    assert "roma-margherita" in {item["itemId"] for item in menu["items"]}
+    [http_order] = run_printed_curl(output, "-X POST")
+    assert http_order["status"] == "ORDER_STATUS_CONFIRMED", http_order
+    assert http_order["customerId"] == user_id, http_order
+    [shown_order] = run_printed_curl(output, f"/v1/orders/{confirmed['order_id']}")
+    assert shown_order["orderId"] == confirmed["order_id"], shown_order
+    storefront = re.search(r"storefront: (http://\S+/)", output)
+    assert storefront, output
+    with urllib.request.urlopen(storefront.group(1), timeout=10) as page:
+        assert b"<title>foodmesh storefront</title>" in page.read()
 
     # the demo again, as a rerun on this data dir runs it: the email is taken, same user
     again = dev_demo.run_demo(f"127.0.0.1:{run.consul_port}", "", {})
