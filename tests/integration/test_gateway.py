@@ -37,6 +37,7 @@ from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.server import MeshServer, ServerConfig
+from mesh.telemetry.receiver import SpanRecord, TraceReceiver
 from scripts.processes import free_tcp_port, wait_until
 from scripts.redis_server import RedisServer
 from tests.integration.conftest import PROJECT_ROOT, ServiceProcess, Stack, stack_under
@@ -859,3 +860,46 @@ async def test_the_storefront_signs_up_orders_and_shows_the_status_change_live(
             await page.screenshot(path=str(tmp_path / "storefront.png"))
         finally:
             await browser.close()
+
+
+# -- traces ---------------------------------------------------------------------------------
+
+
+async def test_the_gateways_spans_continue_the_clients_trace_or_start_one(edge: Edge) -> None:
+    receiver = TraceReceiver()
+    await receiver.start()
+    export = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    traced = edge.stack.start("gateway", env=export)
+    try:
+        await asyncio.to_thread(edge.stack.wait_passing, "gateway", 2)
+        gateway = Edge(edge.stack, traced)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: set(PLATFORM_SERVICES) <= set(gateway.listed()),
+            timeout=30,
+            message="the traced gateway's routes",
+        )
+        trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        request = catalog_pb2.GetItemRequest(item_id="roma-margherita")
+        async with channel_to(gateway) as channel:
+            catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            continued = (("traceparent", f"00-{trace_id}-{parent_id}-01"),)
+            await catalog.GetItem(request, metadata=continued, timeout=10)
+            await catalog.GetItem(request, timeout=10)
+
+        def both(spans: list[SpanRecord]) -> bool:
+            servers = [s for s in spans if s.service_name == "gateway" and s.kind == "SERVER"]
+            return len(servers) >= 2 and any(s.trace_id == trace_id for s in servers)
+
+        spans = await receiver.wait_for(both, timeout=30)
+        servers = [s for s in spans if s.service_name == "gateway" and s.kind == "SERVER"]
+        (joined,) = [s for s in servers if s.trace_id == trace_id]
+        assert joined.parent_span_id == parent_id  # the client's span is the parent
+        (started,) = [s for s in servers if s.trace_id != trace_id]
+        assert not started.parent_span_id  # no traceparent: the gateway starts the trace
+        for server in (joined, started):
+            attempts = [s for s in spans if s.trace_id == server.trace_id and s.kind == "CLIENT"]
+            assert attempts, f"the forwarded call of {server.name} is in its trace"
+    finally:
+        traced.stop()
+        await receiver.stop()

@@ -21,9 +21,10 @@ from jwt.algorithms import ECAlgorithm
 from foodmesh.orders.v1 import orders_pb2
 from mesh.core.backoff import ExponentialBackoff
 from mesh.policy import PolicyError
+from mesh.server.reflection import enable_reflection
 from mesh.testing import FakeClock
 from meshkit.gateway.auth import MethodPatterns, bearer_token
-from meshkit.gateway.descriptors import build_pool
+from meshkit.gateway.descriptors import MeshDescriptors, build_pool
 from meshkit.gateway.policy import load_gateway_policy, parse_gateway_policy
 from meshkit.gateway.ratelimit import GcraLimiter, Limit, RateLimits, parse_rate
 from meshkit.gateway.routes import CatalogWatch, Route, RouteTable
@@ -410,3 +411,42 @@ def test_errors_map_to_http_and_grpc_gateways_body() -> None:
         "message": "no such item",
         "details": [],
     }
+
+
+# -- descriptors from a real server's reflection -------------------------------------------------
+
+
+async def test_descriptors_are_fetched_once_per_version_and_dropped_with_the_route() -> None:
+    from foodmesh.catalog.v1 import catalog_pb2
+
+    server = grpc.aio.server()
+    enable_reflection(["foodmesh.catalog.v1.CatalogService"], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    fetched: list[str] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+            def channel_for(name: str) -> grpc.aio.Channel:
+                fetched.append(name)
+                return channel
+
+            descriptors = MeshDescriptors(channel_for)
+            name = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
+
+            def table(*versions: str) -> RouteTable:
+                return RouteTable({name: Route(name, "catalog", frozenset(versions), 1)})
+
+            assert await descriptors.refresh(table("1.0.0"))
+            assert descriptors.shape_of(f"/{name}/GetItem") == "unary_unary"
+            assert await descriptors.refresh(table("1.0.0"))  # nothing new: no fetch
+            assert fetched == ["catalog"]
+            assert await descriptors.refresh(table("1.0.0", "1.1.0"))  # a rollout
+            assert fetched == ["catalog", "catalog"]
+            assert descriptors.loaded("catalog") == {"1.0.0", "1.1.0"}
+            assert await descriptors.refresh(RouteTable({}))
+            assert descriptors.shape_of(f"/{name}/GetItem") is None
+            with pytest.raises(KeyError):
+                descriptors.pool.FindServiceByName(name)
+    finally:
+        await server.stop(None)
