@@ -68,9 +68,12 @@ ORDERS: tuple[str, tuple[str, ...]] = ("orders", ())
 
 @contextmanager
 def platform(
-    root: Path, orders_instances: int = 2
+    root: Path,
+    orders_instances: int = 2,
+    extra: Sequence[tuple[str, tuple[str, ...]]] = (),
 ) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
-    """The Consul agent and the platform's processes, with the pids of each service's."""
+    """The Consul agent and the platform's processes (and the `extra` services, with their
+    flags: a gateway), with the pids of each service's."""
     agent = ConsulAgent(log_path=root / "consul.log")
     agent.start()
     procs: list[subprocess.Popen[bytes]] = []
@@ -79,7 +82,7 @@ def platform(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FOODMESH_"))}
     env["CONSUL_HTTP_ADDR"] = agent.http_addr
     try:
-        for n, (name, flags) in enumerate((*SERVICES, *[ORDERS] * orders_instances)):
+        for n, (name, flags) in enumerate((*SERVICES, *[ORDERS] * orders_instances, *extra)):
             port = free_tcp_port()
             command = [sys.executable, "-m", f"services.{name}", "--port", str(port)]
             command += ["--data-dir", str(root / "data"), "--check-interval", "1", *flags]

@@ -130,12 +130,16 @@ class HttpEdge:
         cors_origins: Sequence[str] = (),
         static_dir: Path | None = None,
         max_body: int = 1 << 20,
+        on_decode: Callable[[], None] | None = None,
     ) -> None:
+        """`on_decode` is told of every message this port parses or writes as JSON (the
+        gateway's metrics count them)."""
         self._descriptors = descriptors
         self._table = table
         self._grpc_target = grpc_target
         self._static_dir = static_dir
         self._max_body = max_body
+        self._decoded = on_decode or (lambda: None)
         self._channel: aio.Channel | None = None
         self._routes: list[HttpRoute] = []
         self._routes_key: tuple[int, frozenset[str]] | None = None
@@ -244,6 +248,7 @@ class HttpEdge:
                 )
             body = await request.read()
         message = request_message(match, request.query.items(), body)
+        self._decoded()
         metadata = outbound_metadata(request)
         timeout = grpc_timeout(request.headers.get("grpc-timeout"))
         payload = message.SerializeToString()
@@ -258,6 +263,7 @@ class HttpEdge:
             headers = _response_headers(await call.initial_metadata())
         except aio.AioRpcError as error:
             return error_response(error.code(), error.details() or "", error.trailing_metadata())
+        self._decoded()
         document = response_json(route.response_class().FromString(answer))
         return web.Response(body=json.dumps(document).encode(), content_type=JSON, headers=headers)
 
@@ -287,6 +293,7 @@ class HttpEdge:
                     )
                     self._cors(request, response)
                     await response.prepare(request)
+                self._decoded()
                 line = {"result": response_json(response_class.FromString(answer))}
                 await response.write(json.dumps(line).encode() + b"\n")
         except aio.AioRpcError as error:

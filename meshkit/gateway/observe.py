@@ -6,6 +6,7 @@ Calls per route (method) and status code, and their durations, are the mesh's se
     foodmesh_gateway_auth_total{method, outcome}          ok, anonymous, missing, expired, ...
     foodmesh_gateway_rate_limit_total{method, decision}   allowed, limited
     foodmesh_gateway_rate_limit_store_errors_total        Redis unreachable: let through
+    foodmesh_gateway_messages_decoded_total{protocol}     parsed messages (HTTP/JSON only)
     foodmesh_gateway_routes                               gRPC services in the route table
 
 The access log (logger `meshkit.gateway.access`, one line per call, with the trace id like
@@ -52,6 +53,13 @@ class GatewayMetrics:
             "foodmesh_gateway_rate_limit_store_errors",
             "Rate-limit decisions the shared store (Redis) could not make: the call was let "
             "through (fail open).",
+            registry=registry,
+        )
+        self.decoded = Counter(
+            "foodmesh_gateway_messages_decoded",
+            "Messages the gateway parsed: HTTP/JSON's requests and responses only; the gRPC "
+            "path forwards bytes and parses none.",
+            ("protocol",),
             registry=registry,
         )
         self.routes = Gauge(

@@ -137,6 +137,7 @@ async def main(argv: list[str]) -> int:
             lambda: server.address,
             cors_origins=policy.cors_origins,
             static_dir=STOREFRONT if STOREFRONT.is_dir() else None,
+            on_decode=metrics.decoded.labels("http").inc if metrics is not None else None,
         )
 
         async def serve_http() -> None:

@@ -450,3 +450,43 @@ async def test_descriptors_are_fetched_once_per_version_and_dropped_with_the_rou
                 descriptors.pool.FindServiceByName(name)
     finally:
         await server.stop(None)
+
+
+async def test_a_verified_token_is_cached_but_still_expires() -> None:
+    issuer = Issuer()
+
+    async def fetch() -> str:
+        return issuer.jwks()
+
+    wall, clock = [time.time()], FakeClock()
+    verifier = TokenVerifier(
+        KeySet(fetch),
+        TokenRules("iss", "aud", leeway=_seconds(0)),
+        cache_seconds=30.0,
+        clock=lambda: wall[0],
+        monotonic=clock,
+    )
+    now = int(wall[0])
+    token = issuer.token(iat=now, exp=now + 10)
+    signatures = 0
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        nonlocal signatures
+        signatures += 1
+        return real_decode(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jwt, "decode", counting_decode)
+        for _ in range(5):
+            assert (await verifier.verify(token))["sub"] == "u1"
+        assert signatures == 1  # verified once, then from the cache
+        wall[0] = now + 11.0  # past exp: the cached token is refused all the same
+        with pytest.raises(InvalidToken) as expired:
+            await verifier.verify(token)
+        assert expired.value.reason == EXPIRED
+        fresh = issuer.token(iat=now, exp=now + 100)
+        await verifier.verify(fresh)
+        clock.advance(31.0)  # kept no longer than cache_seconds: verified again
+        await verifier.verify(fresh)
+        assert signatures == 3
