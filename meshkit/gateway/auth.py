@@ -10,8 +10,10 @@ UNAUTHENTICATED and a message that says which of missing, malformed, expired, no
 forged, unknown key, wrong issuer or wrong audience it was; more than one token is refused as
 malformed (RFC 6750 allows one).
 
-A public method (the policy file's list) is served without a token; one that comes anyway is
-verified all the same, so a bad token is never silently ignored (Envoy's `allow_missing`).
+A method the policy file lists as internal (a saga's step, an operator's write) is not served
+at the edge at all: PERMISSION_DENIED, token or not. A public method is served without a
+token; one that comes anyway is verified all the same, so a bad token is never silently
+ignored (Envoy's `allow_missing`).
 Calls to a service the mesh does not have pass untouched: the router answers them
 UNIMPLEMENTED, which is the more useful answer.
 """
@@ -32,6 +34,7 @@ from meshkit.gateway.calls import call_of
 from meshkit.gateway.tokens import MALFORMED, InvalidToken, TokenVerifier
 
 MISSING = "missing"
+INTERNAL = "internal"
 AUTHORIZATION = "authorization"
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
 
@@ -85,23 +88,33 @@ class AuthInterceptor(BehaviorInterceptor):
         verifier: TokenVerifier,
         public: MethodPatterns,
         *,
+        internal: MethodPatterns = MethodPatterns(),
         applies: Callable[[str], bool] = lambda method: True,
         on_outcome: Outcome | None = None,
     ) -> None:
         super().__init__()
         self._verifier = verifier
         self._public = public
+        self._internal = internal
         self._applies = applies
         self._on_outcome = on_outcome or (lambda method, outcome: None)
 
     def hook_for(self, method: str) -> Hook:
         public = self._public.matches(method)
+        internal = self._internal.matches(method)
         verifier, applies, told = self._verifier, self._applies, self._on_outcome
 
         async def enter(context: aio.ServicerContext[Any, Any]) -> Exit | None:
             if not applies(method):
                 return None
             call = call_of(context)
+            if internal:
+                call.auth = INTERNAL
+                told(method, INTERNAL)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{method} is internal to the mesh: the gateway does not serve it",
+                )
             values = authorization_values(context.invocation_metadata() or ())
             try:
                 token = bearer_token(values)

@@ -45,6 +45,7 @@ class Gateway:
         *,
         verifier: TokenVerifier | None = None,
         public: MethodPatterns = NO_PATTERNS,
+        internal: MethodPatterns = NO_PATTERNS,
         traces: bool = False,
         rate_limits: RateLimits | None = None,
         limiter: Limiter | None = None,
@@ -71,6 +72,7 @@ class Gateway:
                 AuthInterceptor(
                     verifier,
                     public,
+                    internal=internal,
                     applies=self._applies,
                     on_outcome=metrics.auth_outcome if metrics is not None else None,
                 )

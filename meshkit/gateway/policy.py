@@ -13,6 +13,9 @@ gateway with a message naming the key.
         "foodmesh.catalog.v1.CatalogService/GetItem",
         "grpc.health.v1.Health/*",
     ]
+    internal = [                     # not served at the edge at all (PERMISSION_DENIED)
+        "foodmesh.payments.v1.PaymentService/CapturePayment",
+    ]
 
     [http]
     cors_origins = ["https://shop.example"]   # pages that may call the HTTP port (CORS)
@@ -36,7 +39,9 @@ from meshkit.gateway.auth import MethodPatterns
 from meshkit.gateway.ratelimit import Limit, RouteLimit, parse_rate
 from meshkit.gateway.tokens import TokenRules
 
-_AUTH_KEYS = frozenset({"issuer", "audience", "leeway_seconds", "jwks_service", "public"})
+_AUTH_KEYS = frozenset(
+    {"issuer", "audience", "leeway_seconds", "jwks_service", "public", "internal"}
+)
 _ROUTE_KEYS = frozenset({"methods", "rate", "burst"})
 
 
@@ -47,6 +52,8 @@ class AuthPolicy:
     rules: TokenRules = field(default_factory=lambda: TokenRules("foodmesh-users", "foodmesh"))
     jwks_service: str = "users"
     public: MethodPatterns = field(default_factory=MethodPatterns)
+    internal: MethodPatterns = field(default_factory=MethodPatterns)
+    """Methods the edge does not serve at all (PERMISSION_DENIED): calls inside the mesh."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +121,10 @@ def _auth(auth: dict[str, Any]) -> AuthPolicy:
     defaults = AuthPolicy()
     leeway = _value(auth, "leeway_seconds", (int, float), defaults.rules.leeway.total_seconds())
     public = _value(auth, "public", list, [])
-    if not all(isinstance(item, str) for item in public):
-        raise PolicyError("auth.public: must be a list of strings (pkg.Service/Method)")
+    internal = _value(auth, "internal", list, [])
+    for key, items in (("public", public), ("internal", internal)):
+        if not all(isinstance(item, str) for item in items):
+            raise PolicyError(f"auth.{key}: must be a list of strings (pkg.Service/Method)")
     try:
         rules = TokenRules(
             issuer=_value(auth, "issuer", str, defaults.rules.issuer),
@@ -123,10 +132,11 @@ def _auth(auth: dict[str, Any]) -> AuthPolicy:
             leeway=timedelta(seconds=leeway),
         )
         patterns = MethodPatterns(tuple(public))
+        hidden = MethodPatterns(tuple(internal))
     except ValueError as exc:
         raise PolicyError(f"auth: {exc}") from None
     jwks_service = _value(auth, "jwks_service", str, defaults.jwks_service)
-    return AuthPolicy(rules, jwks_service, patterns)
+    return AuthPolicy(rules, jwks_service, patterns, hidden)
 
 
 def _known(table: dict[str, Any], keys: frozenset[str], path: str) -> None:

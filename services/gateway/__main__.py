@@ -122,6 +122,7 @@ async def main(argv: list[str]) -> int:
             runtime.channel,
             verifier=TokenVerifier(KeySet(jwks), auth.rules),
             public=auth.public,
+            internal=auth.internal,
             traces=runtime.tracing is not None,
             metrics=metrics,
             limiter=limiter,

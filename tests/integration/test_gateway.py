@@ -47,6 +47,8 @@ from tests.integration.test_grpcurl import grpcurl
 PLATFORM_SERVICES = [
     "foodmesh.catalog.v1.CatalogService",
     "foodmesh.delivery.v1.DeliveryService",
+    "foodmesh.notifications.v1.NotificationService",
+    "foodmesh.orderhistory.v1.OrderHistoryService",
     "foodmesh.orders.v1.OrderService",
     "foodmesh.payments.v1.PaymentService",
     "foodmesh.users.v1.UserService",
@@ -99,6 +101,8 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     policy.write_text(f'{shipped}\n[http]\ncors_origins = ["{SHOP_ORIGIN}"]\n')
     with stack_under(root) as stack:
         stack.start_platform()
+        for read_model in ("notifications", "order-history"):  # no NATS: empty, but served
+            stack.wait_passing(read_model, {stack.start(read_model).port})
         http_port = free_tcp_port()
         gateway = stack.start(
             "gateway", "--http-port", str(http_port), "--gateway-policy", str(policy)
@@ -903,3 +907,60 @@ async def test_the_gateways_spans_continue_the_clients_trace_or_start_one(edge: 
     finally:
         traced.stop()
         await receiver.stop()
+
+
+async def test_every_other_mapped_http_route_answers_and_internal_methods_are_refused(
+    edge: Edge,
+) -> None:
+    user_id, token = await signed_up(edge, "routes@gateway.example")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with channel_to(edge) as channel:
+        placed = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
+            orders_pb2.PlaceOrderRequest(
+                lines=[orders_pb2.OrderLine(item_id="roma-margherita", quantity=1)],
+                payment_method="pm_card_visa",
+                delivery_address="4 Route Road",
+            ),
+            metadata=bearer(token),
+            timeout=30,
+        )
+    reads = {
+        f"/v1/users/{user_id}": lambda body: body["userId"] == user_id,
+        "/v1/jwks": lambda body: json.loads(body["jwksJson"])["keys"],
+        f"/v1/payments?orderId={placed.order_id}": lambda body: (
+            body["payments"][0]["paymentId"] == placed.payment_id
+        ),
+        f"/v1/payments/{placed.payment_id}": lambda body: (
+            body["status"] == "PAYMENT_STATUS_CAPTURED"
+        ),
+        f"/v1/deliveries?orderId={placed.order_id}": lambda body: (
+            body["deliveries"][0]["deliveryId"] == placed.delivery_id
+        ),
+        f"/v1/deliveries/{placed.delivery_id}": lambda body: body["orderId"] == placed.order_id,
+        f"/v1/users/{user_id}/notifications": lambda body: body.get("notifications", []) == [],
+        f"/v1/customers/{user_id}/orders": lambda body: body.get("orders", []) == [],
+    }
+    async with http_client() as http:
+        for path, holds in reads.items():
+            async with http.get(f"{edge.http}{path}", headers=auth) as answer:
+                assert answer.status == 200, (path, await answer.text())
+                assert holds(await answer.json()), path
+        async with http.get(
+            f"{edge.http}/v1/deliveries/{placed.delivery_id}:track",
+            headers={**auth, "Grpc-Timeout": "1S"},
+        ) as tracked:
+            first = json.loads(await tracked.content.readline())
+            assert first["result"]["deliveryId"] == placed.delivery_id
+        # A write only the mesh (or an operator) makes is not served at the edge.
+        async with http.put(
+            f"{edge.http}/v1/items/roma-margherita",
+            json={"itemId": "roma-margherita", "name": "Free pizza", "priceCents": "0"},
+            headers=auth,
+        ) as answer:
+            assert answer.status == 403
+            assert "internal to the mesh" in (await answer.json())["message"]
+    async with channel_to(edge) as channel:
+        payments = channel.unary_unary("/foodmesh.payments.v1.PaymentService/CapturePayment")
+        refused = await _error(payments(b"", metadata=bearer(token), timeout=10))
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "CapturePayment" in (refused.details() or "")

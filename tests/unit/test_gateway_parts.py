@@ -248,6 +248,9 @@ def test_the_shipped_policy_loads_and_makes_the_catalog_reads_public() -> None:
     assert not policy.auth.public.matches("/foodmesh.catalog.v1.CatalogService/PutItem")
     assert not policy.auth.public.matches("/foodmesh.orders.v1.OrderService/PlaceOrder")
     assert policy.auth.jwks_service == "users"
+    assert policy.auth.internal.matches("/foodmesh.catalog.v1.CatalogService/PutItem")
+    assert policy.auth.internal.matches("/foodmesh.payments.v1.PaymentService/CapturePayment")
+    assert not policy.auth.internal.matches("/foodmesh.payments.v1.PaymentService/GetPayment")
 
 
 @pytest.mark.parametrize(
