@@ -260,7 +260,9 @@ class HttpEdge:
         )(payload, metadata=metadata, timeout=timeout)
         try:
             answer: bytes = await call
-            headers = _response_headers(await call.initial_metadata())
+            headers = _response_headers(
+                (*(await call.initial_metadata()), *(await call.trailing_metadata()))
+            )
         except aio.AioRpcError as error:
             return error_response(error.code(), error.details() or "", error.trailing_metadata())
         self._decoded()

@@ -17,8 +17,9 @@ Metadata: the client's goes on minus what belongs to one hop (HTTP/2 connection 
 `grpc-*`, `content-type`, `user-agent`), minus what the gateway owns (`authorization`, which
 it has verified, and `x-user-id`, which only it may set), and minus the trace context when
 the gateway traces (its own span continues the trace and is what it sends on). It adds
-`x-request-id` when the client sent none (and returns it in the response's headers, or its
-trailers when the call fails), `x-forwarded-for`, and the verified `x-user-id`.
+`x-request-id` when the client sent none (and returns it: in the trailers of a unary answer
+or a failed call, in the headers of a stream), `x-forwarded-for`, and the verified
+`x-user-id`.
 """
 
 from __future__ import annotations
@@ -162,10 +163,13 @@ class Router(_GenericHandler):
                 call = start(request, metadata=metadata)
                 try:
                     response: bytes = await call
-                    await relay_headers(call, context, rid)
-                    context.set_trailing_metadata(
-                        _response_metadata(await call.trailing_metadata())
-                    )
+                    # The request id goes back in the trailers: sending headers apart is
+                    # one more write per call, which only a backend's own headers justify.
+                    headers = _response_metadata(await call.initial_metadata())
+                    if headers:
+                        await context.send_initial_metadata(headers)
+                    trailers = _response_metadata(await call.trailing_metadata())
+                    context.set_trailing_metadata((*trailers, (REQUEST_ID, rid)))
                     return response
                 except aio.AioRpcError as error:
                     await fail(context, error, rid)
