@@ -23,8 +23,19 @@ def built_wheel(source: Path, out: Path) -> zipfile.ZipFile:
     the tree it builds). No build isolation: setuptools comes from the environment (a dev
     dependency), so the test needs no download."""
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "-q", "-w", str(out), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
         capture_output=True,
         text=True,
         timeout=240,
@@ -86,7 +97,13 @@ def test_the_stubs_distribution_is_the_foodmesh_namespace_only(
     assert "foodmesh/py.typed" in names
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [
-        line for line in wheel.read(metadata).decode().splitlines()
+        line
+        for line in wheel.read(metadata).decode().splitlines()
         if line.startswith("Requires-Dist:")
     ]
-    assert sorted(line.split()[1].split(">")[0] for line in requires) == ["grpcio", "protobuf"]
+    # googleapis-common-protos: google/api/annotations.proto, which the HTTP mappings import
+    assert sorted(line.split()[1].split(">")[0] for line in requires) == [
+        "googleapis-common-protos",
+        "grpcio",
+        "protobuf",
+    ]

@@ -253,6 +253,20 @@ def test_the_shipped_policy_loads_and_makes_the_catalog_reads_public() -> None:
     assert not policy.auth.internal.matches("/foodmesh.payments.v1.PaymentService/GetPayment")
 
 
+def test_the_readme_example_is_a_valid_gateway_policy() -> None:
+    import re
+    import tomllib
+
+    readme = Path("README.md").read_text()
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL) if "[auth]" in b]
+    assert blocks, "the README shows the gateway's policy file"
+    policy = parse_gateway_policy(tomllib.loads(blocks[0]))
+    assert policy.auth.public.matches("/foodmesh.users.v1.UserService/Login")
+    assert policy.auth.internal.matches("/foodmesh.catalog.v1.CatalogService/PutItem")
+    assert policy.cors_origins == ("https://shop.example",)
+    assert policy.rate_routes[0].limit == Limit(2.0, 10)
+
+
 @pytest.mark.parametrize(
     ("document", "names"),
     [
