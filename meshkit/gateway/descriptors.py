@@ -201,7 +201,7 @@ class MeshDescriptors:
             while True:
                 if nxt is None:
                     nxt = asyncio.ensure_future(anext(tables))
-                if table is not None and not await self.refresh(table):
+                if table is not None and not await self._refreshed(table):
                     failures += 1
                     delay = max(self.backoff.delay(failures, self.rng), 0.05)
                     done, _ = await asyncio.wait({nxt}, timeout=delay)
@@ -217,6 +217,15 @@ class MeshDescriptors:
         finally:
             if nxt is not None:
                 nxt.cancel()
+
+    async def _refreshed(self, table: RouteTable) -> bool:
+        """refresh(), with a failure of its own logged and retried like a failed fetch: the
+        loop that keeps routes current must not end on a bad descriptor."""
+        try:
+            return await self.refresh(table)
+        except Exception:
+            log.exception("descriptors: refreshing failed; trying again")
+            return False
 
     async def _fetch(self, consul_service: str, grpc_services: frozenset[str]) -> dict[str, bytes]:
         channel = self.channel_for(consul_service)
