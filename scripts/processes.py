@@ -9,8 +9,10 @@ ready polls a condition against a deadline instead of sleeping a fixed time and 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,12 +27,46 @@ T = TypeVar("T")
 _ON_LINUX = sys.platform.startswith("linux")
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=2000)
+_LOWEST_PICKED = 10_000
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (the kernel's choice for port 0)."""
+    """A TCP port that was free on ``host`` a moment ago, for a process about to bind it.
+
+    It is drawn below the kernel's ephemeral range when there is room: the local ends of
+    outgoing connections take their ports from that range, so a port chosen there (as the
+    kernel's choice for port 0 is) can be taken by some connection before the process it was
+    chosen for binds it, which a suite that opens thousands of connections does see. Ports
+    handed out recently in this process are not handed out again.
+    """
+    first_ephemeral = _ephemeral_range()[0]
+    if first_ephemeral - _LOWEST_PICKED > 1000:
+        for _ in range(100):
+            port = random.randrange(_LOWEST_PICKED, first_ephemeral)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED_OUT.append(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+    _HANDED_OUT.append(chosen)
+    return chosen
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; else IANA's)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 _LAUNCHER = Path(__file__).with_name("die_with_parent.py")
