@@ -4,8 +4,8 @@
 #                   generated stubs (protos/, editable) and the dev tools, grpcurl among them;
 #                   the demo services run from the checkout, never installed
 #   .tools/bin/     a Consul binary, unless one is on PATH (scripts/get_consul.py)
-#   Debian's redis-server and chromium, when missing and apt-get can install them (root, as
-#                   on CI)
+#   Debian's redis-server, chromium and postgresql, when missing and apt-get can install
+#                   them (root, as on CI)
 # Sourced by scripts/dev and scripts/test; safe to run by itself.
 set -euo pipefail
 
@@ -49,3 +49,7 @@ need_package() {
 }
 need_package redis-server redis-server   # the gateway's shared rate limits
 need_package chromium chromium           # the storefront's browser test (Playwright drives it)
+# Postgres per service: Debian's postgresql (initdb is not on PATH: look where Debian puts it)
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    need_package initdb postgresql
+fi

@@ -1,0 +1,138 @@
+"""A throwaway Postgres cluster on a free loopback port, with a database and a role per
+service, for the tests (and, later, the cluster mode of the dev stack).
+
+Why: "database per service" is only believable when the database says no: each service gets
+a role of its own that owns a database of its own, and no other role may connect to it
+(`REVOKE CONNECT ... FROM PUBLIC`), as a production cluster would be set up. The server is
+Debian's `postgresql` package (15), which scripts/bootstrap.sh installs when it is missing.
+`initdb` refuses to run as root, so as root the cluster is made and run as the `postgres`
+user the package creates (`runuser`), in a directory that user owns; its socket lives there
+too, so nothing touches the system's own cluster or port 5432.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until
+
+HOST = "127.0.0.1"
+SUPERUSER = "postgres"
+
+
+def find_pg_bin() -> Path:
+    """The directory of initdb and pg_ctl: Debian's /usr/lib/postgresql/<version>/bin."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise RuntimeError("initdb not found: scripts/bootstrap.sh installs Debian's postgresql")
+    return Path(initdb).parent
+
+
+class PostgresServer:
+    """One Postgres cluster in a temporary directory, listening on 127.0.0.1:`port`."""
+
+    def __init__(self, *, port: int | None = None) -> None:
+        self.port = port if port is not None else free_tcp_port(HOST)
+        self._root = Path(tempfile.mkdtemp(prefix="foodmesh-pg-"))
+        self.data_dir = self._root / "data"
+        self.log_path = self._root / "postgres.log"
+        self._bin = find_pg_bin()
+        self._as_postgres = os.geteuid() == 0
+        self.passwords: dict[str, str] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _run(self, *command: str) -> subprocess.CompletedProcess[str]:
+        args = [str(self._bin / command[0]), *command[1:]]
+        if self._as_postgres:
+            args = ["runuser", "-u", SUPERUSER, "--", *args]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+    def start(self) -> None:
+        """Make the cluster (trust for the superuser on its socket, passwords over TCP) and
+        start it; return once it accepts connections."""
+        if self._as_postgres:
+            shutil.chown(self._root, SUPERUSER)
+        made = self._run(
+            "initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "--auth-local=trust",
+            "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8",
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{made.stderr}")
+        command = [
+            str(self._bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+            "-k", str(self._root), "-c", f"listen_addresses={HOST}", "-c", "fsync=off",
+        ]  # fmt: skip
+        if self._as_postgres:
+            command = ["runuser", "-u", SUPERUSER, "--", *command]
+        # In the foreground, in a process group of its own that dies with us (spawn): a
+        # crashed test run leaves no server behind, as pg_ctl's daemon would.
+        self._proc = spawn(command, log_path=self.log_path)
+        wait_until(
+            self._ready,
+            timeout=60,
+            interval=0.1,
+            message=f"postgres on {HOST}:{self.port} not ready",
+        )
+
+    def _ready(self) -> bool:
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError(f"postgres exited while starting:\n{log_tail(self.log_path)}")
+        try:
+            return self.sql("SELECT 1").strip() == "1"
+        except RuntimeError:
+            return False
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """Run `statement` as the superuser (over the cluster's own socket); its output."""
+        done = self._run(
+            "psql", "-h", str(self._root), "-p", str(self.port), "-U", SUPERUSER,
+            "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", statement,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"psql failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def service_database(self, service: str) -> str:
+        """A role and a database named for `service` (order-history: order_history), the
+        role owning it and no other role allowed to connect; its URL (DATABASE_URL)."""
+        name = service.replace("-", "_")
+        password = self.passwords.get(name) or secrets.token_urlsafe(16)
+        if name not in self.passwords:
+            self.sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+            self.sql(f"CREATE DATABASE {name} OWNER {name}")
+            self.sql(f"REVOKE ALL ON DATABASE {name} FROM PUBLIC")
+            self.passwords[name] = password
+        return self.url(name, password, name)
+
+    def url(self, role: str, password: str, database: str) -> str:
+        return f"postgresql://{role}:{password}@{HOST}:{self.port}/{database}"
+
+    def stop(self) -> None:
+        """Stop the server (SIGINT: Postgres's fast shutdown) and remove the cluster."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_process(proc, sig=signal.SIGINT, timeout=30)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
