@@ -61,7 +61,20 @@ class ConsulAgent:
         node_name: str | None = None,
         binary: str | Path | None = None,
         start_timeout: float = 30.0,
+        host: str = HOST,
+        role: str = "dev",
+        bootstrap_expect: int = 3,
+        retry_join: tuple[str, ...] = (),
     ) -> None:
+        """`role` "dev" is a one-node dev agent; "server" and "client" are nodes of a real
+        cluster (scripts/consul_cluster.py) on `host`, a loopback address of their own, that
+        join `retry_join` (serf LAN addresses) and keep their state in a data dir."""
+        if role not in ("dev", "server", "client"):
+            raise ValueError(f"role must be dev, server or client, got {role!r}")
+        self.host = host
+        self.role = role
+        self.bootstrap_expect = bootstrap_expect
+        self.retry_join = retry_join
         self.log_path = Path(log_path)
         self.node_name = node_name or f"foodmesh-{uuid.uuid4().hex[:8]}"
         self.binary = Path(binary) if binary is not None else ensure_consul()
@@ -75,7 +88,7 @@ class ConsulAgent:
     @property
     def http_addr(self) -> str:
         """``host:port`` of the HTTP API: the value for ``CONSUL_HTTP_ADDR``."""
-        return f"{HOST}:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
 
     @property
     def ui_url(self) -> str:
@@ -89,13 +102,36 @@ class ConsulAgent:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def serf_lan_addr(self) -> str:
+        """What other nodes join (`-retry-join`)."""
+        return f"{self.host}:{self.serf_lan_port}"
+
+    @property
+    def server_addr(self) -> str:
+        """The address /v1/status/leader names when this server leads."""
+        return f"{self.host}:{self.server_port}"
+
     def command(self) -> list[str]:
+        if self.role == "dev":
+            mode = ["-dev"]
+        else:
+            assert self._workdir is not None
+            mode = [f"-data-dir={Path(self._workdir.name) / 'data'}"]
+            if self.role == "server":
+                mode += ["-server", f"-bootstrap-expect={self.bootstrap_expect}", "-ui"]
+                # Raft's timeouts as Consul recommends for production on fast links (the
+                # default multiplier, 5, is for slow cloud machines): a new leader in
+                # seconds, not tens of seconds.
+                mode += ["-hcl=performance { raft_multiplier = 1 }"]
+            mode += [f"-retry-join={address}" for address in self.retry_join]
+            mode += ["-retry-interval=1s"]
         return [
             str(self.binary),
             "agent",
-            "-dev",
-            f"-bind={HOST}",
-            f"-client={HOST}",
+            *mode,
+            f"-bind={self.host}",
+            f"-client={self.host}",
             f"-node={self.node_name}",
             f"-http-port={self.http_port}",
             f"-grpc-port={self.grpc_port}",
@@ -105,16 +141,23 @@ class ConsulAgent:
             "-dns-port=-1",
         ]
 
-    def start(self) -> None:
-        """Start the agent; return once it has a leader and its agent API answers.
+    def start(self, *, wait: bool = True) -> None:
+        """Start the agent; return once it has a leader and its agent API answers (at once
+        with `wait` False: a cluster's servers have no leader until enough have started).
 
         Call it from a long-lived thread: the agent dies with the thread that spawned it.
         """
         if self.is_running:
             raise RuntimeError(f"consul agent {self.node_name} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._workdir = tempfile.TemporaryDirectory(prefix="consul-dev-")
+        if self._workdir is None:  # a cluster node keeps its data dir across a restart
+            self._workdir = tempfile.TemporaryDirectory(prefix=f"consul-{self.role}-")
         self._proc = spawn(self.command(), log_path=self.log_path, cwd=self._workdir.name)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until the agent knows a leader and its agent API answers."""
         try:
             wait_until(
                 self._ready,
@@ -148,12 +191,18 @@ class ConsulAgent:
         return self._end(signal.SIGKILL, timeout=10.0)
 
     def _end(self, sig: int, timeout: float) -> int | None:
-        proc, workdir = self._proc, self._workdir
-        self._proc = self._workdir = None
+        proc, self._proc = self._proc, None
         code = stop_process(proc, sig=sig, timeout=timeout) if proc is not None else None
+        if self.role == "dev":
+            self.forget()
+        return code
+
+    def forget(self) -> None:
+        """Remove the agent's working directory (a dev agent's at every stop; a cluster
+        node's when the cluster is torn down)."""
+        workdir, self._workdir = self._workdir, None
         if workdir is not None:
             workdir.cleanup()
-        return code
 
     def restart(self) -> None:
         """Stop and start again on the same ports; a dev agent forgets all registrations."""
