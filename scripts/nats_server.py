@@ -58,7 +58,15 @@ class NatsServer:
         store_dir: str | Path | None = None,
         port: int | None = None,
         start_timeout: float = 30.0,
+        cluster: str | None = None,
+        server_name: str | None = None,
     ) -> None:
+        """With `cluster` (its name), the server is a node of a JetStream cluster
+        (NatsCluster): it listens for routes on `cluster_port` and routes to `routes`."""
+        self.cluster = cluster
+        self.server_name = server_name
+        self.cluster_port = free_tcp_port(HOST) if cluster else 0
+        self.routes: tuple[str, ...] = ()
         self.log_path = Path(log_path)
         self._own_store: tempfile.TemporaryDirectory[str] | None = None
         if store_dir is None:
@@ -97,7 +105,22 @@ class NatsServer:
             "--jetstream",
             "--store_dir",
             str(self.store_dir),
+            *self._cluster_flags(),
         ]
+
+    @property
+    def route_url(self) -> str:
+        """Where the other nodes of its cluster route to it."""
+        return f"nats://{HOST}:{self.cluster_port}"
+
+    def _cluster_flags(self) -> list[str]:
+        if not self.cluster:
+            return []
+        flags = ["--cluster_name", self.cluster, "--cluster", self.route_url]
+        flags += ["--server_name", self.server_name or f"{self.cluster}-{self.port}"]
+        if self.routes:
+            flags += ["--routes", ",".join(self.routes)]
+        return flags
 
     def start(self) -> None:
         """Start the server; return once JetStream answers. Call it from a long-lived
@@ -156,6 +179,54 @@ class NatsServer:
             self._own_store.cleanup()
 
     def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NatsCluster:
+    """`size` nats-servers routed into one JetStream cluster (streams may keep 3 replicas),
+    each with a store of its own under `root`: what a stream survives when a node dies."""
+
+    def __init__(self, root: Path, *, size: int = 3, name: str = "foodmesh") -> None:
+        self.nodes = [
+            NatsServer(
+                store_dir=root / f"nats-{n}",
+                log_path=root / f"nats-{n}.log",
+                cluster=name,
+                server_name=f"{name}-{n}",
+            )
+            for n in range(size)
+        ]
+        for node in self.nodes:
+            node.routes = tuple(other.route_url for other in self.nodes if other is not node)
+
+    @property
+    def url(self) -> str:
+        """The value for NATS_URL: every node, so that a client fails over by itself."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self) -> None:
+        """Start every node; return once each answers with JetStream enabled."""
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> NatsCluster:
         self.start()
         return self
 

@@ -46,6 +46,8 @@ class StreamSpec:
     """How long JetStream remembers a `Nats-Msg-Id`: a relay that republishes after a crash
     (published, not yet marked) must do so within it, which its lease period (seconds) does
     with a wide margin."""
+    replicas: int = 1
+    """Copies JetStream keeps, on as many nodes of a cluster (3 survives the loss of one)."""
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -57,7 +59,7 @@ class StreamSpec:
             max_age=self.max_age_s,
             max_bytes=self.max_bytes,
             duplicate_window=self.duplicate_window_s,
-            num_replicas=1,
+            num_replicas=self.replicas,
         )
 
 
@@ -82,6 +84,12 @@ DEAD_LETTERS = StreamSpec("DEADLETTER", ("deadletter.>",), max_age_s=30 * DAY_S)
 
 def dead_letter_subject(consumer: str) -> str:
     return f"deadletter.{consumer}"
+
+
+def servers(url: str) -> list[str]:
+    """The servers of a NATS_URL, which may name several, comma-separated, as the nats CLI
+    reads it (nats-py takes a list): the client fails over among them by itself."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 class Broker:
@@ -151,7 +159,7 @@ class Broker:
             log.debug("NATS at %s: %s", self.url, exc)
 
         self._client = await nats.connect(
-            self.url,
+            servers(self.url),
             name=self.name,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
