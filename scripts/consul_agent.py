@@ -23,11 +23,10 @@ import tempfile
 import urllib.request
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from scripts.get_consul import ensure_consul
-from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until
+from scripts.processes import Running, free_tcp_port, log_tail, spawn, stop_process, wait_until
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
@@ -44,7 +43,7 @@ def _distinct_free_ports(count: int, avoid: int | None) -> list[int]:
     return ports
 
 
-class ConsulAgent:
+class ConsulAgent(Running):
     """One ``consul agent -dev`` process bound to 127.0.0.1.
 
     Usage::
@@ -219,15 +218,3 @@ class ConsulAgent:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return log_tail(self.log_path, lines)
-
-    def __enter__(self) -> ConsulAgent:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

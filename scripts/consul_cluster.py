@@ -13,16 +13,15 @@ serf state in its own data dir, so a restarted node rejoins as itself.
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 
 from scripts.consul_agent import ConsulAgent
-from scripts.processes import wait_until
+from scripts.processes import Running, wait_until
 
 FIRST_ADDRESS = 20
 """Nodes get 127.0.0.20, .21, ...: away from 127.0.0.1, where dev agents and services are."""
 
 
-class ConsulCluster:
+class ConsulCluster(Running):
     """`servers` Consul servers and one client agent per name in `hosts`."""
 
     def __init__(self, root: Path, *, servers: int = 3, hosts: tuple[str, ...] = ("a", "b")):
@@ -98,15 +97,3 @@ class ConsulCluster:
         for node in reversed(self.nodes):
             node.kill()
             node.forget()
-
-    def __enter__(self) -> ConsulCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

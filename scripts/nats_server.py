@@ -22,9 +22,8 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
-from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until
+from scripts.processes import Running, free_tcp_port, log_tail, spawn, stop_process, wait_until
 
 HOST = "127.0.0.1"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -42,7 +41,7 @@ def find_nats_server() -> Path:
     return Path(found)
 
 
-class NatsServer:
+class NatsServer(Running):
     """One ``nats-server -js`` process bound to 127.0.0.1.
 
     Usage::
@@ -178,20 +177,8 @@ class NatsServer:
         if self._own_store is not None:
             self._own_store.cleanup()
 
-    def __enter__(self) -> NatsServer:
-        self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class NatsCluster:
+class NatsCluster(Running):
     """`size` nats-servers routed into one JetStream cluster (streams may keep 3 replicas),
     each with a store of its own under `root`: what a stream survives when a node dies."""
 
@@ -225,15 +212,3 @@ class NatsCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> NatsCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

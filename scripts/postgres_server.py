@@ -20,9 +20,8 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 
-from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until
+from scripts.processes import Running, free_tcp_port, log_tail, spawn, stop_process, wait_until
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -39,7 +38,7 @@ def find_pg_bin() -> Path:
     return Path(initdb).parent
 
 
-class PostgresServer:
+class PostgresServer(Running):
     """One Postgres cluster in a temporary directory, listening on 127.0.0.1:`port`."""
 
     def __init__(self, *, port: int | None = None) -> None:
@@ -124,15 +123,3 @@ class PostgresServer:
         if proc is not None:
             stop_process(proc, sig=signal.SIGINT, timeout=30)
         shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -20,7 +20,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
 T = TypeVar("T")
 
@@ -106,6 +107,33 @@ def spawn(
     finally:
         if log is not None:
             log.close()
+
+
+class Running:
+    """`with` support for a helper that runs a real server (an agent, a broker, a database):
+    started on entering, closed on leaving, whatever way the block ends. `close()` is
+    `stop()` unless the helper has more to clean up."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def stop_process(

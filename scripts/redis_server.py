@@ -13,9 +13,8 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
-from scripts.processes import free_tcp_port, log_tail, spawn, stop_process, wait_until
+from scripts.processes import Running, free_tcp_port, log_tail, spawn, stop_process, wait_until
 
 HOST = "127.0.0.1"
 
@@ -29,7 +28,7 @@ def find_redis_server() -> Path:
     return Path(found)
 
 
-class RedisServer:
+class RedisServer(Running):
     """One ``redis-server`` process bound to 127.0.0.1, without persistence."""
 
     def __init__(self, *, log_path: str | Path, port: int | None = None) -> None:
@@ -76,15 +75,3 @@ class RedisServer:
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
