@@ -49,7 +49,7 @@ from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from scripts.bench_checkout import ITEM, cpu_seconds, platform, run_side, summary
 from scripts.bench_harness import PROJECT_ROOT, percentile, serve_until_signalled
 from scripts.consul_agent import ConsulAgent
-from scripts.processes import spawn, stop_process
+from scripts.processes import free_tcp_port, spawn, stop_process
 
 GATEWAY = ("gateway", ("--rate-limit", "1000000/s", "--rate-burst", "1000000"))
 
@@ -245,8 +245,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from scripts.processes import free_tcp_port
-
     options = parse_args(argv)
     if options.bare_proxy:  # the child process of the `bare` side
         asyncio.run(bare_proxy(options.bare_proxy, options.port))

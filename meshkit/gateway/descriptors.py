@@ -137,7 +137,6 @@ class MeshDescriptors:
     pool: descriptor_pool.DescriptorPool = field(init=False)
     _loaded: dict[str, _Loaded] = field(default_factory=dict, init=False)
     _shapes: dict[str, str] = field(default_factory=dict, init=False)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self) -> None:
         self.pool = build_pool({}, self.own)
@@ -250,12 +249,6 @@ class MeshDescriptors:
                     shape = SHAPES[(method.client_streaming, method.server_streaming)]
                     shapes[f"/{name}/{method.name}"] = shape
         self.pool, self._shapes = pool, shapes
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def changed(self) -> None:
-        """Wait for the next rebuild of the pool."""
-        await self._changed.wait()
 
 
 def _reason(error: BaseException) -> str:

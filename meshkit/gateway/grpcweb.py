@@ -23,6 +23,7 @@ from aiohttp import web
 from grpc import aio
 
 from meshkit.gateway.calls import LOOPBACK_PEER, LOOPBACK_SECRET
+from meshkit.gateway.transcoder import grpc_timeout
 
 if TYPE_CHECKING:
     from meshkit.gateway.http import HttpEdge
@@ -130,8 +131,6 @@ class GrpcWeb:
         ]
         if request.remote:
             metadata.append((LOOPBACK_PEER, f"{LOOPBACK_SECRET} {request.remote}"))
-        from meshkit.gateway.http import grpc_timeout
-
         timeout = grpc_timeout(request.headers.get("grpc-timeout"))
         # unary_stream carries a unary call as well as a server stream on the wire
         call = self._edge.channel().unary_stream(

@@ -13,10 +13,8 @@ aiohttp serves it (already a dependency, under py-consul's asyncio client).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from meshkit.gateway.transcoder import (
     Match,
     error_body,
     find_route,
+    grpc_timeout,
     http_routes,
     http_status,
     metadata_dict,
@@ -43,22 +42,10 @@ from meshkit.gateway.transcoder import (
 )
 
 log = logging.getLogger(__name__)
+JSON = "application/json"
 
 FORWARDED_HEADERS = ("authorization", REQUEST_ID, "traceparent", "tracestate", "baggage")
 METADATA_PREFIX = "grpc-metadata-"
-_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
-_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-JSON = "application/json"
-
-
-def grpc_timeout(value: str | None) -> float | None:
-    """Seconds of a `grpc-timeout` header (`10S`, `500m`); None when absent."""
-    if not value:
-        return None
-    found = _TIMEOUT.match(value.strip())
-    if found is None:
-        raise BadRequest(f"grpc-timeout {value!r}: expected digits and one of H M S m u n")
-    return int(found.group(1)) * _UNITS[found.group(2)]
 
 
 def outbound_metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
@@ -305,11 +292,8 @@ class HttpEdge:
                 )
             failed = {"error": {"code": error.code().value[0], "message": error.details() or ""}}
             await response.write(json.dumps(failed).encode() + b"\n")
-        except (asyncio.CancelledError, ConnectionResetError):
-            call.cancel()
-            raise
         finally:
-            call.cancel()
+            call.cancel()  # a client gone away (cancelled, reset), or an error
         if response is None:  # a stream that ended with no message
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)

@@ -166,10 +166,10 @@ def http_routes(pool: descriptor_pool.DescriptorPool, services: Iterable[str]) -
                 kind = rule.WhichOneof("pattern")
                 if kind is None:
                     continue
-                verb = "CUSTOM" if kind == "custom" else kind.upper()
-                path = rule.custom.path if kind == "custom" else getattr(rule, kind)
                 if kind == "custom":
-                    verb = rule.custom.kind.upper()
+                    verb, path = rule.custom.kind.upper(), rule.custom.path
+                else:
+                    verb, path = kind.upper(), getattr(rule, kind)
                 try:
                     template = PathTemplate.parse(path)
                 except ValueError as exc:
@@ -310,6 +310,22 @@ def _scalar(field: FieldDescriptor, value: str, path: str) -> Any:
             return False
         raise BadRequest(f"{path!r}: {value!r} is not true or false")
     return value  # proto3 JSON takes numbers and enums as strings too
+
+
+# -- headers --------------------------------------------------------------------------------
+
+_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def grpc_timeout(value: str | None) -> float | None:
+    """Seconds of a `grpc-timeout` header (`10S`, `500m`); None when absent."""
+    if not value:
+        return None
+    found = _TIMEOUT.match(value.strip())
+    if found is None:
+        raise BadRequest(f"grpc-timeout {value!r}: expected digits and one of H M S m u n")
+    return int(found.group(1)) * _UNITS[found.group(2)]
 
 
 # -- responses ---------------------------------------------------------------------------------
