@@ -93,6 +93,22 @@ class Edge:
         return jwt.encode({**base, **claims}, pem, algorithm="ES256", headers={"kid": kid})
 
 
+def started_gateway(stack: Stack, *flags: str, env: dict[str, str] | None = None) -> Edge:
+    """A gateway process with an HTTP port, once it passes in Consul (with the gateways
+    already running) and routes every platform service."""
+    http_port = free_tcp_port()
+    gateway = stack.start("gateway", "--http-port", str(http_port), *flags, env=env)
+    running = {p.port for p in stack.processes if p.name == "gateway" and not p.stopped}
+    stack.wait_passing("gateway", running)
+    started = Edge(stack, gateway, http_port)
+    wait_until(
+        lambda: set(PLATFORM_SERVICES) <= set(started.listed()),
+        timeout=30,
+        message=f"the routes of the gateway on {gateway.port}",
+    )
+    return started
+
+
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     root = tmp_path_factory.mktemp("gateway")
@@ -103,18 +119,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         stack.start_platform()
         for read_model in ("notifications", "order-history"):  # no NATS: empty, but served
             stack.wait_passing(read_model, {stack.start(read_model).port})
-        http_port = free_tcp_port()
-        gateway = stack.start(
-            "gateway", "--http-port", str(http_port), "--gateway-policy", str(policy)
-        )
-        stack.wait_passing("gateway", {gateway.port})
-        running = Edge(stack, gateway, http_port)
-        wait_until(
-            lambda: set(PLATFORM_SERVICES) <= set(running.listed()),
-            timeout=30,
-            message="the gateway's routes to the platform",
-        )
-        yield running
+        yield started_gateway(stack, "--gateway-policy", str(policy))
 
 
 @asynccontextmanager
@@ -133,6 +138,21 @@ async def signed_up(edge: Edge, email: str) -> tuple[str, str]:
         )
         login = await users.Login(users_pb2.LoginRequest(email=email, password=PASSWORD))
     return user.user_id, login.access_token
+
+
+async def placed_through(edge: Edge, token: str, address: str) -> orders_pb2.Order:
+    """A margherita ordered through the gateway with `token`, paid by Visa."""
+    async with channel_to(edge) as channel:
+        order: orders_pb2.Order = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
+            orders_pb2.PlaceOrderRequest(
+                lines=[orders_pb2.OrderLine(item_id="roma-margherita", quantity=1)],
+                payment_method="pm_card_visa",
+                delivery_address=address,
+            ),
+            metadata=bearer(token),
+            timeout=30,
+        )
+    return order
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -500,19 +520,10 @@ async def _until_code(echo: Any, token: str, code: grpc.StatusCode) -> None:
 async def test_over_the_limit_is_resource_exhausted_with_retry_info_per_consumer(
     edge: Edge,
 ) -> None:
-    http_port = free_tcp_port()
-    tight = edge.stack.start(
-        "gateway", "--rate-limit", "1/min", "--rate-burst", "3", "--http-port", str(http_port)
+    limited = await asyncio.to_thread(
+        started_gateway, edge.stack, "--rate-limit", "1/min", "--rate-burst", "3"
     )
     try:
-        await asyncio.to_thread(edge.stack.wait_passing, "gateway", 2)
-        limited = Edge(edge.stack, tight, http_port)
-        await asyncio.to_thread(
-            wait_until,
-            lambda: set(PLATFORM_SERVICES) <= set(limited.listed()),
-            timeout=30,
-            message="the second gateway's routes",
-        )
         _, token = await signed_up(edge, "limited@gateway.example")
         request = catalog_pb2.GetItemRequest(item_id="roma-margherita")
         async with channel_to(limited) as channel:
@@ -546,7 +557,7 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_info_per_consumer
         assert body["code"] == 8
         assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.RetryInfo"
     finally:
-        tight.stop()
+        limited.gateway.stop()
 
 
 async def test_two_replicas_sharing_redis_hold_the_combined_rate_and_fail_open_without_it(
@@ -555,20 +566,12 @@ async def test_two_replicas_sharing_redis_hold_the_combined_rate_and_fail_open_w
     redis = RedisServer(log_path=tmp_path / "redis.log")
     redis.start()
     flags = ("--rate-limit", "1/min", "--rate-burst", "4", "--rate-limit-store", redis.url)
-    replicas = [edge.stack.start("gateway", *flags) for _ in range(2)]
+    replicas = [await asyncio.to_thread(started_gateway, edge.stack, *flags) for _ in range(2)]
     try:
-        await asyncio.to_thread(edge.stack.wait_passing, "gateway", 3)
-        for replica in replicas:
-            await asyncio.to_thread(
-                wait_until,
-                lambda r=replica: set(PLATFORM_SERVICES) <= set(Edge(edge.stack, r).listed()),
-                timeout=30,
-                message="a replica's routes",
-            )
         request = catalog_pb2.GetItemRequest(item_id="roma-margherita")
         async with (
-            channel_to(Edge(edge.stack, replicas[0])) as one,
-            channel_to(Edge(edge.stack, replicas[1])) as two,
+            channel_to(replicas[0]) as one,
+            channel_to(replicas[1]) as two,
         ):
             stubs = [catalog_pb2_grpc.CatalogServiceStub(c) for c in (one, two)]
             codes = []
@@ -585,12 +588,13 @@ async def test_two_replicas_sharing_redis_hold_the_combined_rate_and_fail_open_w
             for stub in stubs:  # Redis gone: both let calls through
                 assert (await stub.GetItem(request, timeout=10)).name == "Margherita"
         for replica in replicas:
-            assert "rate-limit store" in replica.log() and "unreachable" in replica.log()
-            samples = scrape(edge.stack, "gateway", replica.port)
+            log = replica.gateway.log()
+            assert "rate-limit store" in log and "unreachable" in log
+            samples = scrape(edge.stack, "gateway", replica.gateway.port)
             assert value(samples, "foodmesh_gateway_rate_limit_store_errors_total") >= 1
     finally:
         for replica in replicas:
-            replica.stop()
+            replica.gateway.stop()
         redis.stop()
 
 
@@ -762,16 +766,7 @@ async def test_grpc_web_unary_and_server_streaming_in_binary_and_text(edge: Edge
     assert "missing%20token" in trailers["grpc-message"]
 
     _, token = await signed_up(edge, "web@gateway.example")
-    async with channel_to(edge) as channel:
-        placed = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
-            orders_pb2.PlaceOrderRequest(
-                lines=[orders_pb2.OrderLine(item_id="roma-margherita", quantity=1)],
-                payment_method="pm_card_visa",
-                delivery_address="3 Web Way",
-            ),
-            metadata=bearer(token),
-            timeout=30,
-        )
+    placed = await placed_through(edge, token, "3 Web Way")
     watch = orders_pb2.WatchOrderRequest(order_id=placed.order_id)
     status, _, messages, trailers = await _grpc_web(
         edge,
@@ -874,16 +869,8 @@ async def test_the_gateways_spans_continue_the_clients_trace_or_start_one(edge: 
     receiver = TraceReceiver()
     await receiver.start()
     export = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    traced = edge.stack.start("gateway", env=export)
+    gateway = await asyncio.to_thread(started_gateway, edge.stack, env=export)
     try:
-        await asyncio.to_thread(edge.stack.wait_passing, "gateway", 2)
-        gateway = Edge(edge.stack, traced)
-        await asyncio.to_thread(
-            wait_until,
-            lambda: set(PLATFORM_SERVICES) <= set(gateway.listed()),
-            timeout=30,
-            message="the traced gateway's routes",
-        )
         trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
         request = catalog_pb2.GetItemRequest(item_id="roma-margherita")
         async with channel_to(gateway) as channel:
@@ -906,7 +893,7 @@ async def test_the_gateways_spans_continue_the_clients_trace_or_start_one(edge: 
             attempts = [s for s in spans if s.trace_id == server.trace_id and s.kind == "CLIENT"]
             assert attempts, f"the forwarded call of {server.name} is in its trace"
     finally:
-        traced.stop()
+        gateway.gateway.stop()
         await receiver.stop()
 
 
@@ -915,16 +902,7 @@ async def test_every_other_mapped_http_route_answers_and_internal_methods_are_re
 ) -> None:
     user_id, token = await signed_up(edge, "routes@gateway.example")
     auth = {"Authorization": f"Bearer {token}"}
-    async with channel_to(edge) as channel:
-        placed = await orders_pb2_grpc.OrderServiceStub(channel).PlaceOrder(
-            orders_pb2.PlaceOrderRequest(
-                lines=[orders_pb2.OrderLine(item_id="roma-margherita", quantity=1)],
-                payment_method="pm_card_visa",
-                delivery_address="4 Route Road",
-            ),
-            metadata=bearer(token),
-            timeout=30,
-        )
+    placed = await placed_through(edge, token, "4 Route Road")
     reads = {
         f"/v1/users/{user_id}": lambda body: body["userId"] == user_id,
         "/v1/jwks": lambda body: json.loads(body["jwksJson"])["keys"],
