@@ -27,7 +27,7 @@ from meshkit.gateway.http import HttpEdge
 from meshkit.gateway.observe import GatewayMetrics
 from meshkit.gateway.ratelimit import Limit, RateLimits, parse_rate
 from meshkit.gateway.ratelimit_redis import RedisLimiter
-from services.cli import non_negative_int, port_number
+from services.cli import port_number, positive_int
 from services.runtime import ServiceRuntime
 
 SERVICE = "gateway"
@@ -86,13 +86,6 @@ def rate(text: str) -> float:
         return parse_rate(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 async def main(argv: list[str]) -> int:
