@@ -54,21 +54,28 @@ from meshkit.events import store as event_store
 from meshkit.events.broker import StreamSpec, context_stream
 from meshkit.events.cloudevents import CloudEvent, subject_for
 from meshkit.storage import lease
+from meshkit.storage.database import Database, SqlTransaction, open_database
 from meshkit.storage.lease import Leases
-from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
+from meshkit.storage.schema import Schema
 from scripts.bench_harness import percentile
 from scripts.nats_server import NatsServer
 
 EVENTS_PER_ORDER = 8
 OUTBOX_SCHEMA = (
-    *event_store.SCHEMA,
-    *lease.SCHEMA,
-    *relay.SCHEMA,
-    "CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY, stream_id TEXT NOT NULL)",
+    event_store.SCHEMA,
+    lease.SCHEMA,
+    relay.SCHEMA,
+    Schema.of(
+        "bench",
+        "CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY, stream_id TEXT NOT NULL)",
+    ),
 )
 EFFECT_SCHEMA = (
-    *inbox_module.SCHEMA,
-    "CREATE TABLE IF NOT EXISTS effects (event_id TEXT PRIMARY KEY, latency REAL NOT NULL)",
+    inbox_module.SCHEMA,
+    Schema.of(
+        "bench",
+        "CREATE TABLE IF NOT EXISTS effects (event_id TEXT PRIMARY KEY, latency REAL NOT NULL)",
+    ),
 )
 EVENT_TYPES: tuple[type[Message], ...] = (events_pb2.OrderPlaced, events_pb2.OrderConfirmed)
 STORE = EventStore(EVENT_TYPES)
@@ -91,7 +98,7 @@ def _placed(order_id: str) -> events_pb2.OrderPlaced:
     )
 
 
-async def _fill_outbox(database: SqliteDatabase, events: int, tag: str) -> None:
+async def _fill_outbox(database: Database, events: int, tag: str) -> None:
     for first in range(0, events, 400):
         async with database.transaction() as transaction:
             for n in range(first, min(first + 400, events), EVENTS_PER_ORDER):
@@ -114,7 +121,7 @@ async def _loop_side(url: str, items: Sequence[tuple[str, CloudEvent]]) -> float
         await client.close()
 
 
-async def _relay_side(url: str, database: SqliteDatabase, context: str, events: int) -> float:
+async def _relay_side(url: str, database: Database, context: str, events: int) -> float:
     """OutboxRelay from the outbox until all `events` are published. Seconds."""
     broker = Broker(url, "bench relay")
     broker.start()
@@ -145,7 +152,7 @@ async def throughput(url: str, directory: Path, events: int, rounds: int) -> dic
     loop_rates: list[float] = []
     relay_rates: list[float] = []
     for n in range(rounds):
-        database = await SqliteDatabase.open(directory / f"outbox-{n}.db", schema=OUTBOX_SCHEMA)
+        database = await open_database(directory / f"outbox-{n}.db", schema=OUTBOX_SCHEMA)
         try:
             await _fill_outbox(database, events, f"r{n}")
             loop_context, relay_context = f"benchloop{n}", f"benchrelay{n}"
@@ -197,7 +204,7 @@ def _producer(url: str, path: str, rate: float, duration: float) -> None:
 async def _produce(url: str, path: Path, rate: float, duration: float) -> None:
     """Commit one event every 1/rate s (state row + event, one transaction) while the relay
     publishes; stop after duration, once the relay has published everything."""
-    database = await SqliteDatabase.open(path, schema=OUTBOX_SCHEMA)
+    database = await open_database(path, schema=OUTBOX_SCHEMA)
     broker = Broker(url, "bench producer")
     broker.start()
     caught_up = asyncio.Event()
@@ -239,7 +246,7 @@ def _consumer(url: str, path: str, expected: int, out: str) -> None:
 async def _consume(url: str, path: Path, expected: int, out: Path) -> None:
     """Apply the latency stream's events until `expected` are in; write each one's latency
     (recorded_at -> the effect's commit) to out, one per line, in arrival order."""
-    database = await SqliteDatabase.open(path, schema=EFFECT_SCHEMA)
+    database = await open_database(path, schema=EFFECT_SCHEMA)
     broker = Broker(url, "bench consumer")
     broker.start()
     latencies: list[float] = []

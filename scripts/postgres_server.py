@@ -49,6 +49,7 @@ class PostgresServer(Running):
         self._bin = find_pg_bin()
         self._as_postgres = os.geteuid() == 0
         self.passwords: dict[str, str] = {}
+        self._databases = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     def _run(self, *command: str) -> subprocess.CompletedProcess[str]:
@@ -84,6 +85,12 @@ class PostgresServer(Running):
             message=f"postgres on {HOST}:{self.port} not ready",
         )
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (of `runuser` when run as the postgres user)."""
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
     def _ready(self) -> bool:
         if self._proc is None or self._proc.poll() is not None:
             raise RuntimeError(f"postgres exited while starting:\n{log_tail(self.log_path)}")
@@ -113,6 +120,17 @@ class PostgresServer(Running):
             self.sql(f"REVOKE ALL ON DATABASE {name} FROM PUBLIC")
             self.passwords[name] = password
         return self.url(name, password, name)
+
+    def fresh_database(self, service: str) -> str:
+        """A new, empty database owned by `service`'s role (made by service_database), for
+        one test; its URL."""
+        self.service_database(service)
+        name = service.replace("-", "_")
+        self._databases += 1
+        database = f"{name}_{self._databases}"
+        self.sql(f"CREATE DATABASE {database} OWNER {name}")
+        self.sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        return self.url(name, self.passwords[name], database)
 
     def url(self, role: str, password: str, database: str) -> str:
         return f"postgresql://{role}:{password}@{HOST}:{self.port}/{database}"

@@ -20,9 +20,19 @@ import grpc
 from mesh.policy import POLICY_ENV, MeshPolicy, PolicyError, load_policy, load_policy_from_env
 from mesh.resilience.faults import FaultPolicy
 from mesh.server import ServerConfig
+from meshkit.storage.database import is_database_url
 from services.datadir import default_data_dir
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def database_url(text: str) -> str:
+    """A --database-url: a Postgres URL."""
+    if not is_database_url(text):
+        raise argparse.ArgumentTypeError(
+            f"must be a postgresql:// URL (the SQLite file lives in --data-dir), got {text!r}"
+        )
+    return text
 
 
 ServiceFlags = Callable[[argparse.ArgumentParser], None]
@@ -56,6 +66,14 @@ def parse_args(
         default=default_data_dir(),
         help="directory of the service's SQLite file, shared by its instances "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--database-url",
+        type=database_url,
+        default=os.environ.get("DATABASE_URL") or None,
+        metavar="URL",
+        help="the service's Postgres database, postgresql://ROLE:PASSWORD@HOST:PORT/DB, "
+        "instead of the SQLite file in --data-dir (default: $DATABASE_URL)",
     )
     parser.add_argument(
         "--log-level",

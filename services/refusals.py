@@ -1,5 +1,5 @@
-"""How a servicer refuses a request: raise Refusal (or a store's IdempotencyConflict) with
-the gRPC code and a message naming the field or the state, and `@refusing` turns it into the
+"""How a servicer refuses a request: raise Refusal (or a store's IdempotencyConflict, or
+DatabaseUnavailable when the database cannot be reached) with the gRPC code and a message naming the field or the state, and `@refusing` turns it into the
 call's status. Domain code then reads as checks that raise, with no `context.abort` plumbing,
 and a refusal can come from a store's transaction as well as from the servicer."""
 
@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from meshkit.storage.database import DatabaseUnavailable
 from meshkit.storage.idempotency import IdempotencyConflict
 
 Servicer = TypeVar("Servicer")
@@ -48,6 +49,10 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
         return error.code, str(error)
     if isinstance(error, IdempotencyConflict):
         return grpc.StatusCode.ALREADY_EXISTS, str(error)
+    if isinstance(error, DatabaseUnavailable):
+        # The caller may try again (another instance, or later); the effect, if any, is
+        # in the database or not at all, and an idempotency key gives it once.
+        return grpc.StatusCode.UNAVAILABLE, str(error)
     return None
 
 
@@ -60,7 +65,7 @@ def refusing(
     async def refused(self: Servicer, request: Request, context: ServicerContext) -> Response:
         try:
             return await method(self, request, context)
-        except (Refusal, IdempotencyConflict) as error:
+        except (Refusal, IdempotencyConflict, DatabaseUnavailable) as error:
             status = status_of(error)
             assert status is not None
             await context.abort(*status)

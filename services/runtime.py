@@ -4,7 +4,7 @@ the database file, and the MeshServer and mesh channels that use them; and their
 release, in reverse order of opening, whatever way the process ends.
 
     async with ServiceRuntime.started("orders", argv) as runtime:
-        store = await runtime.closing(OrdersStore.open(runtime.database_path()))
+        store = await runtime.closing(OrdersStore.open(runtime.database_location()))
         catalog = runtime.channel("catalog")
         server = runtime.server()
         server.add_service(...)
@@ -53,8 +53,8 @@ from meshkit.events import (
     ReceivedEvent,
     StreamSpec,
 )
+from meshkit.storage.database import Database, DatabaseStore
 from meshkit.storage.lease import Leases
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase
 from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
 from services.crashpoints import crash_switch
 from services.datadir import database_path
@@ -151,7 +151,7 @@ class ServiceRuntime:
 
     def consume(
         self,
-        database: SqliteDatabase,
+        database: Database,
         stream: StreamSpec,
         event_types: Iterable[type[Message]],
         handlers: Mapping[type[Message], Handler],
@@ -179,7 +179,7 @@ class ServiceRuntime:
         self.background(consumer.run(), f"{stream.name} events consumer")
         return consumer
 
-    def publish_outbox(self, database: SqliteDatabase, leases: Leases | None = None) -> None:
+    def publish_outbox(self, database: Database, leases: Leases | None = None) -> None:
         """Relay the events recorded in `database` (its `events` table, the outbox) to the
         service's stream (`orders` -> ORDERS) while the runtime runs, under the outbox's lease
         in `leases` (default: this instance's, 10 s), when NATS is configured."""
@@ -232,8 +232,12 @@ class ServiceRuntime:
 
         self._opened.push_async_callback(stop)
 
-    def database_path(self) -> Path:
-        """`<--data-dir>/<service>.db`, the file this service's instances share."""
+    def database_location(self) -> Path | str:
+        """Where this service's instances keep their state: `--database-url` (Postgres), or
+        else `<--data-dir>/<service>.db` (SQLite)."""
+        url: str | None = self.args.database_url
+        if url:
+            return url
         return database_path(self.args.data_dir, self.args.service_name)
 
     async def closing(self, opening: Awaitable[Closable]) -> Closable:
@@ -264,7 +268,7 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 class _DatabaseCommits(Collector):
     """The write transactions this instance committed to its service's database."""
 
-    def __init__(self, service: str, database: SqliteDatabase) -> None:
+    def __init__(self, service: str, database: Database) -> None:
         self._service = service
         self._database = database
 

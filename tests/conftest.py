@@ -1,12 +1,22 @@
-"""Suite-wide guard: no test may leave a process behind."""
+"""Suite-wide guard: no test may leave a process behind; and where a store's database lives,
+for the suites that run against both engines (SQLite and Postgres)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from scripts.postgres_server import PostgresServer
+
+_SESSION_PROCESSES: set[int] = set()
+"""Processes of session fixtures, started by whichever test first needs them and stopped at
+the end of the run."""
+
+Locate = Callable[[str], "Path | str"]
+"""Where a service's database lives in this test: `locate("payments")`."""
 
 
 def _live_children(parent: int) -> list[str]:
@@ -33,5 +43,43 @@ def no_process_left_behind() -> Iterator[None]:
         return
     before = set(_live_children(os.getpid()))
     yield
-    leftovers = [child for child in _live_children(os.getpid()) if child not in before]
+    leftovers = [
+        child
+        for child in _live_children(os.getpid())
+        if child not in before and int(child.split(":", 1)[0]) not in _SESSION_PROCESSES
+    ]
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway Postgres cluster for the whole run (started when a test first needs it);
+    each test gets databases of its own in it."""
+    with PostgresServer() as server:
+        _SESSION_PROCESSES.add(server.pid)
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_engine(request: pytest.FixtureRequest) -> str:
+    """The engine a store test runs on: every such test runs once on each."""
+    return str(request.param)
+
+
+@pytest.fixture
+def locate(database_engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Locate:
+    """A service's database for this test, on the test's engine: a SQLite file in tmp_path,
+    or a new Postgres database owned by the service's role. Asking twice for one service
+    gives the same database (a second instance of the service)."""
+    made: dict[str, Path | str] = {}
+
+    def location(service: str) -> Path | str:
+        if service not in made:
+            if database_engine == "sqlite":
+                made[service] = tmp_path / f"{service}.db"
+            else:
+                server: PostgresServer = request.getfixturevalue("postgres_server")
+                made[service] = server.fresh_database(service)
+        return made[service]
+
+    return location

@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
+import sqlalchemy as sa
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -50,18 +51,21 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshkit.events.broker import DEAD_LETTERS, Broker, StreamSpec, dead_letter_subject
 from meshkit.events.cloudevents import MSG_ID, CloudEvent, MalformedEvent
 from meshkit.events.metrics import EventMetrics, Outcome
-from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
+from meshkit.storage.database import Database, SqlTransaction
+from meshkit.storage.schema import Schema
 
 log = logging.getLogger(__name__)
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS inbox (
-        consumer TEXT NOT NULL,
-        source TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        applied_at TEXT NOT NULL,
-        PRIMARY KEY (consumer, source, event_id)
-    )""",
+SCHEMA = Schema.of(
+    "inbox",
+    sa.Table(
+        "inbox",
+        sa.MetaData(),
+        sa.Column("consumer", sa.Text, primary_key=True),
+        sa.Column("source", sa.Text, primary_key=True),
+        sa.Column("event_id", sa.Text, primary_key=True),
+        sa.Column("applied_at", sa.Text, nullable=False),
+    ),
 )
 """The inbox's table; add it to the schema of the database the consumer's effects live in."""
 
@@ -99,7 +103,7 @@ class EventConsumer:
     def __init__(
         self,
         broker: Broker,
-        database: SqliteDatabase,
+        database: Database,
         *,
         stream: StreamSpec,
         durable: str,

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import nats.errors
+import sqlalchemy as sa
 from nats.js.errors import NoStreamResponseError
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -45,16 +46,20 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshkit.events.broker import Broker, StreamSpec, context_stream
 from meshkit.events.cloudevents import CloudEvent, subject_for
 from meshkit.events.metrics import EventMetrics
+from meshkit.storage.database import Database
 from meshkit.storage.lease import LeaseLost, Leases
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.schema import BigInt, Schema
 
 log = logging.getLogger(__name__)
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS outbox_cursors (
-        relay TEXT PRIMARY KEY,
-        position INTEGER NOT NULL
-    )""",
+SCHEMA = Schema.of(
+    "outbox",
+    sa.Table(
+        "outbox_cursors",
+        sa.MetaData(),
+        sa.Column("relay", sa.Text, primary_key=True),
+        sa.Column("position", BigInt, nullable=False),
+    ),
 )
 """The relay's table; add it to the schema of the database its outbox (events) lives in."""
 
@@ -89,7 +94,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        database: SqliteDatabase,
+        database: Database,
         leases: Leases,
         broker: Broker,
         *,

@@ -1,4 +1,4 @@
-"""An append-only store of protobuf domain events, by stream, on a service's SQLite database.
+"""An append-only store of protobuf domain events, by stream, on a service's database.
 
 Each aggregate (an order) is a stream of events; its state is a fold of the stream. Appends
 use optimistic concurrency: the writer says which version it read (the number of events), and
@@ -16,35 +16,47 @@ Why not the `eventsourcing` package (the well-kept choice in Python): its applic
 recorders are synchronous (threads and blocking connections), with no asyncio interface, and
 its domain model (aggregates as Python objects, pickled or JSON-transcoded state) is not the
 protobuf messages that these events are on the wire. What is needed here, an append with a
-version check in the caller's SQLite transaction and a read of one stream, is a table and
+version check in the caller's transaction and a read of one stream, is a table and
 two statements.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshkit.storage.sqlite import AddColumn, Queries, SqlTransaction
+from meshkit.storage.database import IntegrityError, Queries, SqlTransaction
+from meshkit.storage.schema import AddColumn, BigInt, Migration, Schema
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS events (
-        position INTEGER PRIMARY KEY AUTOINCREMENT,
-        stream_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        event_type TEXT NOT NULL,
-        data BLOB NOT NULL,
-        recorded_at TEXT NOT NULL,
-        UNIQUE (stream_id, version)
-    )""",
-    AddColumn("events", "traceparent", "TEXT"),
-    AddColumn("events", "tracestate", "TEXT"),
+_METADATA = sa.MetaData()
+EVENTS = sa.Table(
+    "events",
+    _METADATA,
+    sa.Column("position", BigInt, primary_key=True),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    sa.Column("version", BigInt, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("recorded_at", sa.Text, nullable=False),
+    sa.Column("traceparent", sa.Text),
+    sa.Column("tracestate", sa.Text),
+    sa.UniqueConstraint("stream_id", "version"),
+    sqlite_autoincrement=True,
 )
+SCHEMA = Schema(
+    "events",
+    (
+        Migration(1, (EVENTS,)),
+        # Files made before events kept their trace context.
+        Migration(2, (AddColumn("events", "traceparent", sa.Text()),
+                      AddColumn("events", "tracestate", sa.Text()))),
+    ),
+)  # fmt: skip
 """The store's table; add it to the schema of the database the events live in."""
 
 
@@ -168,7 +180,7 @@ class EventStore:
                 + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(recorded)),
                 parameters,
             )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise StaleStream(stream_id, expected_version) from None
         return recorded
 

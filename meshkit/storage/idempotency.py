@@ -8,8 +8,8 @@ the request's effect:
 - the same key with another request is refused (IdempotencyConflict -> ALREADY_EXISTS);
 - an empty key means no deduplication.
 
-Because the lookup, the effect and the record share one write transaction (BEGIN IMMEDIATE on
-SQLite: the write lock is held from the first read), two concurrent duplicates, in one
+Because the lookup, the effect and the record share one write transaction, which holds the
+database's write lock from its first read (meshkit.storage.database), two concurrent duplicates, in one
 process or in two, can never both find the key absent: the second waits for the first to
 commit, then finds its response. Keys are scoped by method, so one key used for a capture and
 a refund of the same payment names two requests, as a saga's step keys do.
@@ -33,21 +33,25 @@ import hashlib
 from dataclasses import dataclass
 from typing import TypeVar
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 
-from meshkit.storage.sqlite import Queries, SqlTransaction
+from meshkit.storage.database import Queries, SqlTransaction
+from meshkit.storage.schema import Schema
 
 MAX_KEY_LENGTH = 255
 KEY_FIELD = "idempotency_key"
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS idempotent_requests (
-        method TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        request_fingerprint TEXT NOT NULL,
-        response BLOB NOT NULL,
-        PRIMARY KEY (method, idempotency_key)
-    )""",
+SCHEMA = Schema.of(
+    "idempotency",
+    sa.Table(
+        "idempotent_requests",
+        sa.MetaData(),
+        sa.Column("method", sa.Text, primary_key=True),
+        sa.Column("idempotency_key", sa.Text, primary_key=True),
+        sa.Column("request_fingerprint", sa.Text, nullable=False),
+        sa.Column("response", sa.LargeBinary, nullable=False),
+    ),
 )
 """The ledger's table; add it to the schema of a store whose requests it deduplicates."""
 

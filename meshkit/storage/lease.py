@@ -19,17 +19,23 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
+import sqlalchemy as sa
+
+from meshkit.storage.database import Database, SqlTransaction
+from meshkit.storage.schema import Schema
 
 Fence = Callable[[SqlTransaction], Awaitable[None]]
 """A check that runs first in a journal write's transaction; what it raises rolls it back."""
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS leases (
-        name TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,
-        expires_at REAL NOT NULL
-    )""",
+SCHEMA = Schema.of(
+    "leases",
+    sa.Table(
+        "leases",
+        sa.MetaData(),
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("owner", sa.Text, nullable=False),
+        sa.Column("expires_at", sa.Double, nullable=False),
+    ),
 )
 """The leases' table; add it to the schema of the database the leased work's records live in."""
 
@@ -44,7 +50,7 @@ class Leases:
 
     def __init__(
         self,
-        database: SqliteDatabase,
+        database: Database,
         owner: str,
         *,
         ttl: float = 10.0,

@@ -32,37 +32,31 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Self, TypeVar
 
-SqlParameters = Sequence[Any]
+from meshkit.storage.database import AsyncClosing, IntegrityError, SqlParameters
+
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
-class Queries(Protocol):
-    """Where reads run: an open transaction, or the database itself for a read that is one
-    query (consistent on its own), which saves the round trips of BEGIN and COMMIT."""
-
-    async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> sqlite3.Row | None: ...
-
-    async def fetch_all(self, sql: str, parameters: SqlParameters = ()) -> list[sqlite3.Row]: ...
-
-
-class SqlTransaction:
-    """The statements of one open transaction; valid only inside `SqliteDatabase.transaction()`."""
+class SqliteTransaction:
+    """The statements of one open transaction; valid only inside a `SqliteDatabase`'s
+    `transaction()` or `snapshot()`."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
 
     async def execute(self, sql: str, parameters: SqlParameters = ()) -> int:
         """Run one statement; return the number of rows it changed."""
-        cursor = self._connection.execute(sql, parameters)
+        try:
+            cursor = self._connection.execute(sql, parameters)
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from exc
         try:
             return cursor.rowcount
         finally:
@@ -70,7 +64,10 @@ class SqlTransaction:
 
     async def execute_many(self, sql: str, rows: Iterable[SqlParameters]) -> None:
         """Run one statement once per row of parameters."""
-        self._connection.executemany(sql, rows).close()
+        try:
+            self._connection.executemany(sql, rows).close()
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from exc
 
     async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> sqlite3.Row | None:
         """The first row of a query, or None."""
@@ -87,48 +84,10 @@ class SqlTransaction:
             cursor.close()
 
 
-@dataclass(frozen=True, slots=True)
-class AddColumn:
-    """A schema step that adds a column to a table of a file made before the column existed
-    (SQLite has no ADD COLUMN IF NOT EXISTS): it asks PRAGMA table_info first, so that it is
-    idempotent like the CREATE ... IF NOT EXISTS statements beside it."""
-
-    table: str
-    column: str
-    declaration: str
-
-    async def apply(self, transaction: SqlTransaction) -> None:
-        columns = await transaction.fetch_all(f"PRAGMA table_info({self.table})")
-        if all(row["name"] != self.column for row in columns):
-            await transaction.execute(
-                f"ALTER TABLE {self.table} ADD COLUMN {self.column} {self.declaration}"
-            )
-
-
-SchemaStep = str | AddColumn
-"""One step of a store's schema: an idempotent statement, or a column added to an old file."""
-
-
-class AsyncClosing:
-    """`async with` support for anything with an async close()."""
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
 class SqliteDatabase(AsyncClosing):
     """One connection to a shared SQLite file, in WAL mode, with foreign keys enforced."""
+
+    dialect = "sqlite"
 
     def __init__(
         self,
@@ -140,9 +99,10 @@ class SqliteDatabase(AsyncClosing):
         self._connection = connection
         self._thread = thread
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._statements = SqlTransaction(connection)
+        self._statements = SqliteTransaction(connection)
         self._lock = asyncio.Lock()
         self.path = path
+        self.name = path.name
         self.commits = 0
         """Write transactions committed through this connection (a cost per request that
         the benchmarks report, and the `foodmesh_db_commits_total` metric)."""
@@ -153,11 +113,10 @@ class SqliteDatabase(AsyncClosing):
         cls,
         path: Path | str,
         *,
-        schema: Sequence[SchemaStep] = (),
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> Self:
-        """Open (or create) the file and run the schema's steps, which must be idempotent
-        (CREATE ... IF NOT EXISTS, AddColumn), in one write transaction."""
+        """Open (or create) the file (meshkit.storage.database.open_database also migrates
+        its schema)."""
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite {Path(path).name}")
         loop = asyncio.get_running_loop()
         try:
@@ -180,20 +139,13 @@ class SqliteDatabase(AsyncClosing):
             database._run("PRAGMA busy_timeout = 0")
             await database._enable_wal(busy_timeout_s)
             database._run("PRAGMA foreign_keys = ON")
-            if schema:
-                async with database.transaction() as transaction:
-                    for step in schema:
-                        if isinstance(step, AddColumn):
-                            await step.apply(transaction)
-                        else:
-                            await transaction.execute(step)
         except BaseException:
             await database.close()
             raise
         return database
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+    async def transaction(self) -> AsyncIterator[SqliteTransaction]:
         """A write transaction (BEGIN IMMEDIATE): committed when the block ends, rolled back
         when it raises. Other processes' writers wait (up to the busy timeout) until it ends."""
         async with self._lock:
@@ -214,7 +166,7 @@ class SqliteDatabase(AsyncClosing):
         self._after_commit.append(callback)
 
     @asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[SqlTransaction]:
+    async def snapshot(self) -> AsyncIterator[SqliteTransaction]:
         """A read transaction (BEGIN DEFERRED): its queries see one consistent state of the file
         and do not hold up writers (WAL)."""
         async with self._lock:
@@ -314,18 +266,3 @@ class SqliteDatabase(AsyncClosing):
                 # A COMMIT that failed may have ended the transaction itself.
                 if "no transaction is active" not in str(exc):
                     raise
-
-
-class DatabaseStore(AsyncClosing):
-    """A service's store: it owns one SqliteDatabase and closes it with itself."""
-
-    def __init__(self, database: SqliteDatabase) -> None:
-        self._database = database
-
-    @property
-    def database(self) -> SqliteDatabase:
-        return self._database
-
-    async def close(self) -> None:
-        """Close the database connection."""
-        await self._database.close()

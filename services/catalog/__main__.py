@@ -16,7 +16,7 @@ SERVICE = "catalog"
 
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv) as runtime:
-        store = await runtime.closing(CatalogStore.open(runtime.database_path()))
+        store = await runtime.closing(CatalogStore.open(runtime.database_location()))
         runtime.publish_outbox(store.database)
         server = runtime.server()
         server.add_service(

@@ -18,11 +18,11 @@ same wherever it is, and items added or removed between pages neither repeat nor
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -30,7 +30,8 @@ from foodmesh.catalog.v1 import catalog_pb2, events_pb2
 from meshkit.events import EventStore, relay
 from meshkit.events import store as event_store
 from meshkit.storage import lease
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.database import DatabaseStore, Row, SqlTransaction, open_database
+from meshkit.storage.schema import BigInt, Schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,28 +109,42 @@ DEMO_MENU: tuple[CatalogItem, ...] = (
     _demo_item("green-lemonade", "green-bowl", "Mint Lemonade", "0.4 l", 400),
 )
 
+_METADATA = sa.MetaData()
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS items (
-        item_id TEXT PRIMARY KEY,
-        restaurant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        description TEXT NOT NULL DEFAULT '',
-        price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
-        currency TEXT NOT NULL,
-        available INTEGER NOT NULL CHECK (available IN (0, 1))
-    )""",
-    "CREATE INDEX IF NOT EXISTS items_by_restaurant ON items (restaurant_id, item_id)",
-    """CREATE TABLE IF NOT EXISTS restaurants (
-        restaurant_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL
-    )""",
-    *event_store.SCHEMA,
-    *lease.SCHEMA,
-    *relay.SCHEMA,
+    Schema.of(
+        "catalog",
+        sa.Table(
+            "meta",
+            _METADATA,
+            sa.Column("key", sa.Text, primary_key=True),
+            sa.Column("value", sa.Text, nullable=False),
+        ),
+        sa.Table(
+            "items",
+            _METADATA,
+            sa.Column("item_id", sa.Text, primary_key=True),
+            sa.Column("restaurant_id", sa.Text, nullable=False),
+            sa.Column("name", sa.Text, nullable=False),
+            sa.Column("description", sa.Text, nullable=False, server_default=""),
+            sa.Column(
+                "price_cents", BigInt, sa.CheckConstraint("price_cents >= 0"), nullable=False
+            ),
+            sa.Column("currency", sa.Text, nullable=False),
+            sa.Column(
+                "available", BigInt, sa.CheckConstraint("available IN (0, 1)"), nullable=False
+            ),
+            sa.Index("items_by_restaurant", "restaurant_id", "item_id"),
+        ),
+        sa.Table(
+            "restaurants",
+            _METADATA,
+            sa.Column("restaurant_id", sa.Text, primary_key=True),
+            sa.Column("name", sa.Text, nullable=False),
+        ),
+    ),
+    event_store.SCHEMA,
+    lease.SCHEMA,
+    relay.SCHEMA,
 )
 
 EVENT_TYPES: tuple[type[Message], ...] = (events_pb2.ItemChanged, events_pb2.RestaurantChanged)
@@ -146,13 +161,13 @@ class CatalogStore(DatabaseStore):
     @classmethod
     async def open(
         cls,
-        path: Path | str,
+        location: Path | str,
         *,
         seed: tuple[CatalogItem, ...] = DEMO_MENU,
         restaurants: dict[str, str] = DEMO_RESTAURANTS,
     ) -> Self:
         """Open (or create) the catalog file at path; seed it if no instance has yet."""
-        database = await SqliteDatabase.open(path, schema=SCHEMA)
+        database = await open_database(location, schema=SCHEMA)
         try:
             async with database.transaction() as transaction:
                 await _seed_once(transaction, seed, restaurants)
@@ -287,7 +302,7 @@ async def _seed_once(
     )
 
 
-def _item_from_row(row: sqlite3.Row) -> CatalogItem:
+def _item_from_row(row: Row) -> CatalogItem:
     return CatalogItem(
         item_id=row["item_id"],
         restaurant_id=row["restaurant_id"],

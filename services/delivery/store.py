@@ -27,7 +27,6 @@ is scheduled, so the delivery as of an event is its row with that event's status
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -42,8 +42,9 @@ from foodmesh.delivery.v1 import delivery_pb2, events_pb2
 from meshkit.events import EventStore, relay
 from meshkit.events import store as event_store
 from meshkit.storage import idempotency, lease
+from meshkit.storage.database import Database, DatabaseStore, Row, SqlTransaction, open_database
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.schema import BigInt, Schema, partial_index
 from services.delivery.trips import (
     ON_TRIP,
     Clock,
@@ -69,40 +70,58 @@ EVENT_TYPES = (
 OUTBOX = EventStore(EVENT_TYPES)
 """Each delivery's events, a stream per delivery: the outbox the relay publishes (DELIVERY)."""
 
+_METADATA = sa.MetaData()
+_DELIVERY_STATUSES = "'ASSIGNED', 'PICKED_UP', 'DELIVERED', 'CANCELLED'"
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS deliveries (
-        sequence INTEGER PRIMARY KEY,
-        delivery_id TEXT NOT NULL UNIQUE,
-        order_id TEXT NOT NULL,
-        restaurant_id TEXT NOT NULL,
-        address TEXT NOT NULL,
-        courier_id TEXT NOT NULL,
-        status TEXT NOT NULL
-            CHECK (status IN ('ASSIGNED', 'PICKED_UP', 'DELIVERED', 'CANCELLED')),
-        pickup_time TEXT NOT NULL,
-        eta_time TEXT NOT NULL,
-        create_time TEXT NOT NULL,
-        update_time TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS deliveries_by_order ON deliveries (order_id, sequence)",
-    "CREATE INDEX IF NOT EXISTS deliveries_due_pickup ON deliveries (status, pickup_time)",
-    "CREATE INDEX IF NOT EXISTS deliveries_due_arrival ON deliveries (status, eta_time)",
-    # A courier carries one delivery at a time.
-    """CREATE UNIQUE INDEX IF NOT EXISTS deliveries_one_trip_per_courier
-        ON deliveries (courier_id) WHERE status IN ('ASSIGNED', 'PICKED_UP')""",
-    """CREATE TABLE IF NOT EXISTS delivery_events (
-        event_id INTEGER PRIMARY KEY,
-        delivery_id TEXT NOT NULL REFERENCES deliveries (delivery_id),
-        from_status TEXT,
-        to_status TEXT NOT NULL,
-        time TEXT NOT NULL
-    )""",
-    """CREATE INDEX IF NOT EXISTS delivery_events_by_delivery
-        ON delivery_events (delivery_id, event_id)""",
-    *idempotency.SCHEMA,
-    *event_store.SCHEMA,
-    *lease.SCHEMA,
-    *relay.SCHEMA,
+    Schema.of(
+        "delivery",
+        sa.Table(
+            "deliveries",
+            _METADATA,
+            sa.Column("sequence", BigInt, primary_key=True),
+            sa.Column("delivery_id", sa.Text, nullable=False, unique=True),
+            sa.Column("order_id", sa.Text, nullable=False),
+            sa.Column("restaurant_id", sa.Text, nullable=False),
+            sa.Column("address", sa.Text, nullable=False),
+            sa.Column("courier_id", sa.Text, nullable=False),
+            sa.Column(
+                "status",
+                sa.Text,
+                sa.CheckConstraint(f"status IN ({_DELIVERY_STATUSES})"),
+                nullable=False,
+            ),
+            sa.Column("pickup_time", sa.Text, nullable=False),
+            sa.Column("eta_time", sa.Text, nullable=False),
+            sa.Column("create_time", sa.Text, nullable=False),
+            sa.Column("update_time", sa.Text, nullable=False),
+            sa.Index("deliveries_by_order", "order_id", "sequence"),
+            sa.Index("deliveries_due_pickup", "status", "pickup_time"),
+            sa.Index("deliveries_due_arrival", "status", "eta_time"),
+            # A courier carries one delivery at a time.
+            sa.Index(
+                "deliveries_one_trip_per_courier",
+                "courier_id",
+                unique=True,
+                **partial_index("status IN ('ASSIGNED', 'PICKED_UP')"),
+            ),
+        ),
+        sa.Table(
+            "delivery_events",
+            _METADATA,
+            sa.Column("event_id", BigInt, primary_key=True),
+            sa.Column(
+                "delivery_id", sa.Text, sa.ForeignKey("deliveries.delivery_id"), nullable=False
+            ),
+            sa.Column("from_status", sa.Text),
+            sa.Column("to_status", sa.Text, nullable=False),
+            sa.Column("time", sa.Text, nullable=False),
+            sa.Index("delivery_events_by_delivery", "delivery_id", "event_id"),
+        ),
+    ),
+    idempotency.SCHEMA,
+    event_store.SCHEMA,
+    lease.SCHEMA,
+    relay.SCHEMA,
 )
 
 _COLUMNS = (
@@ -173,7 +192,7 @@ class DeliveriesStore(DatabaseStore):
     due steps and reads them back."""
 
     def __init__(
-        self, database: SqliteDatabase, fleet: Fleet = DEFAULT_FLEET, clock: Clock = utc_now
+        self, database: Database, fleet: Fleet = DEFAULT_FLEET, clock: Clock = utc_now
     ) -> None:
         super().__init__(database)
         self.fleet = fleet
@@ -181,11 +200,11 @@ class DeliveriesStore(DatabaseStore):
 
     @classmethod
     async def open(
-        cls, path: Path | str, *, fleet: Fleet = DEFAULT_FLEET, clock: Clock = utc_now
+        cls, location: Path | str, *, fleet: Fleet = DEFAULT_FLEET, clock: Clock = utc_now
     ) -> Self:
         """Open (or create) the delivery file at path; fleet is this instance's courier pool
         and trip time, clock gives the times stored and says which steps are due."""
-        return cls(await SqliteDatabase.open(path, schema=SCHEMA), fleet, clock)
+        return cls(await open_database(location, schema=SCHEMA), fleet, clock)
 
     async def schedule(self, new: NewDelivery, key: IdempotencyKey | None) -> Outcome:
         """Assign the first free courier and plan the trip, or, for a used key with the same
@@ -459,7 +478,7 @@ def _timestamp(moment: datetime) -> Timestamp:
     return timestamp
 
 
-def _delivery_from_row(row: sqlite3.Row) -> StoredDelivery:
+def _delivery_from_row(row: Row) -> StoredDelivery:
     return StoredDelivery(
         delivery_id=row["delivery_id"],
         order_id=row["order_id"],

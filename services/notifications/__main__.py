@@ -35,7 +35,7 @@ def flags(parser: argparse.ArgumentParser) -> None:
 
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv, flags) as runtime:
-        store = await runtime.closing(NotificationsStore.open(runtime.database_path()))
+        store = await runtime.closing(NotificationsStore.open(runtime.database_location()))
         servicer = NotificationServicer(store)
         push_delay = runtime.args.push_delay
 

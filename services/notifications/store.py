@@ -12,7 +12,6 @@ whatever two instances' clocks say.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,32 +19,43 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from foodmesh.notifications.v1 import notifications_pb2
 from foodmesh.orders.v1 import events_pb2
 from meshkit.events import ReceivedEvent, RetryLater, inbox
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.database import DatabaseStore, Row, SqlTransaction, open_database
+from meshkit.storage.schema import BigInt, Schema
 
 Kind = notifications_pb2.NotificationKind
 
+_METADATA = sa.MetaData()
 SCHEMA = (
-    *inbox.SCHEMA,
-    """CREATE TABLE IF NOT EXISTS order_customers (
-        order_id TEXT PRIMARY KEY,
-        customer_id TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS notifications (
-        position INTEGER PRIMARY KEY AUTOINCREMENT,
-        notification_id TEXT NOT NULL UNIQUE,
-        user_id TEXT NOT NULL,
-        order_id TEXT NOT NULL,
-        kind INTEGER NOT NULL,
-        text TEXT NOT NULL,
-        create_time TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS notifications_by_user ON notifications (user_id, position)",
+    inbox.SCHEMA,
+    Schema.of(
+        "notifications",
+        sa.Table(
+            "order_customers",
+            _METADATA,
+            sa.Column("order_id", sa.Text, primary_key=True),
+            sa.Column("customer_id", sa.Text, nullable=False),
+        ),
+        sa.Table(
+            "notifications",
+            _METADATA,
+            sa.Column("position", BigInt, primary_key=True),
+            sa.Column("notification_id", sa.Text, nullable=False, unique=True),
+            sa.Column("user_id", sa.Text, nullable=False),
+            sa.Column("order_id", sa.Text, nullable=False),
+            sa.Column("kind", BigInt, nullable=False),
+            sa.Column("text", sa.Text, nullable=False),
+            sa.Column("create_time", sa.Text, nullable=False),
+            sa.Index("notifications_by_user", "user_id", "position"),
+            sqlite_autoincrement=True,
+        ),
+    ),
 )
 
 
@@ -92,9 +102,9 @@ class NotificationsStore(DatabaseStore):
     """Notifications by user, the order-to-customer map, and the consumer's inbox."""
 
     @classmethod
-    async def open(cls, path: Path | str) -> Self:
+    async def open(cls, location: Path | str) -> Self:
         """Open (or create) the notifications file at path."""
-        return cls(await SqliteDatabase.open(path, schema=SCHEMA))
+        return cls(await open_database(location, schema=SCHEMA))
 
     def handlers(
         self,
@@ -167,7 +177,7 @@ class NotificationsStore(DatabaseStore):
         return int(row[0]) if row is not None else 0
 
 
-def _message(row: sqlite3.Row) -> notifications_pb2.Notification:
+def _message(row: Row) -> notifications_pb2.Notification:
     create_time = Timestamp()
     create_time.FromDatetime(datetime.fromisoformat(str(row["create_time"])))
     return notifications_pb2.Notification(

@@ -18,7 +18,7 @@ from services.runtime import ServiceRuntime
 
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv) as runtime:
-        store = await runtime.closing(OrderHistoryStore.open(runtime.database_path()))
+        store = await runtime.closing(OrderHistoryStore.open(runtime.database_location()))
         for stream, event_types, handlers in consumed(store):
             runtime.consume(store.database, stream, event_types, handlers)
         server = runtime.server()

@@ -14,7 +14,6 @@ what the rebuild relies on. No handler has to wait for another (no RetryLater).
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -32,51 +32,65 @@ from foodmesh.orders.v1 import events_pb2 as order_events
 from foodmesh.orders.v1 import orders_pb2
 from meshkit.events import Handler, ReceivedEvent, inbox
 from meshkit.events.relay import event_version
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.database import DatabaseStore, Row, SqlTransaction, open_database
+from meshkit.storage.schema import BigInt, Schema
 
 Status = orders_pb2.OrderStatus
 
+_METADATA = sa.MetaData()
 SCHEMA = (
-    *inbox.SCHEMA,
-    # An order's row; `create_time` is NULL until its OrderPlaced is applied (not listed).
-    """CREATE TABLE IF NOT EXISTS history_orders (
-        order_id TEXT PRIMARY KEY,
-        customer_id TEXT,
-        restaurant_id TEXT,
-        total_cents INTEGER,
-        currency TEXT,
-        delivery_address TEXT,
-        create_time TEXT,
-        rejection_reason TEXT NOT NULL DEFAULT '',
-        courier_id TEXT NOT NULL DEFAULT '',
-        eta_time TEXT,
-        delivery_version INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE INDEX IF NOT EXISTS history_by_customer
-        ON history_orders (customer_id, create_time, order_id)""",
-    """CREATE TABLE IF NOT EXISTS history_lines (
-        order_id TEXT NOT NULL,
-        line INTEGER NOT NULL,
-        item_id TEXT NOT NULL,
-        quantity INTEGER NOT NULL,
-        unit_price_cents INTEGER NOT NULL,
-        PRIMARY KEY (order_id, line)
-    )""",
-    """CREATE TABLE IF NOT EXISTS history_timeline (
-        order_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        status INTEGER NOT NULL,
-        time TEXT NOT NULL,
-        event_type TEXT NOT NULL,
-        PRIMARY KEY (order_id, version)
-    )""",
-    """CREATE TABLE IF NOT EXISTS catalog_names (
-        kind TEXT NOT NULL CHECK (kind IN ('item', 'restaurant')),
-        id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        PRIMARY KEY (kind, id)
-    )""",
+    inbox.SCHEMA,
+    Schema.of(
+        "order_history",
+        # An order's row; `create_time` is NULL until its OrderPlaced is applied (not listed).
+        sa.Table(
+            "history_orders",
+            _METADATA,
+            sa.Column("order_id", sa.Text, primary_key=True),
+            sa.Column("customer_id", sa.Text),
+            sa.Column("restaurant_id", sa.Text),
+            sa.Column("total_cents", BigInt),
+            sa.Column("currency", sa.Text),
+            sa.Column("delivery_address", sa.Text),
+            sa.Column("create_time", sa.Text),
+            sa.Column("rejection_reason", sa.Text, nullable=False, server_default=""),
+            sa.Column("courier_id", sa.Text, nullable=False, server_default=""),
+            sa.Column("eta_time", sa.Text),
+            sa.Column("delivery_version", BigInt, nullable=False, server_default="0"),
+            sa.Index("history_by_customer", "customer_id", "create_time", "order_id"),
+        ),
+        sa.Table(
+            "history_lines",
+            _METADATA,
+            sa.Column("order_id", sa.Text, primary_key=True),
+            sa.Column("line", BigInt, primary_key=True),
+            sa.Column("item_id", sa.Text, nullable=False),
+            sa.Column("quantity", BigInt, nullable=False),
+            sa.Column("unit_price_cents", BigInt, nullable=False),
+        ),
+        sa.Table(
+            "history_timeline",
+            _METADATA,
+            sa.Column("order_id", sa.Text, primary_key=True),
+            sa.Column("version", BigInt, primary_key=True),
+            sa.Column("status", BigInt, nullable=False),
+            sa.Column("time", sa.Text, nullable=False),
+            sa.Column("event_type", sa.Text, nullable=False),
+        ),
+        sa.Table(
+            "catalog_names",
+            _METADATA,
+            sa.Column(
+                "kind",
+                sa.Text,
+                sa.CheckConstraint("kind IN ('item', 'restaurant')"),
+                primary_key=True,
+            ),
+            sa.Column("id", sa.Text, primary_key=True),
+            sa.Column("name", sa.Text, nullable=False),
+            sa.Column("version", BigInt, nullable=False),
+        ),
+    ),
 )
 
 STATUS_OF: Mapping[type[Message], int] = {
@@ -113,9 +127,9 @@ class OrderHistoryStore(DatabaseStore):
     """Customers' orders as the events tell them, and the consumers' inbox."""
 
     @classmethod
-    async def open(cls, path: Path | str) -> Self:
+    async def open(cls, location: Path | str) -> Self:
         """Open (or create) the order history file at path."""
-        return cls(await SqliteDatabase.open(path, schema=SCHEMA))
+        return cls(await open_database(location, schema=SCHEMA))
 
     def order_handlers(self) -> Mapping[type[Message], Handler]:
         """The inbox handlers of the orders' events (ORDERS)."""
@@ -319,7 +333,7 @@ async def _details(
 
 
 def _order(
-    row: sqlite3.Row,
+    row: Row,
     lines: list[orderhistory_pb2.OrderedItem],
     timeline: list[orderhistory_pb2.StatusChange],
 ) -> orderhistory_pb2.CustomerOrder:

@@ -75,7 +75,7 @@ async def recovering(runner: SagaRunner[OrderState], store: OrdersStore) -> Asyn
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv, flags) as runtime:
         args = runtime.args
-        store = await runtime.closing(OrdersStore.open(runtime.database_path()))
+        store = await runtime.closing(OrdersStore.open(runtime.database_location()))
         payments = payments_pb2_grpc.PaymentServiceStub(runtime.channel("payments"))
         delivery = delivery_pb2_grpc.DeliveryServiceStub(runtime.channel("delivery"))
         try:

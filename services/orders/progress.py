@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from foodmesh.delivery.v1 import events_pb2 as delivery_events
 from foodmesh.orders.v1 import events_pb2
 from meshkit.events import Handler, ReceivedEvent, RetryLater
-from meshkit.storage.sqlite import SqlTransaction
+from meshkit.storage.database import SqlTransaction
 from services.orders.state import OrderStatus
 from services.orders.store import OrdersStore
 

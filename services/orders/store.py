@@ -19,32 +19,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 
 from foodmesh.orders.v1 import events_pb2, orders_pb2
 from meshkit.events import EventStore, inbox, relay
 from meshkit.events import store as event_store
 from meshkit.storage import idempotency, lease
+from meshkit.storage.database import Database, DatabaseStore, Queries, SqlTransaction, open_database
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
 from meshkit.storage.lease import Fence, LeaseLost, Leases
-from meshkit.storage.sqlite import DatabaseStore, Queries, SqliteDatabase, SqlTransaction
+from meshkit.storage.schema import BigInt, Schema
 from services.orders.state import EVENT_TYPES, OrderState, fold, order_message
 
 SCHEMA = (
-    *event_store.SCHEMA,
-    *idempotency.SCHEMA,
-    *lease.SCHEMA,
-    *relay.SCHEMA,
-    *inbox.SCHEMA,
-    """CREATE TABLE IF NOT EXISTS order_views (
-        order_id TEXT PRIMARY KEY,
-        customer_id TEXT NOT NULL,
-        status TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        saga_ended INTEGER NOT NULL,
-        data BLOB NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS order_views_unfinished ON order_views (saga_ended)",
+    event_store.SCHEMA,
+    idempotency.SCHEMA,
+    lease.SCHEMA,
+    relay.SCHEMA,
+    inbox.SCHEMA,
+    Schema.of(
+        "orders",
+        sa.Table(
+            "order_views",
+            sa.MetaData(),
+            sa.Column("order_id", sa.Text, primary_key=True),
+            sa.Column("customer_id", sa.Text, nullable=False),
+            sa.Column("status", sa.Text, nullable=False),
+            sa.Column("version", BigInt, nullable=False),
+            sa.Column("saga_ended", BigInt, nullable=False),
+            sa.Column("data", sa.LargeBinary, nullable=False),
+            sa.Index("order_views_unfinished", "saga_ended"),
+        ),
+    ),
 )
 
 PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
@@ -53,15 +60,15 @@ PLACE_ORDER = "foodmesh.orders.v1.OrderService/PlaceOrder"
 class OrdersStore(DatabaseStore):
     """Order streams, their views, PlaceOrder's idempotency keys and the saga leases."""
 
-    def __init__(self, database: SqliteDatabase) -> None:
+    def __init__(self, database: Database) -> None:
         super().__init__(database)
         self.events = EventStore(EVENT_TYPES)
         self.placing = IdempotencyLedger(PLACE_ORDER)
 
     @classmethod
-    async def open(cls, path: Path | str) -> Self:
+    async def open(cls, location: Path | str) -> Self:
         """Open (or create) the orders file at path."""
-        return cls(await SqliteDatabase.open(path, schema=SCHEMA))
+        return cls(await open_database(location, schema=SCHEMA))
 
     async def order_for_key(self, key: IdempotencyKey | None) -> OrderState | None:
         """The order an earlier PlaceOrder with this key created (IdempotencyConflict when
@@ -135,7 +142,9 @@ class OrdersStore(DatabaseStore):
     async def unfinished(self) -> list[str]:
         """Orders whose saga has not ended, oldest first."""
         rows = await self._database.fetch_all(
-            "SELECT order_id FROM order_views WHERE saga_ended = 0 ORDER BY rowid"
+            "SELECT v.order_id FROM order_views v JOIN events e"
+            " ON e.stream_id = v.order_id AND e.version = 1"
+            " WHERE v.saga_ended = 0 ORDER BY e.position"
         )
         return [str(row["order_id"]) for row in rows]
 

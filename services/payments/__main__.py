@@ -16,7 +16,7 @@ SERVICE = "payments"
 
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv) as runtime:
-        store = await runtime.closing(PaymentsStore.open(runtime.database_path()))
+        store = await runtime.closing(PaymentsStore.open(runtime.database_location()))
         server = runtime.server()
         server.add_service(
             payments_pb2.DESCRIPTOR.services_by_name["PaymentService"],

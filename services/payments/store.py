@@ -18,7 +18,6 @@ created by an integer sequence, not by time, which two instances may share to th
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +26,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
+import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from foodmesh.payments.v1 import payments_pb2
 from meshkit.storage import idempotency
+from meshkit.storage.database import Database, DatabaseStore, Row, SqlTransaction, open_database
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase, SqlTransaction
+from meshkit.storage.schema import BigInt, Schema
 from services.refusals import failed_precondition, not_found
 
 SERVICE = "foodmesh.payments.v1.PaymentService"
@@ -135,32 +136,47 @@ class Outcome:
     change: StateChange | None
 
 
+_METADATA = sa.MetaData()
+_PAYMENT_STATUSES = "'AUTHORIZED', 'DECLINED', 'CAPTURED', 'VOIDED', 'REFUNDED'"
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS payments (
-        sequence INTEGER PRIMARY KEY,
-        payment_id TEXT NOT NULL UNIQUE,
-        order_id TEXT NOT NULL,
-        customer_id TEXT NOT NULL,
-        amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
-        currency TEXT NOT NULL,
-        payment_method TEXT NOT NULL,
-        status TEXT NOT NULL
-            CHECK (status IN ('AUTHORIZED', 'DECLINED', 'CAPTURED', 'VOIDED', 'REFUNDED')),
-        decline_reason TEXT NOT NULL DEFAULT '',
-        create_time TEXT NOT NULL,
-        update_time TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS payments_by_order ON payments (order_id, sequence)",
-    # One row per status change; from_status is NULL for the authorization that created it.
-    """CREATE TABLE IF NOT EXISTS payment_events (
-        event_id INTEGER PRIMARY KEY,
-        payment_id TEXT NOT NULL REFERENCES payments (payment_id),
-        from_status TEXT,
-        to_status TEXT NOT NULL,
-        time TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS payment_events_by_payment ON payment_events (payment_id)",
-    *idempotency.SCHEMA,
+    Schema.of(
+        "payments",
+        sa.Table(
+            "payments",
+            _METADATA,
+            sa.Column("sequence", BigInt, primary_key=True),
+            sa.Column("payment_id", sa.Text, nullable=False, unique=True),
+            sa.Column("order_id", sa.Text, nullable=False),
+            sa.Column("customer_id", sa.Text, nullable=False),
+            sa.Column(
+                "amount_cents", BigInt, sa.CheckConstraint("amount_cents > 0"), nullable=False
+            ),
+            sa.Column("currency", sa.Text, nullable=False),
+            sa.Column("payment_method", sa.Text, nullable=False),
+            sa.Column(
+                "status",
+                sa.Text,
+                sa.CheckConstraint(f"status IN ({_PAYMENT_STATUSES})"),
+                nullable=False,
+            ),
+            sa.Column("decline_reason", sa.Text, nullable=False, server_default=""),
+            sa.Column("create_time", sa.Text, nullable=False),
+            sa.Column("update_time", sa.Text, nullable=False),
+            sa.Index("payments_by_order", "order_id", "sequence"),
+        ),
+        # One row per status change; from_status is NULL for the authorization that made it.
+        sa.Table(
+            "payment_events",
+            _METADATA,
+            sa.Column("event_id", BigInt, primary_key=True),
+            sa.Column("payment_id", sa.Text, sa.ForeignKey("payments.payment_id"), nullable=False),
+            sa.Column("from_status", sa.Text),
+            sa.Column("to_status", sa.Text, nullable=False),
+            sa.Column("time", sa.Text, nullable=False),
+            sa.Index("payment_events_by_payment", "payment_id"),
+        ),
+    ),
+    idempotency.SCHEMA,
 )
 
 _COLUMNS = (
@@ -173,14 +189,14 @@ class PaymentsStore(DatabaseStore):
     """Creates payments and moves them on, each change with its event and ledger record in
     one transaction."""
 
-    def __init__(self, database: SqliteDatabase, clock: Clock = utc_now) -> None:
+    def __init__(self, database: Database, clock: Clock = utc_now) -> None:
         super().__init__(database)
         self._clock = clock
 
     @classmethod
-    async def open(cls, path: Path | str, *, clock: Clock = utc_now) -> Self:
+    async def open(cls, location: Path | str, *, clock: Clock = utc_now) -> Self:
         """Open (or create) the payments file at path; clock gives the times stored."""
-        return cls(await SqliteDatabase.open(path, schema=SCHEMA), clock)
+        return cls(await open_database(location, schema=SCHEMA), clock)
 
     async def authorize(self, new: NewPayment, key: IdempotencyKey | None) -> Outcome:
         """Store the provider's answer as a new payment with its first event, or, for a used
@@ -320,7 +336,7 @@ def _time_text(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
-def _payment_from_row(row: sqlite3.Row) -> StoredPayment:
+def _payment_from_row(row: Row) -> StoredPayment:
     return StoredPayment(
         payment_id=row["payment_id"],
         order_id=row["order_id"],

@@ -75,7 +75,7 @@ def claim_value(text: str) -> str:
 async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv, flags) as runtime:
         args = runtime.args
-        store = await runtime.closing(UsersStore.open(runtime.database_path()))
+        store = await runtime.closing(UsersStore.open(runtime.database_location()))
         settings = TokenSettings(issuer=args.issuer, audience=args.audience, ttl_s=args.token_ttl)
         log.info(
             "signing tokens with key %s (iss %r, aud %r, %d s)",

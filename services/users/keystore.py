@@ -28,27 +28,37 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
+from meshkit.storage.database import Database, Row, SqlTransaction
+from meshkit.storage.schema import BigInt, Schema
 from services.users.tokens import ALGORITHM, Clock
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS signing_keys (
-        sequence INTEGER PRIMARY KEY,
-        kid TEXT NOT NULL UNIQUE,
-        private_key_pem TEXT NOT NULL,
-        public_jwk TEXT NOT NULL,
-        create_time TEXT NOT NULL,
-        max_token_ttl_s INTEGER NOT NULL DEFAULT 0 CHECK (max_token_ttl_s >= 0)
-    )""",
+SCHEMA = Schema.of(
+    "signing_keys",
+    sa.Table(
+        "signing_keys",
+        sa.MetaData(),
+        sa.Column("sequence", BigInt, primary_key=True),
+        sa.Column("kid", sa.Text, nullable=False, unique=True),
+        sa.Column("private_key_pem", sa.Text, nullable=False),
+        sa.Column("public_jwk", sa.Text, nullable=False),
+        sa.Column("create_time", sa.Text, nullable=False),
+        sa.Column(
+            "max_token_ttl_s",
+            BigInt,
+            sa.CheckConstraint("max_token_ttl_s >= 0"),
+            nullable=False,
+            server_default="0",
+        ),
+    ),
 )
 """The key ring's table; part of the users store's schema."""
 
@@ -130,7 +140,7 @@ def jwks_json(keys: Sequence[KeyInfo]) -> str:
 class SigningKeys:
     """The key ring in a users database (the store's connection; the store closes it)."""
 
-    def __init__(self, database: SqliteDatabase, clock: Clock) -> None:
+    def __init__(self, database: Database, clock: Clock) -> None:
         self._database = database
         self._clock = clock
         self._parsed: dict[str, ec.EllipticCurvePrivateKey] = {}
@@ -190,14 +200,15 @@ class SigningKeys:
         now = self._clock()
         return tuple(key for key in reversed(await self.ring()) if key.published_at(now))
 
-    async def _newest(self, transaction: SqlTransaction) -> sqlite3.Row:
+    async def _newest(self, transaction: SqlTransaction) -> Row:
         """The signing key's row, inserting a first key into an empty ring."""
         row = await transaction.fetch_one(_NEWEST)
         if row is None:
             await _insert(transaction, new_key(), self._clock())
             row = await transaction.fetch_one(_NEWEST)
             assert row is not None
-        return row
+        newest: Row = row
+        return newest
 
 
 _NEWEST = (
@@ -217,7 +228,7 @@ async def _ring(transaction: SqlTransaction) -> tuple[KeyInfo, ...]:
     rows = await transaction.fetch_all(
         "SELECT kid, public_jwk, create_time, max_token_ttl_s FROM signing_keys ORDER BY sequence"
     )
-    successors: list[sqlite3.Row | None] = [*rows[1:], None]
+    successors: list[Row | None] = [*rows[1:], None]
     return tuple(
         KeyInfo(
             kid=row["kid"],

@@ -19,7 +19,6 @@ it, and the WAL files SQLite creates beside it, readable by their owner only.
 from __future__ import annotations
 
 import os
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,12 +26,14 @@ from pathlib import Path
 from typing import Self
 
 import grpc
+import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from foodmesh.users.v1 import users_pb2
 from meshkit.storage import idempotency
+from meshkit.storage.database import Database, DatabaseStore, Row, is_database_url, open_database
 from meshkit.storage.idempotency import IdempotencyKey, IdempotencyLedger
-from meshkit.storage.sqlite import DatabaseStore, SqliteDatabase
+from meshkit.storage.schema import Schema
 from services.refusals import Refusal
 from services.users import keystore
 from services.users.keystore import SigningKeys
@@ -78,15 +79,26 @@ class Created:
 
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS users (
-        user_id TEXT PRIMARY KEY,
-        email TEXT NOT NULL UNIQUE CHECK (email = lower(email)),
-        display_name TEXT NOT NULL,
-        password_hash TEXT NOT NULL,
-        create_time TEXT NOT NULL
-    )""",
-    *keystore.SCHEMA,
-    *idempotency.SCHEMA,
+    Schema.of(
+        "users",
+        sa.Table(
+            "users",
+            sa.MetaData(),
+            sa.Column("user_id", sa.Text, primary_key=True),
+            sa.Column(
+                "email",
+                sa.Text,
+                sa.CheckConstraint("email = lower(email)"),
+                nullable=False,
+                unique=True,
+            ),
+            sa.Column("display_name", sa.Text, nullable=False),
+            sa.Column("password_hash", sa.Text, nullable=False),
+            sa.Column("create_time", sa.Text, nullable=False),
+        ),
+    ),
+    keystore.SCHEMA,
+    idempotency.SCHEMA,
 )
 
 _COLUMNS = "user_id, email, display_name, create_time"
@@ -95,17 +107,18 @@ _COLUMNS = "user_id, email, display_name, create_time"
 class UsersStore(DatabaseStore):
     """Creates and reads users; `keys` is the token signing key ring in the same file."""
 
-    def __init__(self, database: SqliteDatabase, clock: Clock = utc_now) -> None:
+    def __init__(self, database: Database, clock: Clock = utc_now) -> None:
         super().__init__(database)
         self._clock = clock
         self.keys = SigningKeys(database, clock)
 
     @classmethod
-    async def open(cls, path: Path | str, *, clock: Clock = utc_now) -> Self:
+    async def open(cls, location: Path | str, *, clock: Clock = utc_now) -> Self:
         """Open (or create) the users file at path, owner-only, with a signing key (created
         by whichever instance gets there first); clock gives the times stored."""
-        _owner_only(Path(path))
-        store = cls(await SqliteDatabase.open(path, schema=SCHEMA), clock)
+        if not is_database_url(location):
+            _owner_only(Path(location))
+        store = cls(await open_database(location, schema=SCHEMA), clock)
         try:
             await store.keys.ensure()
         except BaseException:
@@ -188,7 +201,7 @@ def user_message(user: StoredUser) -> users_pb2.User:
     )
 
 
-def _user_from_row(row: sqlite3.Row) -> StoredUser:
+def _user_from_row(row: Row) -> StoredUser:
     return StoredUser(
         user_id=row["user_id"],
         email=row["email"],

@@ -14,22 +14,24 @@ from google.protobuf.wrappers_pb2 import BoolValue, Int64Value, StringValue
 
 from meshkit.events import EventStore, StaleStream
 from meshkit.events import store as event_store
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.database import Database, open_database
+from meshkit.storage.schema import Schema
+from tests.conftest import Locate
 
 STORE = EventStore([StringValue, Int64Value])
 
 
-async def open_database(path: Path) -> SqliteDatabase:
-    return await SqliteDatabase.open(path, schema=event_store.SCHEMA)
+async def opened(location: Path | str) -> Database:
+    return await open_database(location, schema=(event_store.SCHEMA,))
 
 
-async def append(database: SqliteDatabase, stream: str, expected: int, *values: str | int) -> int:
+async def append(database: Database, stream: str, expected: int, *values: str | int) -> int:
     events = [StringValue(value=v) if isinstance(v, str) else Int64Value(value=v) for v in values]
     async with database.transaction() as transaction:
         return await STORE.append(transaction, stream, expected, events)
 
 
-async def stored(database: SqliteDatabase, stream: str) -> list[str | int]:
+async def stored(database: Database, stream: str) -> list[str | int]:
     async with database.snapshot() as transaction:
         return [value_of(r.event) for r in await STORE.read(transaction, stream)]
 
@@ -39,13 +41,13 @@ def value_of(event: Message) -> str | int:
     return event.value
 
 
-async def version(database: SqliteDatabase, stream: str) -> int:
+async def version(database: Database, stream: str) -> int:
     async with database.snapshot() as transaction:
         return await STORE.version(transaction, stream)
 
 
-async def test_appends_start_at_zero_and_go_on_at_the_version_read(tmp_path: Path) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+async def test_appends_start_at_zero_and_go_on_at_the_version_read(locate: Locate) -> None:
+    async with await opened(locate("e")) as database:
         assert await version(database, "order-1") == 0
         assert await append(database, "order-1", 0, "placed") == 1
         assert await append(database, "order-1", 1, "paid", 42) == 3
@@ -53,9 +55,9 @@ async def test_appends_start_at_zero_and_go_on_at_the_version_read(tmp_path: Pat
         assert await stored(database, "order-1") == ["placed", "paid", 42]
 
 
-async def test_read_decodes_each_event_with_its_type_in_order(tmp_path: Path) -> None:
+async def test_read_decodes_each_event_with_its_type_in_order(locate: Locate) -> None:
     at = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    async with await open_database(tmp_path / "e.db") as database:
+    async with await opened(locate("e")) as database:
         async with database.transaction() as transaction:
             await STORE.append(
                 transaction, "s", 0, [Int64Value(value=7), StringValue(value="x")], now=at
@@ -73,9 +75,9 @@ async def test_read_decodes_each_event_with_its_type_in_order(tmp_path: Path) ->
 
 @pytest.mark.parametrize("expected", [0, 1, 3, -1])
 async def test_an_append_not_at_the_streams_version_is_stale_and_writes_nothing(
-    tmp_path: Path, expected: int
+    locate: Locate, expected: int
 ) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+    async with await opened(locate("e")) as database:
         await append(database, "s", 0, "a", "b")
         with pytest.raises(StaleStream) as raised:
             await append(database, "s", expected, "late", "later")
@@ -85,10 +87,10 @@ async def test_an_append_not_at_the_streams_version_is_stale_and_writes_nothing(
 
 
 async def test_a_stale_append_rolls_back_what_the_transaction_wrote_beside_it(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    schema = (*event_store.SCHEMA, "CREATE TABLE views (stream_id TEXT)")
-    async with await SqliteDatabase.open(tmp_path / "e.db", schema=schema) as database:
+    schema = (event_store.SCHEMA, Schema.of("views", "CREATE TABLE views (stream_id TEXT)"))
+    async with await open_database(locate("e"), schema=schema) as database:
         await append(database, "s", 0, "a")
         with pytest.raises(StaleStream):
             async with database.transaction() as transaction:
@@ -98,8 +100,8 @@ async def test_a_stale_append_rolls_back_what_the_transaction_wrote_beside_it(
         assert await stored(database, "s") == ["a"]
 
 
-async def test_an_empty_append_checks_the_version_too(tmp_path: Path) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+async def test_an_empty_append_checks_the_version_too(locate: Locate) -> None:
+    async with await opened(locate("e")) as database:
         await append(database, "s", 0, "a")
         assert await append(database, "s", 1) == 1
         with pytest.raises(StaleStream):
@@ -107,9 +109,9 @@ async def test_an_empty_append_checks_the_version_too(tmp_path: Path) -> None:
 
 
 async def test_an_unknown_event_type_is_refused_before_anything_is_written(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+    async with await opened(locate("e")) as database:
         async with database.transaction() as transaction:
             with pytest.raises(TypeError, match=r"google\.protobuf\.BoolValue"):
                 await STORE.append(
@@ -119,9 +121,9 @@ async def test_an_unknown_event_type_is_refused_before_anything_is_written(
         assert await version(database, "s") == 0
 
 
-async def test_two_connections_racing_for_one_version_have_one_winner(tmp_path: Path) -> None:
-    path = tmp_path / "e.db"
-    async with await open_database(path) as first, await open_database(path) as second:
+async def test_two_connections_racing_for_one_version_have_one_winner(locate: Locate) -> None:
+    path = locate("e")
+    async with await opened(path) as first, await opened(path) as second:
         await append(first, "s", 0, "placed")
         # Both instances read version 1, then both try to record their step at it.
         read = [await version(first, "s"), await version(second, "s")]
@@ -139,8 +141,8 @@ async def test_two_connections_racing_for_one_version_have_one_winner(tmp_path: 
         assert await version(first, "s") == 2
 
 
-async def test_the_global_position_grows_across_streams(tmp_path: Path) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+async def test_the_global_position_grows_across_streams(locate: Locate) -> None:
+    async with await opened(locate("e")) as database:
         await append(database, "a", 0, "a1")
         await append(database, "b", 0, "b1", "b2")
         await append(database, "a", 1, "a2")
@@ -157,9 +159,7 @@ async def test_the_global_position_grows_across_streams(tmp_path: Path) -> None:
     assert positions == sorted(positions) and len(set(positions)) == 4
 
 
-async def extend(
-    database: SqliteDatabase, stream: str, expected: int, *values: str
-) -> list[str | int]:
+async def extend(database: Database, stream: str, expected: int, *values: str) -> list[str | int]:
     async with database.transaction() as transaction:
         recorded = await STORE.extend(
             transaction, stream, expected, [StringValue(value=v) for v in values]
@@ -167,8 +167,8 @@ async def extend(
     return [value_of(r.event) for r in recorded]
 
 
-async def test_extend_appends_and_returns_the_stream_as_a_read_gives_it(tmp_path: Path) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+async def test_extend_appends_and_returns_the_stream_as_a_read_gives_it(locate: Locate) -> None:
+    async with await opened(locate("e")) as database:
         assert await extend(database, "s", 0, "placed") == ["placed"]
         async with database.transaction() as transaction:
             returned = await STORE.extend(
@@ -181,18 +181,18 @@ async def test_extend_appends_and_returns_the_stream_as_a_read_gives_it(tmp_path
 
 @pytest.mark.parametrize("expected", [0, 1, 3])
 async def test_extend_not_at_the_streams_version_is_stale_and_writes_nothing(
-    tmp_path: Path, expected: int
+    locate: Locate, expected: int
 ) -> None:
-    async with await open_database(tmp_path / "e.db") as database:
+    async with await opened(locate("e")) as database:
         await append(database, "s", 0, "a", "b")
         with pytest.raises(StaleStream):
             await extend(database, "s", expected, "late")
         assert await stored(database, "s") == ["a", "b"]
 
 
-async def test_two_connections_extending_at_one_version_have_one_winner(tmp_path: Path) -> None:
-    path = tmp_path / "e.db"
-    async with await open_database(path) as first, await open_database(path) as second:
+async def test_two_connections_extending_at_one_version_have_one_winner(locate: Locate) -> None:
+    path = locate("e")
+    async with await opened(path) as first, await opened(path) as second:
         await append(first, "s", 0, "placed")
         results = await asyncio.gather(
             extend(first, "s", 1, "first"), extend(second, "s", 1, "second"), return_exceptions=True

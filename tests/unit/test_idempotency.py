@@ -1,20 +1,24 @@
-"""IdempotencyLedger on a real SQLite file opened by two connections, as two instances of a
-service open it: duplicates return the first response, a reused key with another request is
-refused, and concurrent duplicates produce one effect."""
+"""IdempotencyLedger on a real database (a SQLite file, and a Postgres database) opened by two
+connections, as two instances of a service open it: duplicates return the first response, a
+reused key with another request is refused, and concurrent duplicates produce one effect."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from foodmesh.orders.v1 import orders_pb2
 from meshkit.storage import idempotency
+from meshkit.storage.database import Database, open_database
 from meshkit.storage.idempotency import IdempotencyConflict, IdempotencyLedger, key_problem
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.schema import Schema
+from tests.conftest import Locate
 
-SCHEMA = (*idempotency.SCHEMA, "CREATE TABLE IF NOT EXISTS effects (n INTEGER)")
+SCHEMA = (
+    idempotency.SCHEMA,
+    Schema.of("effects", "CREATE TABLE IF NOT EXISTS effects (n INTEGER)"),
+)
 LEDGER = IdempotencyLedger("test.Service/Do")
 
 
@@ -23,7 +27,7 @@ def request(key: str, customer: str = "alice") -> orders_pb2.PlaceOrderRequest:
     return orders_pb2.PlaceOrderRequest(customer_id=customer, idempotency_key=key)
 
 
-async def do(database: SqliteDatabase, message: orders_pb2.PlaceOrderRequest) -> orders_pb2.Order:
+async def do(database: Database, message: orders_pb2.PlaceOrderRequest) -> orders_pb2.Order:
     """The effect (one row) and its response, deduplicated by the message's key."""
     async with database.transaction() as transaction:
         key = LEDGER.key_of(message)
@@ -39,14 +43,14 @@ async def do(database: SqliteDatabase, message: orders_pb2.PlaceOrderRequest) ->
         return response
 
 
-async def effects(database: SqliteDatabase) -> int:
+async def effects(database: Database) -> int:
     row = await database.fetch_one("SELECT COUNT(*) FROM effects")
     assert row is not None
     return int(row[0])
 
 
-async def test_same_key_same_request_returns_the_first_response(tmp_path: Path) -> None:
-    async with await SqliteDatabase.open(tmp_path / "s.db", schema=SCHEMA) as database:
+async def test_same_key_same_request_returns_the_first_response(locate: Locate) -> None:
+    async with await open_database(locate("s"), schema=SCHEMA) as database:
         first = await do(database, request("k"))
         again = await do(database, request("k"))
         assert again == first and await effects(database) == 1
@@ -54,25 +58,25 @@ async def test_same_key_same_request_returns_the_first_response(tmp_path: Path) 
         assert other.order_id != first.order_id and await effects(database) == 2
 
 
-async def test_no_key_means_no_deduplication(tmp_path: Path) -> None:
-    async with await SqliteDatabase.open(tmp_path / "s.db", schema=SCHEMA) as database:
+async def test_no_key_means_no_deduplication(locate: Locate) -> None:
+    async with await open_database(locate("s"), schema=SCHEMA) as database:
         await do(database, request(""))
         await do(database, request(""))
         assert await effects(database) == 2
 
 
 async def test_a_reused_key_with_another_request_is_refused_and_changes_nothing(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    async with await SqliteDatabase.open(tmp_path / "s.db", schema=SCHEMA) as database:
+    async with await open_database(locate("s"), schema=SCHEMA) as database:
         await do(database, request("k", "alice"))
         with pytest.raises(IdempotencyConflict, match="idempotency_key 'k'"):
             await do(database, request("k", "bob"))
         assert await effects(database) == 1
 
 
-async def test_keys_are_scoped_by_method(tmp_path: Path) -> None:
-    async with await SqliteDatabase.open(tmp_path / "s.db", schema=SCHEMA) as database:
+async def test_keys_are_scoped_by_method(locate: Locate) -> None:
+    async with await open_database(locate("s"), schema=SCHEMA) as database:
         async with database.transaction() as transaction:
             key = LEDGER.key_of(request("k"))
             await LEDGER.remember(transaction, key, orders_pb2.Order(order_id="a"))
@@ -81,11 +85,11 @@ async def test_keys_are_scoped_by_method(tmp_path: Path) -> None:
             assert found is None
 
 
-async def test_concurrent_duplicates_on_two_connections_have_one_effect(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+async def test_concurrent_duplicates_on_two_connections_have_one_effect(locate: Locate) -> None:
+    path = locate("s")
     async with (
-        await SqliteDatabase.open(path, schema=SCHEMA) as one,
-        await SqliteDatabase.open(path, schema=SCHEMA) as two,
+        await open_database(path, schema=SCHEMA) as one,
+        await open_database(path, schema=SCHEMA) as two,
     ):
         responses = await asyncio.gather(
             *(do(one if i % 2 else two, request("k")) for i in range(10))

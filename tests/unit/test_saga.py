@@ -14,7 +14,6 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -40,7 +39,8 @@ from meshkit.saga import (
     StepRetry,
 )
 from meshkit.storage import lease as saga_lease
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.database import Database, open_database
+from tests.conftest import Locate
 
 TTL = 30.0
 START = 1_000_000.0
@@ -181,7 +181,7 @@ class Journal:
         self.intrusions: dict[str, str] = {}
         """Before recording events starting with KEY, another writer appends VALUE."""
         self.stale = 0
-        self.database: SqliteDatabase | None = None
+        self.database: Database | None = None
         """Where a record's fence runs (the leases' file; any connection to it will do)."""
 
     async def load(self, saga_id: str) -> tuple[Saga, int]:
@@ -379,22 +379,22 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
-    async with await SqliteDatabase.open(tmp_path / "sagas.db", schema=saga_lease.SCHEMA) as db:
+async def database(locate: Locate) -> AsyncIterator[Database]:
+    async with await open_database(locate("sagas"), schema=(saga_lease.SCHEMA,)) as db:
         yield db
 
 
 @pytest.fixture
-async def other_database(database: SqliteDatabase) -> AsyncIterator[SqliteDatabase]:
-    """A second connection to the same file: another instance of the service."""
-    async with await SqliteDatabase.open(database.path) as db:
+async def other_database(database: Database, locate: Locate) -> AsyncIterator[Database]:
+    """A second connection to the same database: another instance of the service."""
+    async with await open_database(locate("sagas")) as db:
         yield db
 
 
 def runner(
     definition: Definition,
     journal: Journal,
-    database: SqliteDatabase,
+    database: Database,
     clock: FakeClock,
     owner: str = "instance-a",
     **options: Any,
@@ -420,10 +420,8 @@ async def finished(task: asyncio.Task[Saga | None]) -> asyncio.Task[Saga | None]
     return task
 
 
-async def expires_at(database: SqliteDatabase, saga_id: str) -> float | None:
-    row = await database.fetch_one(
-        "SELECT expires_at FROM leases WHERE name = ?", (saga_id,)
-    )
+async def expires_at(database: Database, saga_id: str) -> float | None:
+    row = await database.fetch_one("SELECT expires_at FROM leases WHERE name = ?", (saga_id,))
     return None if row is None else float(row[0])
 
 
@@ -444,7 +442,7 @@ async def run(saga_runner: SagaRunner[Saga], clock: FakeClock, saga_id: str) -> 
 
 
 async def test_the_steps_run_in_order_once_each_and_the_saga_completes(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     saga_runner = runner(Definition(parts.steps("a", "b", "c")), journal, database, clock)
@@ -462,7 +460,7 @@ async def test_the_steps_run_in_order_once_each_and_the_saga_completes(
 
 
 async def test_a_saga_started_while_serving_a_call_outlives_its_deadline(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     """The steps' calls are not bounded by the deadline of the call that started the saga
     (PlaceOrder's caller may give up after 2 s; the saga goes on)."""
@@ -483,9 +481,7 @@ async def test_a_saga_started_while_serving_a_call_outlives_its_deadline(
     assert seen == [None]
 
 
-async def test_an_ended_saga_is_not_driven_again(
-    database: SqliteDatabase, clock: FakeClock
-) -> None:
+async def test_an_ended_saga_is_not_driven_again(database: Database, clock: FakeClock) -> None:
     parts, journal = Participants(), Journal()
     saga_runner = runner(Definition(parts.steps("a")), journal, database, clock)
     await run(saga_runner, clock, "saga-1")
@@ -495,7 +491,7 @@ async def test_an_ended_saga_is_not_driven_again(
 
 
 async def test_a_retryable_failure_is_retried_with_the_policys_delays(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("b").fail(UNAVAILABLE, 4)
@@ -510,7 +506,7 @@ async def test_a_retryable_failure_is_retried_with_the_policys_delays(
 
 
 async def test_maximum_attempts_ends_a_step_and_the_saga_compensates(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("a").fail(UNAVAILABLE, 10, "still down")
@@ -528,7 +524,7 @@ async def test_maximum_attempts_ends_a_step_and_the_saga_compensates(
 
 
 async def test_a_non_retryable_failure_compensates_at_once_last_first(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("c").fail(FAILED_PRECONDITION, 1, "no courier")
@@ -554,7 +550,7 @@ async def test_a_non_retryable_failure_compensates_at_once_last_first(
 
 
 async def test_steps_without_a_compensation_are_skipped_when_undoing(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("c").fail(FAILED_PRECONDITION, 1)
@@ -566,7 +562,7 @@ async def test_steps_without_a_compensation_are_skipped_when_undoing(
 
 
 async def test_a_step_still_failing_at_the_deadline_stops_and_compensates(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("b").fail(UNAVAILABLE, 100)
@@ -589,7 +585,7 @@ async def test_a_step_still_failing_at_the_deadline_stops_and_compensates(
 
 
 async def test_a_saga_recovered_past_its_deadline_compensates_without_trying(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     journal.append("saga-1", "done:a")
@@ -605,7 +601,7 @@ async def test_a_saga_recovered_past_its_deadline_compensates_without_trying(
 
 
 async def test_compensations_are_retried_until_they_succeed(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("b").fail(FAILED_PRECONDITION, 1)
@@ -620,7 +616,7 @@ async def test_compensations_are_retried_until_they_succeed(
 
 
 async def test_a_refused_compensation_is_logged_and_counted_as_done(
-    database: SqliteDatabase, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    database: Database, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("c").fail(FAILED_PRECONDITION, 1)
@@ -640,7 +636,7 @@ async def test_a_refused_compensation_is_logged_and_counted_as_done(
 
 
 async def test_the_events_a_compensation_returns_are_recorded(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("b").fail(FAILED_PRECONDITION, 1)
@@ -653,7 +649,7 @@ async def test_the_events_a_compensation_returns_are_recorded(
 
 
 async def test_the_idempotency_key_is_the_same_on_every_attempt(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     parts.do("a").fail(UNAVAILABLE, 2)
@@ -665,7 +661,7 @@ async def test_the_idempotency_key_is_the_same_on_every_attempt(
 
 @pytest.mark.parametrize("crash", ["raises", "stops"])
 async def test_a_step_run_again_after_a_crash_has_one_effect(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock, crash: str
+    database: Database, other_database: Database, clock: FakeClock, crash: str
 ) -> None:
     parts, journal = Participants(), Journal()
     definition = Definition(parts.steps("a", "b", "c"))
@@ -710,7 +706,7 @@ async def test_a_step_run_again_after_a_crash_has_one_effect(
 
 
 async def test_a_cancellation_during_a_step_keeps_its_result_and_compensates_it(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
 
@@ -734,7 +730,7 @@ async def test_a_cancellation_during_a_step_keeps_its_result_and_compensates_it(
 
 
 async def test_a_result_another_holder_recorded_first_is_not_recorded_twice(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
 
@@ -749,7 +745,7 @@ async def test_a_result_another_holder_recorded_first_is_not_recorded_twice(
 
 
 async def test_a_cancellation_just_before_completing_turns_the_saga_around(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     journal.intrusions["completed"] = "cancel:cancelled by the customer"
@@ -772,7 +768,7 @@ async def test_a_cancellation_just_before_completing_turns_the_saga_around(
 
 
 async def test_one_owner_holds_a_lease_until_it_lapses(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     a = Leases(database, "instance-a", ttl=TTL, clock=clock)
     b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
@@ -798,7 +794,7 @@ async def test_one_owner_holds_a_lease_until_it_lapses(
 
 
 async def test_a_fence_renews_or_releases_in_the_writes_transaction_and_rolls_back_with_it(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     a = Leases(database, "instance-a", ttl=TTL, clock=clock)
     b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
@@ -830,7 +826,7 @@ async def test_a_fence_renews_or_releases_in_the_writes_transaction_and_rolls_ba
 
 
 async def test_leases_are_per_saga(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     a = Leases(database, "instance-a", ttl=TTL, clock=clock)
     b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
@@ -839,7 +835,7 @@ async def test_leases_are_per_saga(
 
 
 async def test_concurrent_takes_have_one_winner(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     a = Leases(database, "instance-a", ttl=TTL, clock=clock)
     b = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
@@ -848,13 +844,13 @@ async def test_concurrent_takes_have_one_winner(
 
 
 @pytest.mark.parametrize("ttl", [0, -1, math.nan])
-async def test_a_lease_ttl_must_be_positive(database: SqliteDatabase, ttl: float) -> None:
+async def test_a_lease_ttl_must_be_positive(database: Database, ttl: float) -> None:
     with pytest.raises(ValueError, match="ttl"):
         Leases(database, "instance-a", ttl=ttl)
 
 
 async def test_start_returns_none_while_another_instance_holds_the_lease(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     other = Leases(other_database, "instance-b", ttl=TTL, clock=clock)
@@ -866,7 +862,7 @@ async def test_start_returns_none_while_another_instance_holds_the_lease(
 
 
 async def test_concurrent_starts_of_one_saga_drive_it_once(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     gate = asyncio.Event()
@@ -883,7 +879,7 @@ async def test_concurrent_starts_of_one_saga_drive_it_once(
 
 
 async def test_recover_starts_only_sagas_whose_lease_is_free_or_lapsed(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     gate = asyncio.Event()
@@ -909,8 +905,8 @@ async def test_recover_starts_only_sagas_whose_lease_is_free_or_lapsed(
 
 
 async def test_a_paused_holder_whose_lease_was_taken_records_nothing_more(
-    database: SqliteDatabase,
-    other_database: SqliteDatabase,
+    database: Database,
+    other_database: Database,
     clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -938,7 +934,7 @@ async def test_a_paused_holder_whose_lease_was_taken_records_nothing_more(
 
 
 async def test_drive_raises_lease_lost_when_the_lease_is_gone(
-    database: SqliteDatabase, other_database: SqliteDatabase, clock: FakeClock
+    database: Database, other_database: Database, clock: FakeClock
 ) -> None:
     parts, journal = Participants(), Journal()
     saga_runner = runner(Definition(parts.steps("a")), journal, database, clock)
@@ -949,8 +945,8 @@ async def test_drive_raises_lease_lost_when_the_lease_is_gone(
 
 
 async def test_the_renewal_timer_stops_a_holder_whose_lease_was_taken(
-    database: SqliteDatabase,
-    other_database: SqliteDatabase,
+    database: Database,
+    other_database: Database,
     clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -988,7 +984,7 @@ async def test_the_renewal_timer_stops_a_holder_whose_lease_was_taken(
 
 
 async def test_one_span_per_step_attempt_and_per_compensation(
-    database: SqliteDatabase, clock: FakeClock
+    database: Database, clock: FakeClock
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -11,15 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from meshkit.storage.schema import Schema, migrate
 from meshkit.storage.sqlite import SqliteDatabase
 
-SCHEMA = ("CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",)
+SCHEMA = (
+    Schema.of(
+        "notes", "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)"
+    ),
+)
 WAIT_S = 10.0
 
 
 @pytest.fixture
 async def database(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
-    async with await SqliteDatabase.open(tmp_path / "notes.db", schema=SCHEMA) as db:
+    async with await SqliteDatabase.open(tmp_path / "notes.db") as db:
+        await migrate(db, SCHEMA)
         yield db
 
 
@@ -106,7 +112,8 @@ async def test_a_write_lock_held_past_the_busy_timeout_is_an_error_and_rolls_not
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "notes.db"
-    async with await SqliteDatabase.open(path, schema=SCHEMA, busy_timeout_s=0.1) as database:
+    async with await SqliteDatabase.open(path, busy_timeout_s=0.1) as database:
+        await migrate(database, SCHEMA)
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         try:
