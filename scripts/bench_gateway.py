@@ -103,9 +103,9 @@ def gateway_metrics(agent: ConsulAgent) -> dict[str, float]:
     found = {"forwarded": 0.0, "decoded": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "mesh_server_calls_total" and sample.labels.get(
-                "method", ""
-            ).startswith("/foodmesh."):
+            if sample.name == "grpc_server_handled_total" and sample.labels.get(
+                "grpc_service", ""
+            ).startswith("foodmesh."):
                 found["forwarded"] += sample.value
             if sample.name == "foodmesh_gateway_messages_decoded_total":
                 found["decoded"] += sample.value

@@ -1,7 +1,9 @@
 """The server side of the mesh's metrics: every call a server serves, counted and timed.
 
-The registry and the metric names are mesh/telemetry/metrics.py's; this is the interceptor
-that feeds the server-side ones (mesh_server_calls_total, mesh_server_call_duration_seconds).
+The registry and the metric names are mesh/telemetry/'s (metrics.py, rpc_metrics.py); this is
+the interceptor that feeds the server-side ones (grpc_server_started_total,
+grpc_server_handled_total, grpc_server_handling_seconds, grpc_server_msg_received_total,
+grpc_server_msg_sent_total).
 """
 
 from __future__ import annotations
@@ -68,13 +70,15 @@ class MetricsServerInterceptor(BehaviorInterceptor):
     def hook_for(self, method: str) -> Hook | None:
         if method.startswith(self._exempt):
             return None
-        finished, service, clock = self._metrics.server_call_finished, self._service, self._clock
+        rpc = self._metrics.server_rpc(self._service, method)
+        began, handled, clock = rpc.started, rpc.handled, self._clock
 
         async def measure(context: aio.ServicerContext[Any, Any]) -> Exit:
+            began()
             started = clock()
 
             def done() -> None:
-                finished(service, method, final_code(context), clock() - started)
+                handled(final_code(context), clock() - started)
 
             return done
 

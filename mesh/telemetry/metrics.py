@@ -10,14 +10,17 @@ hosting two meshes) makes a fresh instance and reads exact values back, with not
 from an earlier test. `default_metrics()` is the one process-wide instance the services use;
 `reset_default_metrics()` forgets it.
 
-Names follow Prometheus' conventions: a `mesh_` prefix, counters end in `_total`, durations are
-histograms in seconds, states are a gauge per state (the OpenMetrics StateSet pattern: 1 for the
-current state, 0 for the others). `method` is the full gRPC method name ("/pkg.Service/Method")
-and `code` the status code's name ("OK", "UNAVAILABLE"), as grpc-ecosystem's interceptors do.
+The calls themselves are counted and timed under go-grpc-prometheus's names and labels
+(`grpc_server_handled_total{grpc_type, grpc_service, grpc_method, grpc_code}`, ...; see
+mesh/telemetry/rpc_metrics.py), so that existing gRPC dashboards work. What has no convention
+(attempts by kind, the retry budget, breakers, outlier ejection, healthy endpoints) follows
+Prometheus' naming rules under a `mesh_` prefix: counters end in `_total`, states are a gauge
+per state (the OpenMetrics StateSet pattern: 1 for the current state, 0 for the others), and
+a method is named by the same `grpc_service` and `grpc_method` labels as the calls'.
 
 The call path calls these methods on every call, so they are cheap: `labels()` (which validates
 and hashes its arguments under a lock) runs once per label tuple, and its children are cached
-in a dict; a call costs a dict lookup and the child's own increment/observe.
+in a dict; a call costs a dict lookup and the children's own increments and observation.
 """
 
 from __future__ import annotations
@@ -29,29 +32,12 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.resilience.breaker import BreakerState
+from mesh.telemetry.rpc_metrics import CallType, RpcMetrics, RpcSide, split_method
 
 AttemptKind = Literal["first", "retry", "hedge"]
-
-RPC_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-"""Histogram bounds in seconds: from a sub-millisecond local call to a 10 s timeout."""
 
 BREAKER_STATES = tuple(state.value for state in BreakerState)
 
@@ -72,73 +58,21 @@ class _ChildCache:
         return child
 
 
-class _CallMetrics:
-    """A calls counter by (service, method, code) and a duration histogram by (service, method),
-    for one side of a call; the children of both are cached under one key."""
-
-    __slots__ = ("_children", "calls", "duration")
-
-    def __init__(self, calls: Counter, duration: Histogram) -> None:
-        self.calls = calls
-        self.duration = duration
-        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
-
-    def finished(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        key = (service, method, code)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.calls.labels(service, method, code.name),
-                self.duration.labels(service, method),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
-
-
 class MeshMetrics:
     """The mesh's instruments, in a registry of their own (see the module docstring)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._client = _CallMetrics(
-            Counter(
-                "mesh_client_calls_total",
-                "Calls made through mesh channels, by service, method and final status code.",
-                ("service", "method", "code"),
-                registry=r,
-            ),
-            Histogram(
-                "mesh_client_call_duration_seconds",
-                "Duration of calls made through mesh channels, retries and hedges included.",
-                ("service", "method"),
-                buckets=RPC_BUCKETS,
-                registry=r,
-            ),
+        self._client = RpcSide("client", r)
+        self._server = RpcSide("server", r)
+        self._attempts = Counter(
+            "mesh_client_attempts_total",
+            "Attempts sent to endpoints: the first of each call, retries and hedges.",
+            ("grpc_service", "grpc_method", "service", "kind"),
+            registry=r,
         )
-        self._server = _CallMetrics(
-            Counter(
-                "mesh_server_calls_total",
-                "Calls served, by service, method and status code.",
-                ("service", "method", "code"),
-                registry=r,
-            ),
-            Histogram(
-                "mesh_server_call_duration_seconds",
-                "Time the server spent on calls, from the behavior's start to its end.",
-                ("service", "method"),
-                buckets=RPC_BUCKETS,
-                registry=r,
-            ),
-        )
-        self._attempts = _ChildCache(
-            Counter(
-                "mesh_client_attempts_total",
-                "Attempts sent to endpoints: the first of each call, retries and hedges.",
-                ("service", "method", "kind"),
-                registry=r,
-            )
-        )
+        self._attempt_children: dict[tuple[str, str, str], Any] = {}
         self._budget_exhausted = _ChildCache(
             Counter(
                 "mesh_retry_budget_exhausted_total",
@@ -192,12 +126,21 @@ class MeshMetrics:
     def client_call_finished(
         self, service: str, method: str, code: grpc.StatusCode, seconds: float
     ) -> None:
-        """A call through a mesh channel ended with `code` after `seconds` in all."""
-        self._client.finished(service, method, code, seconds)
+        """A call through a mesh channel ended with `code` after `seconds` in all. The call
+        path reports calls when they end, so the call's start is counted here too."""
+        rpc = self._client.rpc(service, method)
+        rpc.started()
+        rpc.handled(code, seconds)
 
     def client_attempt(self, service: str, method: str, kind: AttemptKind) -> None:
         """An attempt of a call was sent: its first, a retry or a hedge."""
-        self._attempts.get(service, method, kind).inc()
+        key = (service, method, kind)
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self._attempt_children[key] = self._attempts.labels(
+                *split_method(method), service, kind
+            )
+        child.inc()
 
     def budget_exhausted(self, service: str) -> None:
         """A retry or hedge was wanted but the service's retry budget had no token."""
@@ -227,11 +170,13 @@ class MeshMetrics:
         """Discovery reports `n` healthy endpoints for the service."""
         self._healthy.get(service).set(n)
 
-    def server_call_finished(
-        self, service: str, method: str, code: grpc.StatusCode, seconds: float
-    ) -> None:
-        """A call this process served ended with `code` after `seconds`."""
-        self._server.finished(service, method, code, seconds)
+    def server_rpc(
+        self, service: str, method: str, grpc_type: CallType | None = None
+    ) -> RpcMetrics:
+        """The server-side instruments of `method` ("/pkg.Svc/Method") served as `service`,
+        made on first use: `started()` when a call begins, `handled()` when it ends.
+        `grpc_type`: the call's shape where the caller knows it, else from its descriptor."""
+        return self._server.rpc(service, method, grpc_type)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""

@@ -1,7 +1,7 @@
 """What the gateway tells its operators: an access log line per call, and its own metrics.
 
 Calls per route (method) and status code, and their durations, are the mesh's server metrics
-(`mesh_server_calls_total{service="gateway"}`); the gateway adds what only it knows:
+(`grpc_server_handled_total{service="gateway"}`); the gateway adds what only it knows:
 
     foodmesh_gateway_auth_total{method, outcome}          ok, anonymous, missing, expired, ...
     foodmesh_gateway_rate_limit_total{method, decision}   allowed, limited

@@ -24,7 +24,7 @@ from foodmesh.payments.v1 import payments_pb2
 from services.orders.crashpoints import CRASH_ENV
 from services.orders.state import AUTHORIZE, CAPTURE, SCHEDULE
 from tests.integration.conftest import MANY_COURIERS, ServiceProcess, Stack, order, stack_under
-from tests.integration.platform import Clients, Samples, clients, scrape, value
+from tests.integration.platform import Clients, Samples, clients, handled, scrape
 
 FAST_TAKEOVER = ("--lease-seconds", "1")
 """A killed instance's leases lapse after 1 s, and the new one looks for them every second."""
@@ -48,8 +48,8 @@ def refusals(samples: Samples) -> dict[str, float]:
     without the first call's idempotency key would be refused), per method."""
     return {
         method: sum(
-            value(samples, "mesh_server_calls_total", service="payments", method=method, code=c)
-            for c in ("FAILED_PRECONDITION", "ALREADY_EXISTS", "INVALID_ARGUMENT")
+            handled(samples, "server", "payments", method, code)
+            for code in ("FailedPrecondition", "AlreadyExists", "InvalidArgument")
         )
         for method in PAYMENT_METHODS
     }

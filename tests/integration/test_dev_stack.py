@@ -77,8 +77,8 @@ DEMO_USER = re.compile(
 )
 # A PlaceOrder counted by an orders instance's server metrics.
 SERVED_ORDER = re.compile(
-    r'^mesh_server_calls_total\{[^}]*method="/foodmesh\.orders\.v1\.OrderService/PlaceOrder"'
-    r"[^}]*\} [1-9]",
+    r'^grpc_server_handled_total\{(?=[^}]*grpc_service="foodmesh\.orders\.v1\.OrderService")'
+    r'(?=[^}]*grpc_method="PlaceOrder")[^}]*\} [1-9]',
     re.MULTILINE,
 )
 # The agent is on loopback: never route through an HTTP(S)_PROXY from the environment.
@@ -399,9 +399,9 @@ def test_dev_stack_serves_until_ctrl_c_and_leaves_nothing_running(start_dev_stac
     texts = wait_until(
         lambda: metrics_counting_an_order(metrics_urls),
         timeout=SPANS_TIMEOUT_S,
-        message="no PlaceOrder counted in mesh_server_calls_total",
+        message="no PlaceOrder counted in grpc_server_handled_total",
     )
-    assert all("# TYPE mesh_server_calls_total counter" in text for text in texts)
+    assert all("# TYPE grpc_server_handled_total counter" in text for text in texts)
 
     # the grpcurl commands as printed, through the gateway
     listing = next(ln.split()[2] for ln in output.splitlines() if " list   # " in ln)

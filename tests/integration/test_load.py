@@ -1,7 +1,7 @@
 """`meshctl load` as a user runs it: a real subprocess against real service processes (and a
 real Consul), its JSON report checked against what the servers saw and what was injected.
 
-The servers' own Prometheus counters (mesh_server_calls_total, per status code) are the
+The servers' own Prometheus counters (grpc_server_handled_total, per status code) are the
 independent record: the report's status counts must equal them exactly, across worker
 processes, and bad input must leave them at zero. Latency is checked against server-side
 fault injection (a known share of calls delayed by a known time, a known share aborted).
@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from foodmesh.orders.v1 import orders_pb2
+from mesh.telemetry.rpc_metrics import GO_CODE_NAMES
 from scripts.processes import free_tcp_port, wait_until
 from tests.integration.conftest import (
     MANY_COURIERS,
@@ -65,16 +66,23 @@ def start_catalog(stack: Stack, *args: str) -> tuple[ServiceProcess, int]:
     return stack.start("catalog", *flags), metrics_port
 
 
+PYTHON_CODE_NAMES = {go: code.name for code, go in GO_CODE_NAMES.items()}
+
+
 def served(metrics_port: int, method: str = GET_ITEM) -> dict[str, int]:
-    """The server's mesh_server_calls_total for `method`, by status code."""
+    """The server's grpc_server_handled_total for `method`, by status code (Python's name,
+    as the report's)."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
+    grpc_service, grpc_method = method.split("/")
     return {
-        sample.labels["code"]: int(sample.value)
+        PYTHON_CODE_NAMES[sample.labels["grpc_code"]]: int(sample.value)
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "mesh_server_calls_total" and sample.labels["method"] == "/" + method
+        if sample.name == "grpc_server_handled_total"
+        and sample.labels["grpc_service"] == grpc_service
+        and sample.labels["grpc_method"] == grpc_method
     }
 
 

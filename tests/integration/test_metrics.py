@@ -11,7 +11,7 @@ import mesh
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from mesh.policy import BreakerPolicy, ServicePolicy
 from tests.integration.conftest import FAILING, Stack, order
-from tests.integration.platform import scrape, value
+from tests.integration.platform import handled, rpc_labels, scrape, value
 
 PLACE_ORDER = "/foodmesh.orders.v1.OrderService/PlaceOrder"
 GET_ITEM = "/foodmesh.catalog.v1.CatalogService/GetItem"
@@ -37,54 +37,41 @@ async def test_counts_match_a_known_sequence_of_calls(stack: Stack) -> None:
             await stub.PlaceOrder(orders_pb2.PlaceOrderRequest(customer_id=""), timeout=10)
 
     orders = scrape(stack, "orders")
-    assert (
-        value(orders, "mesh_server_calls_total", service="orders", method=PLACE_ORDER, code="OK")
-        == 3
-    )
+    assert handled(orders, "server", "orders", PLACE_ORDER) == 3
+    assert handled(orders, "server", "orders", PLACE_ORDER, "InvalidArgument") == 1
+    place = rpc_labels("orders", PLACE_ORDER)
+    assert value(orders, "grpc_server_started_total", **place) == 4
+    assert value(orders, "grpc_server_msg_received_total", **place) == 4
+    assert value(orders, "grpc_server_msg_sent_total", **place) == 3
+    assert value(orders, "grpc_server_handling_seconds_count", **place) == 4
+    assert handled(orders, "client", "catalog", GET_ITEM) == 3
+    get_item = rpc_labels("catalog", GET_ITEM)
+    assert value(orders, "grpc_client_started_total", **get_item) == 3
+    assert value(orders, "grpc_client_handling_seconds_count", **get_item) == 3
     assert (
         value(
             orders,
-            "mesh_server_calls_total",
-            service="orders",
-            method=PLACE_ORDER,
-            code="INVALID_ARGUMENT",
+            "mesh_client_attempts_total",
+            service="catalog",
+            grpc_service=get_item["grpc_service"],
+            grpc_method=get_item["grpc_method"],
+            kind="first",
         )
-        == 1
-    )
-    assert (
-        value(orders, "mesh_client_calls_total", service="catalog", method=GET_ITEM, code="OK") == 3
-    )
-    assert (
-        value(
-            orders, "mesh_client_attempts_total", service="catalog", method=GET_ITEM, kind="first"
-        )
-        == 3
-    )
-    assert (
-        value(orders, "mesh_client_call_duration_seconds_count", service="catalog", method=GET_ITEM)
         == 3
     )
     assert value(orders, "mesh_healthy_endpoints", service="catalog") == 1
     assert value(orders, "mesh_circuit_breaker_state", service="catalog", state="closed") == 1
     # the customer check and the checkout saga's calls, one of each per order
     for service, method in CHECKOUT_CALLS:
-        assert (
-            value(orders, "mesh_client_calls_total", service=service, method=method, code="OK") == 3
-        ), (service, method)
+        assert handled(orders, "client", service, method) == 3, (service, method)
     # each checkout's records are write transactions of orders' database, five at least
     # (placed, authorized, scheduled, captured, confirmed), each also counted by the store
     assert value(orders, "foodmesh_db_commits_total", service="orders") >= 3 * 5
     payments = scrape(stack, "payments")
     for method in (AUTHORIZE, CAPTURE):
-        assert (
-            value(payments, "mesh_server_calls_total", service="payments", method=method, code="OK")
-            == 3
-        ), method
+        assert handled(payments, "server", "payments", method) == 3, method
     catalog = scrape(stack, "catalog")
-    assert (
-        value(catalog, "mesh_server_calls_total", service="catalog", method=GET_ITEM, code="OK")
-        == 3
-    )
+    assert handled(catalog, "server", "catalog", GET_ITEM) == 3
     assert not [k for k in catalog if "grpc.health" in str(k)], "health checks not counted"
 
 
@@ -118,7 +105,12 @@ async def test_breaker_state_metric_says_open(stack: Stack) -> None:
     )
     assert (
         value(
-            orders, "mesh_client_attempts_total", service="catalog", method=GET_ITEM, kind="retry"
+            orders,
+            "mesh_client_attempts_total",
+            service="catalog",
+            grpc_service="foodmesh.catalog.v1.CatalogService",
+            grpc_method="GetItem",
+            kind="retry",
         )
         > 0
     )
