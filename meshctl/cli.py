@@ -1,4 +1,5 @@
-"""`meshctl`: the mesh's command line; `meshctl load` is a ghz-like load tester.
+"""`meshctl`: the mesh's command line; `meshctl load` is a ghz-like load tester, `meshctl
+prometheus-sd` feeds Prometheus the instances Consul knows (meshctl/prometheus_sd/).
 
     meshctl load orders foodmesh.orders.v1.OrderService/PlaceOrder \\
         -d '{"customer_id": "ada", "idempotency_key": "{{uuid}}",
@@ -37,14 +38,17 @@ from typing import TextIO, TypeVar
 
 from mesh import layers
 from mesh.discovery.consul_settings import ConsulSettings
+from mesh.telemetry.logs import configure_logging
 from meshctl.load.errors import BadInput
 from meshctl.load.progress import ProgressLine, show_progress
 from meshctl.load.report import FORMATS, RunInfo, build_report, plot, render
 from meshctl.load.runner import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, DEFAULT_TOTAL, LoadPlan
 from meshctl.load.target import SOURCES, CallSpec, Metadata, Target, prepare
 from meshctl.load.workers import FinishedRun, InProcessRun, LoadRun, WorkerFailed, WorkerPool
+from meshctl.prometheus_sd.publish import ConsulUnreachable, SdCommand, publish
 
 PROG = "meshctl load"
+SD_PROG = "meshctl prometheus-sd"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 WORKER_START_TIMEOUT = 60.0
 """Seconds worker processes get to start and prepare, beyond the connect timeout."""
@@ -252,7 +256,107 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 when any call failed (default: 0 after any complete run)",
     )
+    _add_prometheus_sd(commands)
     return parser
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) from "host:port" or "[v6]:port" (port 0: any free port)."""
+    host, separator, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not separator or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9187")
+    return host, int(port)
+
+
+def _add_prometheus_sd(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sd = commands.add_parser(
+        "prometheus-sd",
+        prog=SD_PROG,
+        help="Consul's passing instances as Prometheus file_sd / http_sd targets",
+        description="Give Prometheus every passing instance that registered a metrics_port "
+        "meta in Consul: <address>:<metrics_port>, labelled consul_service, instance (the "
+        "Consul service ID), node and version (as deploy/prometheus/prometheus.yml labels "
+        "them), in a file_sd_configs file (--out), from an http_sd_configs endpoint "
+        "(--listen), or once on standard output.",
+        epilog="Exit codes: 0 after one read, or when --watch ends on SIGTERM or Ctrl-C; "
+        "1 when Consul cannot be read at the start, or the file cannot be written, or the "
+        "address cannot be listened on; 2 on bad flags.",
+    )
+    sd.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the targets to FILE (replaced atomically; for file_sd_configs)",
+    )
+    sd.add_argument(
+        "--listen",
+        type=_argument_type(parse_listen),
+        metavar="HOST:PORT",
+        help="serve the targets at http://HOST:PORT/targets (for http_sd_configs); implies --watch",
+    )
+    sd.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="keep the targets current with Consul blocking queries until SIGTERM or Ctrl-C",
+    )
+    sd.add_argument(
+        "--consul",
+        metavar="ADDR",
+        help="Consul agent (default: $CONSUL_HTTP_ADDR, else 127.0.0.1:8500)",
+    )
+    sd.add_argument(
+        "--connect-timeout",
+        type=_argument_type(parse_duration),
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="D",
+        help="how long the first read of Consul may take (default: %(default)gs)",
+    )
+
+
+def sd_command(args: argparse.Namespace) -> SdCommand:
+    """The run `meshctl prometheus-sd`'s parsed flags ask for; BadInput otherwise."""
+    try:
+        consul = (
+            ConsulSettings.from_env()
+            if args.consul is None
+            else ConsulSettings.parse(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
+        )
+    except ValueError as exc:
+        raise BadInput(str(exc) if args.consul is None else f"--consul: {exc}") from None
+    if not args.connect_timeout > 0:
+        raise BadInput(f"--connect-timeout must be > 0, got {args.connect_timeout:g} s")
+    if args.watch and args.out is None and args.listen is None:
+        raise BadInput("--watch needs --out FILE or --listen HOST:PORT to publish to")
+    if args.out is not None and not args.out.parent.resolve().is_dir():
+        raise BadInput(f"--out {args.out}: no directory {args.out.parent}")
+    return SdCommand(
+        consul=consul,
+        out=args.out,
+        listen=args.listen,
+        watch=args.watch or args.listen is not None,
+        connect_timeout=args.connect_timeout,
+    )
+
+
+def _prometheus_sd(args: argparse.Namespace) -> int:
+    try:
+        command = sd_command(args)
+    except BadInput as exc:
+        print(f"{SD_PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if command.watch:
+        configure_logging("INFO", "meshctl")
+    try:
+        asyncio.run(publish(command, sys.stdout))
+    except (ConsulUnreachable, OSError) as exc:
+        print(f"{SD_PROG}: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass  # Ctrl-C before the watch began: nothing half-done to report
+    return 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -401,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "layers":
         print(layers.render())
         return 0
+    if args.command == "prometheus-sd":
+        return _prometheus_sd(args)
     try:
         return _load(args)
     except BadInput as exc:

@@ -49,6 +49,8 @@ need_package() {
 }
 need_package redis-server redis-server   # the gateway's shared rate limits
 need_package chromium chromium           # the storefront's browser test (Playwright drives it)
+need_package docker-compose docker-compose  # checks docker-compose.yml offline (config)
+need_package prometheus prometheus         # scrapes every instance (meshctl prometheus-sd feeds it)
 # Postgres per service: Debian's postgresql (initdb is not on PATH: look where Debian puts it)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     need_package initdb postgresql
