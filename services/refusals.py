@@ -1,7 +1,8 @@
 """How a servicer refuses a request: raise Refusal (or a store's IdempotencyConflict, or
-DatabaseUnavailable when the database cannot be reached) with the gRPC code and a message naming the field or the state, and `@refusing` turns it into the
-call's status. Domain code then reads as checks that raise, with no `context.abort` plumbing,
-and a refusal can come from a store's transaction as well as from the servicer."""
+DatabaseUnavailable when the database cannot be reached) with the gRPC code and a message
+naming the field or the state, and `@refusing` turns it into the call's status. Domain code
+then reads as checks that raise, with no `context.abort` plumbing, and a refusal can come
+from a store's transaction as well as from the servicer."""
 
 from __future__ import annotations
 

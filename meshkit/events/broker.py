@@ -17,6 +17,7 @@ events they could not apply.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -102,8 +103,15 @@ class Broker:
         *,
         reconnect_wait: float = 0.5,
         connect_timeout: float = 2.0,
+        stream_replicas: int | None = None,
     ) -> None:
+        """`stream_replicas`: the copies every stream this broker declares keeps (3 on a
+        JetStream cluster of three, so that a stream survives the loss of a node), whatever
+        its spec says; None keeps each spec's."""
+        if stream_replicas is not None and not 1 <= stream_replicas <= 5:
+            raise ValueError(f"stream replicas: 1 to 5 (JetStream's limit), got {stream_replicas}")
         self.url = url
+        self._replicas = stream_replicas
         self.name = name
         self._reconnect_wait = reconnect_wait
         self._connect_timeout = connect_timeout
@@ -129,6 +137,8 @@ class Broker:
         (once per process, or again after forget_streams())."""
         js = await self.jetstream()
         if spec.name not in self._declared:
+            if self._replicas is not None:
+                spec = dataclasses.replace(spec, replicas=self._replicas)
             try:
                 await js.stream_info(spec.name)
             except NotFoundError:

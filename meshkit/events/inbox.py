@@ -51,7 +51,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshkit.events.broker import DEAD_LETTERS, Broker, StreamSpec, dead_letter_subject
 from meshkit.events.cloudevents import MSG_ID, CloudEvent, MalformedEvent
 from meshkit.events.metrics import EventMetrics, Outcome
-from meshkit.storage.database import Database, SqlTransaction
+from meshkit.storage.database import Database, DatabaseUnavailable, SqlTransaction
 from meshkit.storage.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class EventConsumer:
             self._last_time = cloud.time
         with self._span(message, cloud):
             try:
-                applied = await self._apply(handler, received)
+                applied = await self._apply_when_available(handler, received, message)
             except Exception as exc:
                 if delivery >= self._max_deliver:
                     await self._dead_letter(
@@ -280,6 +280,29 @@ class EventConsumer:
             self._before_ack(received)
         await message.ack()
         return self._count("applied" if applied else "duplicate", delivery)
+
+    async def _apply_when_available(
+        self, handler: Handler, received: ReceivedEvent, message: Msg
+    ) -> bool:
+        """`_apply`, waited out while the database cannot be reached: the event is not at
+        fault, so the wait spends none of its deliveries (it would be dead-lettered after
+        `max_deliver`); JetStream is told it is in progress, so it is not delivered again
+        meanwhile."""
+        backoff = 0.1
+        while True:
+            try:
+                return await self._apply(handler, received)
+            except DatabaseUnavailable as exc:
+                log.warning(
+                    "consumer %s: %s; event %s waits, retrying in %.1fs",
+                    self.durable,
+                    exc,
+                    received.id,
+                    backoff,
+                )
+                await message.in_progress()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def _apply(self, handler: Handler, received: ReceivedEvent) -> bool:
         async with self._database.transaction() as transaction:

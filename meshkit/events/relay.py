@@ -31,6 +31,7 @@ in the table (the `foodmesh_outbox_backlog` gauge) and drains when the broker is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshkit.events.broker import Broker, StreamSpec, context_stream
 from meshkit.events.cloudevents import CloudEvent, subject_for
 from meshkit.events.metrics import EventMetrics
-from meshkit.storage.database import Database
+from meshkit.storage.database import Database, DatabaseUnavailable
 from meshkit.storage.lease import LeaseLost, Leases
 from meshkit.storage.schema import BigInt, Schema
 
@@ -157,6 +158,12 @@ class OutboxRelay:
             except LeaseLost:
                 log.warning("outbox relay %s: lease lost to another instance", self.context)
                 self._cursor = None
+            except DatabaseUnavailable as exc:
+                # Read the cursor again once it is back: the lease may have lapsed meanwhile.
+                log.warning("outbox relay %s: %s; retrying in %.1fs", self.context, exc, backoff)
+                self._cursor = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 log.warning(
                     "outbox relay %s: broker unavailable (%s); retrying in %.1fs",
@@ -164,7 +171,8 @@ class OutboxRelay:
                     type(exc).__name__,
                     backoff,
                 )
-                await self._mark()
+                with contextlib.suppress(DatabaseUnavailable):  # marked at the next chance
+                    await self._mark()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 WRITE_LOCK = 0x666F6F64
 """The advisory lock a write transaction holds (per database: advisory locks are)."""
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+_BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 DEFAULT_POOL_SIZE = 10
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_START_TIMEOUT_S = 30.0
@@ -56,6 +58,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,  # class 08: the connection broke
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up
     asyncpg.InterfaceError,  # "connection is closed", a pool that is closing
+    asyncpg.exceptions.InternalClientError,  # a protocol left mid-operation by a lost server
     asyncio.TimeoutError,  # a connection attempt that got no answer
 )
 
@@ -149,7 +152,11 @@ class PostgresDatabase(AsyncClosing):
             try:
                 with _translated(name):
                     pool = await asyncpg.create_pool(
-                        url, min_size=1, max_size=pool_size, timeout=connect_timeout_s
+                        url,
+                        min_size=1,
+                        max_size=pool_size,
+                        timeout=connect_timeout_s,
+                        reset=_nothing_to_reset,
                     )
                 break
             except DatabaseUnavailable as exc:
@@ -165,19 +172,8 @@ class PostgresDatabase(AsyncClosing):
     async def transaction(self) -> AsyncIterator[PostgresTransaction]:
         """A write transaction holding the database's write lock: committed when the block
         ends, rolled back when it raises."""
-        async with self._connection() as connection:
-            transaction = connection.transaction()
-            with _translated(self.name):
-                await transaction.start()
-            try:
-                with _translated(self.name):
-                    await connection.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-                yield PostgresTransaction(connection, self.name)
-            except BaseException:
-                await _rollback(transaction)
-                raise
-            with _translated(self.name):
-                await transaction.commit()
+        async with self._within(_BEGIN_WRITE) as statements:
+            yield statements
         self.commits += 1
         for callback in self._after_commit:
             callback()
@@ -190,17 +186,24 @@ class PostgresDatabase(AsyncClosing):
     async def snapshot(self) -> AsyncIterator[PostgresTransaction]:
         """A read-only transaction that sees one state of the database (REPEATABLE READ) and
         holds up no writer."""
+        async with self._within(_BEGIN_SNAPSHOT) as statements:
+            yield statements
+
+    @asynccontextmanager
+    async def _within(self, begin: str) -> AsyncIterator[PostgresTransaction]:
+        """A transaction begun by `begin` on a connection of the pool: committed when the
+        block ends, rolled back when it raises. BEGIN (and the write lock) go in one round
+        trip, as one simple query; asyncpg's Transaction object would spend one on each."""
         async with self._connection() as connection:
-            transaction = connection.transaction(isolation="repeatable_read", readonly=True)
             with _translated(self.name):
-                await transaction.start()
+                await connection.execute(begin)
             try:
                 yield PostgresTransaction(connection, self.name)
             except BaseException:
-                await _rollback(transaction)
+                await _rollback(connection)
                 raise
             with _translated(self.name):
-                await transaction.commit()
+                await connection.execute("COMMIT")
 
     async def fetch_one(self, sql: str, parameters: SqlParameters = ()) -> Any:
         """The first row of a single query, run on its own."""
@@ -228,15 +231,29 @@ class PostgresDatabase(AsyncClosing):
         finally:
             try:
                 await self._pool.release(connection)
-            except _UNAVAILABLE:
-                pass  # a broken connection: the pool makes a new one at the next acquire
+            except Exception:
+                # A connection that could not be reset is terminated by the pool, which
+                # makes a new one at the next acquire.
+                log.debug("a broken connection to %s was dropped", self.name, exc_info=True)
 
 
-async def _rollback(transaction: Any) -> None:
+async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
+    """The pool's reset of a connection given back: asyncpg's own rolls back a transaction
+    left open (and that stays), then runs RESET ALL, UNLISTEN and the like, one round trip at
+    every release; these connections set no session state, so that trip is skipped."""
+
+
+async def _rollback(connection: asyncpg.Connection) -> None:
+    """Roll back what is left of a failed transaction. It may be gone already (the failed
+    statement ended it, or the connection broke, leaving asyncpg's protocol mid-operation):
+    then the connection is not reused as it is (the pool resets or drops it), and the error
+    the caller sees stays the one that failed the transaction."""
+    if not connection.is_in_transaction():
+        return
     try:
-        await transaction.rollback()
-    except (asyncpg.PostgresError, *_UNAVAILABLE):
-        pass  # the connection broke, or the failed statement ended the transaction: gone
+        await connection.execute("ROLLBACK")
+    except Exception:
+        log.debug("rollback failed", exc_info=True)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from foodmesh.payments.v1 import payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2_grpc
 from meshkit.events import context_stream
 from meshkit.saga import Leases, SagaRunner
+from meshkit.storage.database import DatabaseUnavailable
 from services.cli import positive_seconds
 from services.orders import crashpoints
 from services.orders.checkout import DEFAULT_SAGA_TIMEOUT_S, Checkout
@@ -59,9 +60,13 @@ async def recovering(runner: SagaRunner[OrderState], store: OrdersStore) -> Asyn
 
     async def loop() -> None:
         while True:
-            started = await runner.recover(await store.unfinished())
-            if started:
-                log.info("resumed %d unfinished checkout sagas", started)
+            try:
+                started = await runner.recover(await store.unfinished())
+            except DatabaseUnavailable as exc:
+                log.warning("saga recovery: %s; trying again in %.0f s", exc, runner.leases.ttl)
+            else:
+                if started:
+                    log.info("resumed %d unfinished checkout sagas", started)
             await asyncio.sleep(runner.leases.ttl)
 
     task = asyncio.get_running_loop().create_task(loop(), name="saga recovery")
