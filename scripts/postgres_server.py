@@ -41,7 +41,10 @@ def find_pg_bin() -> Path:
 class PostgresServer(Running):
     """One Postgres cluster in a temporary directory, listening on 127.0.0.1:`port`."""
 
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, durable: bool = False) -> None:
+        """`durable`: fsync on, as a production server runs (benchmarks); the tests' servers
+        skip it (a crash of the machine loses a throwaway cluster)."""
+        self._durable = durable
         self.port = port if port is not None else free_tcp_port(HOST)
         self._root = Path(tempfile.mkdtemp(prefix="foodmesh-pg-"))
         self.data_dir = self._root / "data"
@@ -69,9 +72,13 @@ class PostgresServer(Running):
         )  # fmt: skip
         if made.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{made.stderr}")
+        self._launch()
+
+    def _launch(self) -> None:
         command = [
             str(self._bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-            "-k", str(self._root), "-c", f"listen_addresses={HOST}", "-c", "fsync=off",
+            "-k", str(self._root), "-c", f"listen_addresses={HOST}",
+            "-c", f"fsync={'on' if self._durable else 'off'}",
         ]  # fmt: skip
         if self._as_postgres:
             command = ["runuser", "-u", SUPERUSER, "--", *command]
@@ -86,10 +93,10 @@ class PostgresServer(Running):
         )
 
     @property
-    def pid(self) -> int:
-        """The server's process id (of `runuser` when run as the postgres user)."""
-        assert self._proc is not None, "not started"
-        return self._proc.pid
+    def pid(self) -> int | None:
+        """The server's process id (of `runuser` when run as the postgres user); None while
+        it is not running."""
+        return None if self._proc is None else self._proc.pid
 
     def _ready(self) -> bool:
         if self._proc is None or self._proc.poll() is not None:
@@ -99,11 +106,13 @@ class PostgresServer(Running):
         except RuntimeError:
             return False
 
-    def sql(self, statement: str, database: str = "postgres") -> str:
-        """Run `statement` as the superuser (over the cluster's own socket); its output."""
+    def sql(self, *statements: str, database: str = "postgres") -> str:
+        """Run `statements` as the superuser (over the cluster's own socket), each in its own
+        transaction, in one psql; their output."""
+        commands = [part for statement in statements for part in ("-c", statement)]
         done = self._run(
             "psql", "-h", str(self._root), "-p", str(self.port), "-U", SUPERUSER,
-            "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", statement,
+            "-d", database, "-v", "ON_ERROR_STOP=1", "-At", *commands,
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"psql failed: {done.stderr.strip()}")
@@ -115,9 +124,11 @@ class PostgresServer(Running):
         name = service.replace("-", "_")
         password = self.passwords.get(name) or secrets.token_urlsafe(16)
         if name not in self.passwords:
-            self.sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
-            self.sql(f"CREATE DATABASE {name} OWNER {name}")
-            self.sql(f"REVOKE ALL ON DATABASE {name} FROM PUBLIC")
+            self.sql(
+                f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
+                f"CREATE DATABASE {name} OWNER {name}",
+                f"REVOKE ALL ON DATABASE {name} FROM PUBLIC",
+            )
             self.passwords[name] = password
         return self.url(name, password, name)
 
@@ -128,12 +139,33 @@ class PostgresServer(Running):
         name = service.replace("-", "_")
         self._databases += 1
         database = f"{name}_{self._databases}"
-        self.sql(f"CREATE DATABASE {database} OWNER {name}")
-        self.sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        self.sql(
+            f"CREATE DATABASE {database} OWNER {name}",
+            f"REVOKE ALL ON DATABASE {database} FROM PUBLIC",
+        )
         return self.url(name, self.passwords[name], database)
 
     def url(self, role: str, password: str, database: str) -> str:
         return f"postgresql://{role}:{password}@{HOST}:{self.port}/{database}"
+
+    def halt(self, sig: int = signal.SIGINT) -> None:
+        """Stop the server and keep its cluster (SIGINT: a fast shutdown that ends every
+        connection; SIGKILL of the postmaster: a crash, recovered from the WAL at the next
+        start); `resume()` starts it again on the same port."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if sig == signal.SIGKILL:
+            # runuser's child is the postmaster: kill the whole group, as a crash would.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        else:
+            stop_process(proc, sig=sig, timeout=30)
+
+    def resume(self) -> None:
+        """Start the halted server again on its port and cluster."""
+        assert self._proc is None, "already running"
+        self._launch()
 
     def stop(self) -> None:
         """Stop the server (SIGINT: Postgres's fast shutdown) and remove the cluster."""

@@ -21,9 +21,40 @@ from mesh.policy import POLICY_ENV, MeshPolicy, PolicyError, load_policy, load_p
 from mesh.resilience.faults import FaultPolicy
 from mesh.server import ServerConfig
 from meshkit.storage.database import is_database_url
-from services.datadir import default_data_dir
+from services.datadir import database_path, default_data_dir
 
+EVENTS_REPLICAS_ENV = "FOODMESH_EVENTS_REPLICAS"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_storage_flags(
+    parser: argparse.ArgumentParser, whose: str = "the service's", *, default_dir: bool = True
+) -> None:
+    """--data-dir and --database-url: where a service keeps its state, for the service and
+    for the commands that work on its database beside it (`default_dir=False`: no default
+    directory; the command asks for one of the two)."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir() if default_dir else None,
+        help=f"directory of {whose} SQLite file, shared by its instances"
+        + (" (default: %(default)s)" if default_dir else ""),
+    )
+    parser.add_argument(
+        "--database-url",
+        type=database_url,
+        default=os.environ.get("DATABASE_URL") or None,
+        metavar="URL",
+        help=f"{whose} Postgres database, postgresql://ROLE:PASSWORD@HOST:PORT/DB, "
+        "instead of the SQLite file in --data-dir (default: $DATABASE_URL)",
+    )
+
+
+def database_location(args: argparse.Namespace, service: str) -> Path | str:
+    """Where `service` keeps its state by the flags of add_storage_flags: `--database-url`
+    (Postgres), or else `<--data-dir>/<service>.db` (SQLite)."""
+    url: str | None = args.database_url
+    return url if url else database_path(args.data_dir, service)
 
 
 def database_url(text: str) -> str:
@@ -60,21 +91,7 @@ def parse_args(
         default=0,
         help="port to listen on; 0 takes any free port (default: %(default)s)",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir(),
-        help="directory of the service's SQLite file, shared by its instances "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--database-url",
-        type=database_url,
-        default=os.environ.get("DATABASE_URL") or None,
-        metavar="URL",
-        help="the service's Postgres database, postgresql://ROLE:PASSWORD@HOST:PORT/DB, "
-        "instead of the SQLite file in --data-dir (default: $DATABASE_URL)",
-    )
+    add_storage_flags(parser)
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -136,6 +153,14 @@ def parse_args(
         default=os.environ.get("NATS_URL") or None,
         help="NATS server (JetStream) for the service's events; without it (or $NATS_URL) "
         "a service's events wait in its outbox and it consumes none (default: $NATS_URL)",
+    )
+    parser.add_argument(
+        "--events-replicas",
+        type=positive_int,
+        default=os.environ.get(EVENTS_REPLICAS_ENV) or None,
+        metavar="N",
+        help="copies each JetStream stream the service declares keeps: 3 on a cluster of "
+        f"three NATS servers (default: ${EVENTS_REPLICAS_ENV}, else the stream's own, 1)",
     )
     parser.add_argument(
         "--events-ack-wait",

@@ -55,9 +55,15 @@ from meshkit.events import (
 )
 from meshkit.storage.database import Database, DatabaseStore
 from meshkit.storage.lease import Leases
-from services.cli import ServiceFlags, mesh_policy, parse_args, project_version, server_config
+from services.cli import (
+    ServiceFlags,
+    database_location,
+    mesh_policy,
+    parse_args,
+    project_version,
+    server_config,
+)
 from services.crashpoints import crash_switch
-from services.datadir import database_path
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +150,11 @@ class ServiceRuntime:
         if not url:
             log.warning("no --nats-url or NATS_URL: events stay in the outbox, none are consumed")
             return None
-        broker = Broker(url, f"{self.args.service_name} {self.instance_id}")
+        broker = Broker(
+            url,
+            f"{self.args.service_name} {self.instance_id}",
+            stream_replicas=self.args.events_replicas,
+        )
         broker.start()
         self._opened.push_async_callback(broker.close)
         return broker
@@ -235,10 +245,7 @@ class ServiceRuntime:
     def database_location(self) -> Path | str:
         """Where this service's instances keep their state: `--database-url` (Postgres), or
         else `<--data-dir>/<service>.db` (SQLite)."""
-        url: str | None = self.args.database_url
-        if url:
-            return url
-        return database_path(self.args.data_dir, self.args.service_name)
+        return database_location(self.args, self.args.service_name)
 
     async def closing(self, opening: Awaitable[Closable]) -> Closable:
         """What `opening` opens (a store), closed with the runtime; a store's database

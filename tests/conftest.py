@@ -11,9 +11,9 @@ import pytest
 
 from scripts.postgres_server import PostgresServer
 
-_SESSION_PROCESSES: set[int] = set()
-"""Processes of session fixtures, started by whichever test first needs them and stopped at
-the end of the run."""
+_SESSION_SERVERS: list[PostgresServer] = []
+"""Servers of session fixtures, started by whichever test first needs them (and restarted by
+some) and stopped at the end of the run."""
 
 Locate = Callable[[str], "Path | str"]
 """Where a service's database lives in this test: `locate("payments")`."""
@@ -46,7 +46,8 @@ def no_process_left_behind() -> Iterator[None]:
     leftovers = [
         child
         for child in _live_children(os.getpid())
-        if child not in before and int(child.split(":", 1)[0]) not in _SESSION_PROCESSES
+        if child not in before
+        and int(child.split(":", 1)[0]) not in {s.pid for s in _SESSION_SERVERS}
     ]
     assert not leftovers, f"processes left running: {leftovers}"
 
@@ -56,7 +57,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     """One throwaway Postgres cluster for the whole run (started when a test first needs it);
     each test gets databases of its own in it."""
     with PostgresServer() as server:
-        _SESSION_PROCESSES.add(server.pid)
+        _SESSION_SERVERS.append(server)
         yield server
 
 

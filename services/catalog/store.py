@@ -1,10 +1,11 @@
-"""The catalog's menu, kept in SQLite and shared by every catalog instance.
+"""The catalog's menu, kept in its database (SQLite or Postgres) and shared by every catalog
+instance.
 
 A fresh database is seeded with a small demo menu so that a platform started by hand has
-something to order. Seeding happens once per file, not once per process: a `meta` row records
-the seeded version, and the check and the inserts share one write transaction, so a second
-instance (or two instances starting together) never seeds twice, and an operator's later edits
-(a new price, an item taken off the menu) survive restarts.
+something to order. Seeding happens once per database, not once per process: a `meta` row
+records the seeded version, and the check and the inserts share one write transaction, so a
+second instance (or two instances starting together) never seeds twice, and an operator's
+later edits (a new price, an item taken off the menu) survive restarts.
 
 Every change of the menu is recorded as an event (ItemChanged, RestaurantChanged) in the
 outbox (meshkit.events.store: one stream per item or restaurant) in the transaction of the
@@ -166,7 +167,8 @@ class CatalogStore(DatabaseStore):
         seed: tuple[CatalogItem, ...] = DEMO_MENU,
         restaurants: dict[str, str] = DEMO_RESTAURANTS,
     ) -> Self:
-        """Open (or create) the catalog file at path; seed it if no instance has yet."""
+        """Open (or create) the catalog database at `location` (a SQLite file's path or a
+        `postgresql://` URL); seed it if no instance has yet."""
         database = await open_database(location, schema=SCHEMA)
         try:
             async with database.transaction() as transaction:
@@ -222,7 +224,11 @@ class CatalogStore(DatabaseStore):
             if current is not None and current.restaurant_id != item.restaurant_id:
                 raise ItemMoved(current)
             await transaction.execute(
-                f"INSERT OR REPLACE INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (item_id) DO UPDATE SET restaurant_id = excluded.restaurant_id,"
+                " name = excluded.name, description = excluded.description,"
+                " price_cents = excluded.price_cents, currency = excluded.currency,"
+                " available = excluded.available",
                 _item_row(item),
             )
             await OUTBOX.append_next(transaction, item.item_id, [_item_changed(item)])
@@ -287,14 +293,16 @@ async def _seed_once(
 ) -> None:
     # The restaurants' names came after the first seed: a database seeded before gets them.
     await transaction.execute_many(
-        "INSERT OR IGNORE INTO restaurants (restaurant_id, name) VALUES (?, ?)",
+        "INSERT INTO restaurants (restaurant_id, name) VALUES (?, ?)"
+        " ON CONFLICT (restaurant_id) DO NOTHING",
         list(restaurants.items()),
     )
     seeded = await transaction.fetch_one("SELECT value FROM meta WHERE key = 'seed_version'")
     if seeded is not None:
         return
     await transaction.execute_many(
-        f"INSERT OR IGNORE INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (item_id) DO NOTHING",
         [_item_row(i) for i in items],
     )
     await transaction.execute(

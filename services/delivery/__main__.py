@@ -43,7 +43,9 @@ async def main(argv: list[str]) -> int:
     async with ServiceRuntime.started(SERVICE, argv, flags) as runtime:
         args = runtime.args
         fleet = Fleet(couriers=args.couriers, trip_seconds=args.trip_seconds)
-        store = await runtime.closing(DeliveriesStore.open(runtime.database_location(), fleet=fleet))
+        store = await runtime.closing(
+            DeliveriesStore.open(runtime.database_location(), fleet=fleet)
+        )
         runtime.publish_outbox(store.database)
         server = runtime.server()
         server.add_service(

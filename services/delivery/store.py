@@ -1,12 +1,13 @@
-"""Deliveries, their history and the idempotency ledger, kept in SQLite and shared by every
-delivery instance.
+"""Deliveries, their history and the idempotency ledger, kept in the service's database (a
+SQLite file or Postgres) and shared by every delivery instance.
 
-Each mutating call is one write transaction (BEGIN IMMEDIATE): the ledger lookup, the due
-trip steps (trips.py), the check of the courier pool or of the delivery's state, the change,
+Each mutating call is one write transaction, holding the database's write lock (SQLite's
+BEGIN IMMEDIATE, Postgres's advisory lock: meshkit.storage.database): the ledger lookup, the
+due trip steps (trips.py), the check of the courier pool or of the delivery's state, the change,
 its `delivery_events` row and the ledger record. Choosing a courier is therefore race-safe
 across instances: the second of two concurrent schedules waits for the first to commit and
 then sees its courier busy. A partial unique index (one delivery ASSIGNED or PICKED_UP per
-courier) makes the file itself refuse a double booking, whatever a future bug might try.
+courier) makes the database itself refuse a double booking, whatever a future bug might try.
 
 The pool is not stored: a courier is busy while a delivery ASSIGNED or PICKED_UP names it,
 and `--couriers N` says which ids exist. A trip's steps are applied by conditional UPDATEs
@@ -202,8 +203,9 @@ class DeliveriesStore(DatabaseStore):
     async def open(
         cls, location: Path | str, *, fleet: Fleet = DEFAULT_FLEET, clock: Clock = utc_now
     ) -> Self:
-        """Open (or create) the delivery file at path; fleet is this instance's courier pool
-        and trip time, clock gives the times stored and says which steps are due."""
+        """Open (or create) the delivery database at `location` (a SQLite file's path or a
+        `postgresql://` URL); fleet is this instance's courier pool and trip time, clock
+        gives the times stored and says which steps are due."""
         return cls(await open_database(location, schema=SCHEMA), fleet, clock)
 
     async def schedule(self, new: NewDelivery, key: IdempotencyKey | None) -> Outcome:

@@ -84,6 +84,9 @@ def _position(after: str) -> int:
     if not after:
         return 0
     try:
-        return int(after)
+        position = int(after)
     except ValueError:
-        raise invalid("page_token is malformed: send the next_page_token unchanged") from None
+        position = -1
+    if not 0 <= position < 2**63:  # a position is a BIGINT
+        raise invalid("page_token is malformed: send the next_page_token unchanged")
+    return position

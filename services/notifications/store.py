@@ -1,6 +1,7 @@
-"""Notifications in SQLite, shared by every notifications instance, made from the orders'
-events through the inbox (meshkit.events.inbox): each event's notification is written in the
-transaction that records the event as applied, so none is made twice and none is lost.
+"""Notifications in the service's database (a SQLite file or Postgres), shared by every
+notifications instance, made from the orders' events through the inbox (meshkit.events.inbox):
+each event's notification is written in the transaction that records the event as applied,
+so none is made twice and none is lost.
 
 An order's events name only the order; the customer is in its OrderPlaced, so that event is
 kept (order_customers) and the later ones look the customer up. Instances share one durable
@@ -103,7 +104,8 @@ class NotificationsStore(DatabaseStore):
 
     @classmethod
     async def open(cls, location: Path | str) -> Self:
-        """Open (or create) the notifications file at path."""
+        """Open (or create) the notifications database at `location` (a SQLite file's path
+        or a `postgresql://` URL)."""
         return cls(await open_database(location, schema=SCHEMA))
 
     def handlers(
@@ -150,7 +152,10 @@ class NotificationsStore(DatabaseStore):
         """Up to `size` of the user's notifications, newest first, older than
         `before_position` (0: from the newest)."""
         rows = await self._database.fetch_all(
-            "SELECT * FROM notifications WHERE user_id = ? AND (? = 0 OR position < ?)"
+            # The CAST: Postgres would type a bare `? = 0` as INTEGER, too small for a
+            # position (BIGINT).
+            "SELECT * FROM notifications WHERE user_id = ?"
+            " AND (CAST(? AS BIGINT) = 0 OR position < ?)"
             " ORDER BY position DESC LIMIT ?",
             (user_id, before_position, before_position, size + 1),
         )

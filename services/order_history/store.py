@@ -1,6 +1,7 @@
-"""The order history read model in SQLite, shared by every order-history instance, made only
-from events: the orders' (ORDERS), delivery's (DELIVERY) and the catalog's (CATALOG), each
-applied once through the inbox (meshkit.events.inbox) in the transaction of its effect.
+"""The order history read model in the service's database (a SQLite file or Postgres), shared
+by every order-history instance, made only from events: the orders' (ORDERS), delivery's
+(DELIVERY) and the catalog's (CATALOG), each applied once through the inbox
+(meshkit.events.inbox) in the transaction of its effect.
 
 Three streams, several instances and a rebuild from scratch mean events of one order come in
 any order: an OrderConfirmed before its OrderPlaced (another instance's batch), a
@@ -128,7 +129,8 @@ class OrderHistoryStore(DatabaseStore):
 
     @classmethod
     async def open(cls, location: Path | str) -> Self:
-        """Open (or create) the order history file at path."""
+        """Open (or create) the order history database at `location` (a SQLite file's path
+        or a `postgresql://` URL)."""
         return cls(await open_database(location, schema=SCHEMA))
 
     def order_handlers(self) -> Mapping[type[Message], Handler]:
@@ -173,8 +175,10 @@ class OrderHistoryStore(DatabaseStore):
             ),
         )
         await transaction.execute_many(
-            "INSERT OR REPLACE INTO history_lines (order_id, line, item_id, quantity,"
-            " unit_price_cents) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO history_lines (order_id, line, item_id, quantity, unit_price_cents)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id, line) DO UPDATE SET"
+            " item_id = excluded.item_id, quantity = excluded.quantity,"
+            " unit_price_cents = excluded.unit_price_cents",
             [
                 (placed.order_id, number, line.item_id, line.quantity, line.unit_price_cents)
                 for number, line in enumerate(placed.lines)
@@ -188,8 +192,8 @@ class OrderHistoryStore(DatabaseStore):
             "INSERT INTO history_orders (order_id) VALUES (?) ON CONFLICT DO NOTHING", (order_id,)
         )
         await transaction.execute(
-            "INSERT OR IGNORE INTO history_timeline (order_id, version, status, time, event_type)"
-            " VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO history_timeline (order_id, version, status, time, event_type)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id, version) DO NOTHING",
             (
                 order_id,
                 event_version(event.id),

@@ -1,5 +1,5 @@
-"""Orders as event streams in SQLite, shared by every orders instance, with a projection
-table for queries kept in the same transaction as each append.
+"""Orders as event streams in the orders database (SQLite or Postgres), shared by every orders
+instance, with a projection table for queries kept in the same transaction as each append.
 
 An order's stream (meshkit.events) is its truth; `order_views` holds each order's current
 wire form, its status and its stream version, rewritten by every append, so a read is one row
@@ -8,9 +8,9 @@ the PlaceOrder idempotency key (meshkit.storage.idempotency, whose recorded resp
 order's id), so of two concurrent duplicates the second finds the first's order. The checkout
 saga's journal is this store: `record` appends a step's events at the version it read
 (StaleStream if another writer got there first) and rewrites the view, one transaction per
-step, which also renews the saga's lease (meshkit.storage.lease, in the same file): placing an
-order takes it, and the record that ends the saga gives it up, so that a checkout costs five
-transactions in all.
+step, which also renews the saga's lease (meshkit.storage.lease, in the same database):
+placing an order takes it, and the record that ends the saga gives it up, so that a checkout
+costs five transactions in all.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class OrdersStore(DatabaseStore):
 
     @classmethod
     async def open(cls, location: Path | str) -> Self:
-        """Open (or create) the orders file at path."""
+        """Open (or create) the orders database at `location` (a SQLite file's path or a
+        `postgresql://` URL)."""
         return cls(await open_database(location, schema=SCHEMA))
 
     async def order_for_key(self, key: IdempotencyKey | None) -> OrderState | None:

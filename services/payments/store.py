@@ -1,11 +1,12 @@
-"""Payments, their history and the idempotency ledger, kept in SQLite and shared by every
-payments instance.
+"""Payments, their history and the idempotency ledger, kept in the service's database (a
+SQLite file, or Postgres) and shared by every payments instance.
 
-Each mutating call is one write transaction (BEGIN IMMEDIATE): the ledger lookup, the check of
-the payment's state, the change, its `payment_events` row and the ledger record. Two concurrent
-duplicates, in one process or in two sharing the file, can therefore never both find the key
-unused, and two different captures of one payment can never both find it AUTHORIZED: the
-second waits for the first to commit, then sees its effect. A refusal raised inside the
+Each mutating call is one write transaction holding the database's write lock
+(meshkit.storage.database): the ledger lookup, the check of the payment's state, the change,
+its `payment_events` row and the ledger record. Two concurrent duplicates, in one process or
+in two sharing the database, can therefore never both find the key unused, and two different
+captures of one payment can never both find it AUTHORIZED: the second waits for the first to
+commit, then sees its effect. A refusal raised inside the
 transaction (NOT_FOUND, FAILED_PRECONDITION) rolls it back, so it changes nothing and leaves
 no ledger record: its retry is judged again.
 
@@ -195,7 +196,8 @@ class PaymentsStore(DatabaseStore):
 
     @classmethod
     async def open(cls, location: Path | str, *, clock: Clock = utc_now) -> Self:
-        """Open (or create) the payments file at path; clock gives the times stored."""
+        """Open (or create) the payments database at `location` (a SQLite file's path or a
+        `postgresql://` URL); clock gives the times stored."""
         return cls(await open_database(location, schema=SCHEMA), clock)
 
     async def authorize(self, new: NewPayment, key: IdempotencyKey | None) -> Outcome:

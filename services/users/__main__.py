@@ -1,15 +1,16 @@
 """`python -m services.users`: one users instance, registered in Consul; its instances share
-`<data-dir>/users.db`, and with it the users, their password hashes and the token signing keys.
+one database (`<data-dir>/users.db`, or the Postgres database of --database-url), and with it
+the users, their password hashes and the token signing keys.
 
     python -m services.users --token-ttl 3600 --issuer foodmesh-users --audience foodmesh
 
-The first instance to start on a new file creates the signing key. To rotate it, run
+The first instance to start on a new database creates the signing key. To rotate it, run
 
-    python -m services.users.keys rotate --data-dir D
+    python -m services.users.keys rotate --data-dir D      # or --database-url URL
 
 while the instances serve: they sign with the new key from their next Login on, and publish
 the old one (GetJwks) until every token it signed has expired. `python -m services.users.keys
-list --data-dir D` shows the keys and when each retires.
+list` (with the same flag) shows the keys and when each retires.
 """
 
 from __future__ import annotations

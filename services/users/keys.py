@@ -1,11 +1,13 @@
-"""`python -m services.users.keys`: the operator's commands for the token signing keys in
-`<data-dir>/users.db` (see keystore.py for the rules).
+"""`python -m services.users.keys`: the operator's commands for the token signing keys in the
+users database (see keystore.py for the rules): `<data-dir>/users.db`, or the Postgres
+database of `--database-url` / DATABASE_URL, found as the users service finds it.
 
     python -m services.users.keys rotate --data-dir D   # a new key signs from now on
     python -m services.users.keys list --data-dir D     # the keys, and when each retires
+    python -m services.users.keys rotate --database-url postgresql://users:...@host/users
 
-It works on the file directly, beside running instances (they pick a rotation up at their next
-Login), and on a file no instance has opened yet (it creates it, with a first key).
+It works on the database directly, beside running instances (they pick a rotation up at their
+next Login), and on one no instance has opened yet (it creates the schema, with a first key).
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 
-from services.datadir import database_path, default_data_dir
+from services.cli import add_storage_flags, database_location
 from services.users.keystore import KeyInfo
 from services.users.store import UsersStore
 from services.users.tokens import Clock, utc_now
@@ -35,20 +36,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("rotate", "list"),
         help="rotate: add a key that signs from now on; list: show the keys",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir(),
-        help="directory of users.db, as given to the users service (default: %(default)s)",
-    )
+    add_storage_flags(parser, "the users service's")
     return parser.parse_args(argv)
 
 
 async def run(argv: Sequence[str] | None, *, clock: Clock = utc_now) -> list[str]:
     """Carry out the command; the lines it reports."""
     args = parse_args(argv)
-    path = database_path(args.data_dir, SERVICE)
-    async with await UsersStore.open(path, clock=clock) as store:
+    async with await UsersStore.open(database_location(args, SERVICE), clock=clock) as store:
         if args.command == "list":
             now = clock()
             return [describe(key, now) for key in await store.keys.ring()]

@@ -1,6 +1,6 @@
 """The keys that sign access tokens (ES256: ECDSA on P-256), kept in the users database.
 
-Every users instance opens the same file, so every instance signs with the same key and
+Every users instance opens the same database, so every instance signs with the same key and
 publishes the same key set. The first instance to start creates the first key; the check and
 the insert share one write transaction, so instances starting together create one key.
 
@@ -15,12 +15,14 @@ signed a token retires the moment it is replaced. A rotation also deletes the ke
 then, private parts and all.
 
 Tokens are stamped with a time read before the signing key (TokenIssuer does), so a token of
-an old key expires no later than that key's retirement: instances share the file, hence the
-host and its clock, and the only slack is the few milliseconds of a rotation's own transaction.
+an old key expires no later than that key's retirement: the only slack is the few milliseconds
+of a rotation's own transaction, and, when instances on Postgres run on several hosts, the
+skew of those hosts' clocks (on SQLite they share the file, hence the host and its clock).
 
-The private keys are stored unencrypted (PKCS#8 PEM): the database file is the secret, which is
-why the users store makes it readable by its owner only. A key's id (kid) is its RFC 7638 JWK
-thumbprint, so it names the key material itself and two keys can never share one.
+The private keys are stored unencrypted (PKCS#8 PEM): the database is the secret, which is why
+the users store makes its SQLite file readable by its owner only (on Postgres, only the users
+role may connect to its database). A key's id (kid) is its RFC 7638 JWK thumbprint, so it
+names the key material itself and two keys can never share one.
 """
 
 from __future__ import annotations
@@ -175,10 +177,11 @@ class SigningKeys:
         if row is None or row["max_token_ttl_s"] < token_ttl_s:
             async with self._database.transaction() as transaction:
                 row = await self._newest(transaction)
+                # Raise only (SQL both engines speak: SQLite's MAX(a, b) is Postgres's GREATEST).
                 await transaction.execute(
-                    "UPDATE signing_keys SET max_token_ttl_s = MAX(max_token_ttl_s, ?)"
-                    " WHERE kid = ?",
-                    (token_ttl_s, row["kid"]),
+                    "UPDATE signing_keys SET max_token_ttl_s = ?"
+                    " WHERE kid = ? AND max_token_ttl_s < ?",
+                    (token_ttl_s, row["kid"], token_ttl_s),
                 )
         kid = str(row["kid"])
         private_key = self._parsed.get(kid)

@@ -1,19 +1,21 @@
 """Users, their password hashes, the token signing keys and the idempotency ledger, kept in
-SQLite and shared by every users instance.
+the service's database (a SQLite file, or Postgres) and shared by every users instance.
 
-CreateUser is one write transaction (BEGIN IMMEDIATE): the ledger lookup, the check that the
-email is free, the insert and the ledger record. Two concurrent duplicates, in one process or in
-two sharing the file, therefore never both create a user, and two different requests for one
-email never both find it free (the UNIQUE email column is the last line). A refusal raised in
-the transaction rolls it back and leaves no ledger record. Emails arrive normalized (lower case,
-see servicer.py), so the unique column compares them case-insensitively.
+CreateUser is one write transaction holding the database's write lock (meshkit.storage.database):
+the ledger lookup, the check that the email is free, the insert and the ledger record. Two
+concurrent duplicates, in one process or in two sharing the database, therefore never both
+create a user, and two different requests for one email never both find it free (the UNIQUE
+email column is the last line). A refusal raised in the transaction rolls it back and leaves
+no ledger record. Emails arrive normalized (lower case, see servicer.py), so the unique column
+compares them case-insensitively.
 
 A repeated key is also looked up before the password is hashed (`user_for_key`), so a retry
 costs no KDF run; the lookup inside the transaction still decides, for duplicates that arrive
 together.
 
-The file holds password hashes and the private signing keys (keystore.py), so the store makes
-it, and the WAL files SQLite creates beside it, readable by their owner only.
+The database holds password hashes and the private signing keys (keystore.py), so the store
+makes a SQLite file, and the WAL files SQLite creates beside it, readable by their owner only
+(a Postgres database is its role's: no other role may connect).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ _COLUMNS = "user_id, email, display_name, create_time"
 
 
 class UsersStore(DatabaseStore):
-    """Creates and reads users; `keys` is the token signing key ring in the same file."""
+    """Creates and reads users; `keys` is the token signing key ring in the same database."""
 
     def __init__(self, database: Database, clock: Clock = utc_now) -> None:
         super().__init__(database)
@@ -114,8 +116,9 @@ class UsersStore(DatabaseStore):
 
     @classmethod
     async def open(cls, location: Path | str, *, clock: Clock = utc_now) -> Self:
-        """Open (or create) the users file at path, owner-only, with a signing key (created
-        by whichever instance gets there first); clock gives the times stored."""
+        """Open (or create) the users database at `location` (a SQLite file's path, made
+        owner-only, or a `postgresql://` URL), with a signing key (created by whichever
+        instance gets there first); clock gives the times stored."""
         if not is_database_url(location):
             _owner_only(Path(location))
         store = cls(await open_database(location, schema=SCHEMA), clock)

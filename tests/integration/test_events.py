@@ -1,5 +1,6 @@
 """The outbox relay and the inbox consumer against a real nats-server with JetStream (started on
-a free port, its store in the test's directory), on real SQLite files.
+a free port, its store in the test's directory), on a real database: a SQLite file, and a
+Postgres database (each test runs on both).
 
 What is counted is what reached the broker's stream (its messages and their headers) and what
 the consumer's database holds, never what the code says it did.
@@ -30,18 +31,22 @@ from meshkit.events import (
 )
 from meshkit.events import store as event_store
 from meshkit.storage import lease
+from meshkit.storage.database import Database, SqlTransaction, open_database
 from meshkit.storage.lease import Leases
-from meshkit.storage.sqlite import SqliteDatabase, SqlTransaction
+from meshkit.storage.schema import Schema
 from scripts.nats_server import NatsServer
+from tests.conftest import Locate
 
 ORDERS = context_stream("orders")
 TYPES = (events_pb2.OrderPlaced, events_pb2.OrderConfirmed)
 SCHEMA = (
-    *event_store.SCHEMA,
-    *lease.SCHEMA,
-    *relay.SCHEMA,
-    *inbox.SCHEMA,
-    "CREATE TABLE IF NOT EXISTS effects (event_id TEXT, order_id TEXT, kind TEXT)",
+    event_store.SCHEMA,
+    lease.SCHEMA,
+    relay.SCHEMA,
+    inbox.SCHEMA,
+    Schema.of(
+        "effects", "CREATE TABLE IF NOT EXISTS effects (event_id TEXT, order_id TEXT, kind TEXT)"
+    ),
 )
 
 
@@ -69,12 +74,12 @@ async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
 
 
 @pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
-    async with await SqliteDatabase.open(tmp_path / "orders.db", schema=SCHEMA) as db:
+async def database(locate: Locate) -> AsyncIterator[Database]:
+    async with await open_database(locate("orders"), schema=SCHEMA) as db:
         yield db
 
 
-async def record(database: SqliteDatabase, order_id: str, *events: object) -> None:
+async def record(database: Database, order_id: str, *events: object) -> None:
     store = EventStore(TYPES)
     async with database.transaction() as transaction:
         await store.append_next(transaction, order_id, list(events))  # type: ignore[arg-type]
@@ -104,7 +109,7 @@ async def until(predicate: object, timeout: float = 10.0, message: str = "condit
 
 
 async def test_the_relay_publishes_each_event_once_in_commit_order_as_cloudevents(
-    js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase
+    js: JetStreamContext, nats_server: NatsServer, database: Database
 ) -> None:
     for n in range(5):
         await record(
@@ -149,7 +154,7 @@ async def _count(js: JetStreamContext, expected: int, stream: str = "ORDERS") ->
 
 
 async def test_a_relay_that_publishes_again_after_a_crash_doubles_nothing(
-    js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase
+    js: JetStreamContext, nats_server: NatsServer, database: Database
 ) -> None:
     """The crash between PubAck and the cursor's write: the cursor is still at 0, so the next
     relay publishes everything again; JetStream's deduplication keeps one copy of each."""
@@ -170,9 +175,9 @@ async def test_a_relay_that_publishes_again_after_a_crash_doubles_nothing(
 
 
 async def test_two_relays_on_one_database_publish_each_event_once_in_order(
-    js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase, tmp_path: Path
+    js: JetStreamContext, nats_server: NatsServer, database: Database, locate: Locate
 ) -> None:
-    async with await SqliteDatabase.open(tmp_path / "orders.db") as other:
+    async with await open_database(locate("orders")) as other:
         brokers = [Broker(nats_server.url, f"relay {n}") for n in range(2)]
         relays = [
             OutboxRelay(db, Leases(db, owner), b, context="orders")
@@ -202,13 +207,13 @@ async def test_two_relays_on_one_database_publish_each_event_once_in_order(
 
 
 async def test_the_outbox_drains_by_itself_after_the_broker_was_down(
-    database: SqliteDatabase, tmp_path: Path
+    database: Database, tmp_path: Path
 ) -> None:
     with NatsServer(store_dir=tmp_path / "store", log_path=tmp_path / "nats.log") as nats_server:
         await _drain_after_outage(nats_server, database)
 
 
-async def _drain_after_outage(nats_server: NatsServer, database: SqliteDatabase) -> None:
+async def _drain_after_outage(nats_server: NatsServer, database: Database) -> None:
     broker = Broker(nats_server.url, "test relay")
     relay_ = OutboxRelay(
         database, Leases(database, "a"), broker, context="orders", publish_timeout=0.5
@@ -258,7 +263,7 @@ class Effects:
 
 
 def consumer(
-    broker: Broker, database: SqliteDatabase, effects: Effects, **kwargs: object
+    broker: Broker, database: Database, effects: Effects, **kwargs: object
 ) -> EventConsumer:
     return EventConsumer(
         broker,
@@ -288,12 +293,12 @@ async def publish(js: JetStreamContext, event_id: str, data: bytes, **headers: s
     )
 
 
-async def effects_of(database: SqliteDatabase) -> list[str]:
+async def effects_of(database: Database) -> list[str]:
     return [r["event_id"] for r in await database.fetch_all("SELECT event_id FROM effects")]
 
 
 async def test_each_event_has_one_effect_however_often_it_is_delivered(
-    js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase
+    js: JetStreamContext, nats_server: NatsServer, database: Database
 ) -> None:
     broker = Broker(nats_server.url, "test consumer")
     await broker.ensure_stream(ORDERS)
@@ -322,7 +327,7 @@ async def test_each_event_has_one_effect_however_often_it_is_delivered(
     assert running.applied == 4
 
 
-async def _has(database: SqliteDatabase, count: int) -> bool:
+async def _has(database: Database, count: int) -> bool:
     return len(await effects_of(database)) >= count
 
 
@@ -332,7 +337,7 @@ async def _drained(js: JetStreamContext) -> bool:
 
 
 async def test_poison_events_go_to_the_dead_letter_subject_and_the_rest_flows(
-    js: JetStreamContext, nats_server: NatsServer, database: SqliteDatabase
+    js: JetStreamContext, nats_server: NatsServer, database: Database
 ) -> None:
     broker = Broker(nats_server.url, "test consumer")
     await broker.ensure_stream(ORDERS)

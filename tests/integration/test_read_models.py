@@ -23,6 +23,7 @@ from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2
+from scripts.postgres_server import PostgresServer
 from services.order_history.store import OrderHistoryStore
 from tests.integration.conftest import LONG_TRIPS, PROJECT_ROOT, Stack, order, stack_under
 from tests.integration.platform import (
@@ -109,7 +110,9 @@ async def test_each_checkout_makes_one_notification_and_one_history_entry_of_its
 
 
 async def test_a_renamed_item_shows_its_new_name_in_past_orders_and_a_rebuild_answers_the_same(
-    platform: tuple[Stack, str], tmp_path_factory: pytest.TempPathFactory
+    platform: tuple[Stack, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_server: PostgresServer,
 ) -> None:
     stack, _ = platform
     assert stack.nats is not None
@@ -150,6 +153,14 @@ async def test_a_renamed_item_shows_its_new_name_in_past_orders_and_a_rebuild_an
     assert page.orders == live
     assert [i.name for i in live[-1].items] == [soup.name]  # the first order, oldest last
     again = await rebuild(stack, rebuilt)
+    assert again.returncode == 2 and "fresh database" in again.stderr
+    # The same into a Postgres database: the streams are the source, whatever the engine.
+    url = postgres_server.fresh_database("order-history")
+    done = await rebuild(stack, url)
+    assert done.returncode == 0, done.stderr
+    async with await OrderHistoryStore.open(url) as store:
+        assert (await store.page(customer, "", 1000)).orders == live
+    again = await rebuild(stack, url)
     assert again.returncode == 2 and "fresh database" in again.stderr
 
 
@@ -200,11 +211,13 @@ async def test_bad_list_notifications_requests_are_invalid_argument_naming_the_f
     assert field in (raised.value.details() or "")
 
 
-async def rebuild(stack: Stack, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m services.order_history.rebuild` into data_dir, from the stack's NATS."""
+async def rebuild(stack: Stack, into: Path | str) -> subprocess.CompletedProcess[str]:
+    """`python -m services.order_history.rebuild` into a data directory (or a Postgres
+    database's URL), from the stack's NATS."""
     assert stack.nats is not None
+    where = ["--data-dir", str(into)] if isinstance(into, Path) else ["--database-url", into]
     command = [
-        sys.executable, "-m", "services.order_history.rebuild", "--data-dir", str(data_dir),
+        sys.executable, "-m", "services.order_history.rebuild", *where,
         "--nats-url", stack.nats.url,
     ]  # fmt: skip
     return await asyncio.to_thread(

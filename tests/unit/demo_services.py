@@ -12,7 +12,7 @@ import pytest
 
 from foodmesh.catalog.v1 import catalog_pb2_grpc
 from mesh.testing import InProcessServer
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.database import open_database
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
 
@@ -21,18 +21,19 @@ UNAVAILABLE_ITEM_ID = "roma-truffle-risotto"
 
 
 @asynccontextmanager
-async def catalog_server(db_path: Path) -> AsyncIterator[InProcessServer]:
-    """A catalog service on the database file at db_path."""
-    async with await CatalogStore.open(db_path) as store:
+async def catalog_server(location: Path | str) -> AsyncIterator[InProcessServer]:
+    """A catalog service on the database at `location` (a SQLite file or a Postgres URL)."""
+    async with await CatalogStore.open(location) as store:
         servicer = CatalogServicer(store)
         add = catalog_pb2_grpc.add_CatalogServiceServicer_to_server
         async with InProcessServer((add, servicer)) as server:
             yield server
 
 
-async def count_rows(db_path: Path, table: str) -> int:
-    """The number of rows of a table, read through a connection of its own."""
-    async with await SqliteDatabase.open(db_path) as database:
+async def count_rows(location: Path | str, table: str) -> int:
+    """The number of rows of a table, read through a connection of its own (to a SQLite file
+    or a Postgres database)."""
+    async with await open_database(location) as database:
         row = await database.fetch_one(f"SELECT COUNT(*) FROM {table}")
     assert row is not None
     return int(row[0])

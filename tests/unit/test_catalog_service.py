@@ -1,4 +1,5 @@
-"""CatalogService on a real in-process grpc.aio server, called through the generated stub."""
+"""CatalogService on a real in-process grpc.aio server, called through the generated stub, with
+its store on each engine (a SQLite file, a Postgres database)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from foodmesh.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from mesh.testing import InProcessServer
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.database import open_database
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import (
     DEMO_MENU,
@@ -23,8 +24,8 @@ from services.catalog.store import (
     CatalogStore,
     ItemMoved,
 )
-from services.datadir import database_path
 from services.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from tests.conftest import Locate
 from tests.paging import all_pages
 from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
@@ -37,13 +38,14 @@ from tests.unit.demo_services import (
 if TYPE_CHECKING:
     from foodmesh.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as CatalogStub
 
+
 @pytest.fixture
-def catalog_db(tmp_path: Path) -> Path:
-    return database_path(tmp_path / "data", "catalog")
+def catalog_db(locate: Locate) -> Path | str:
+    return locate("catalog")
 
 
 @pytest.fixture
-async def catalog(catalog_db: Path) -> AsyncIterator[CatalogStub]:
+async def catalog(catalog_db: Path | str) -> AsyncIterator[CatalogStub]:
     async with catalog_server(catalog_db) as server:
         yield catalog_pb2_grpc.CatalogServiceStub(server.channel)
 
@@ -63,7 +65,9 @@ async def list_all(stub: CatalogStub, restaurant_id: str, page_size: int) -> lis
     return await all_pages(page)
 
 
-async def test_seeding_is_idempotent_across_instances_on_one_file(catalog_db: Path) -> None:
+async def test_seeding_is_idempotent_across_instances_on_one_database(
+    catalog_db: Path | str,
+) -> None:
     first, second = await asyncio.gather(
         CatalogStore.open(catalog_db), CatalogStore.open(catalog_db)
     )
@@ -79,7 +83,7 @@ async def test_seeding_is_idempotent_across_instances_on_one_file(catalog_db: Pa
 
 
 async def test_a_put_item_records_one_event_per_change_and_none_for_a_repeat(
-    catalog_db: Path,
+    catalog_db: Path | str,
 ) -> None:
     async with await CatalogStore.open(catalog_db) as store:
         seeded = await count_rows(catalog_db, "events")
@@ -100,10 +104,10 @@ async def test_a_put_item_records_one_event_per_change_and_none_for_a_repeat(
         assert await count_rows(catalog_db, "events") == seeded + 2
 
 
-async def test_reopening_keeps_an_operators_edits(catalog_db: Path) -> None:
+async def test_reopening_keeps_an_operators_edits(catalog_db: Path | str) -> None:
     async with await CatalogStore.open(catalog_db):
         pass
-    async with await SqliteDatabase.open(catalog_db) as database:
+    async with await open_database(catalog_db) as database:
         async with database.transaction() as transaction:
             await transaction.execute("DELETE FROM items WHERE item_id = ?", (AVAILABLE_ITEM_ID,))
     async with await CatalogStore.open(catalog_db) as store:
@@ -162,12 +166,12 @@ async def test_unknown_restaurant_is_an_empty_last_page(catalog: CatalogStub) ->
     assert page.next_page_token == ""
 
 
-async def test_page_size_zero_means_default_and_large_is_lowered(tmp_path: Path) -> None:
+async def test_page_size_zero_means_default_and_large_is_lowered(locate: Locate) -> None:
     many = tuple(
         CatalogItem(f"item-{n:05}", "big-kitchen", f"Dish {n}", "", 100, "EUR", True)
         for n in range(MAX_PAGE_SIZE + 5)
     )
-    async with await CatalogStore.open(tmp_path / "big.db", seed=many) as store:
+    async with await CatalogStore.open(locate("catalog"), seed=many) as store:
         add = catalog_pb2_grpc.add_CatalogServiceServicer_to_server
         async with InProcessServer((add, CatalogServicer(store))) as server:
             stub = catalog_pb2_grpc.CatalogServiceStub(server.channel)

@@ -1,7 +1,8 @@
-"""DeliveryService on real in-process grpc.aio servers and real SQLite files: the courier pool,
-trips that move on with an injected clock (and one real short trip), cancels, tracking, bad
-input that names its field and stores nothing, and the idempotency ledger, also under
-concurrent duplicates reaching two instances on one file."""
+"""DeliveryService on real in-process grpc.aio servers and a real database (a SQLite file, and
+a Postgres database): the courier pool, trips that move on with an injected clock (and one
+real short trip), cancels, tracking, bad input that names its field and stores nothing, and
+the idempotency ledger, also under concurrent duplicates reaching two instances on one
+database."""
 
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ import pytest
 
 from foodmesh.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from mesh.testing import InProcessServer
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.database import IntegrityError, open_database
 from services.cli import parse_args
-from services.datadir import database_path
 from services.delivery.__main__ import flags
 from services.delivery.servicer import DeliveryServicer
 from services.delivery.store import DeliveriesStore, NewDelivery
 from services.delivery.trips import Clock, Fleet, advancing, utc_now
-from tests.unit.demo_services import count_rows, rpc_error
+from tests.conftest import Locate
+from tests.unit.demo_services import rpc_error
 
 if TYPE_CHECKING:
     from foodmesh.delivery.v1.delivery_pb2_grpc import DeliveryServiceAsyncStub as DeliveryStub
@@ -77,8 +78,18 @@ def time_of(timestamp: Any) -> datetime:
     return moment
 
 
+async def count_rows(db: Path | str, table: str) -> int:
+    """The number of rows of a table, read through a connection of its own."""
+    async with await open_database(db) as database:
+        row = await database.fetch_one(f"SELECT COUNT(*) FROM {table}")
+    assert row is not None
+    return int(row[0])
+
+
 @asynccontextmanager
-async def delivery_server(db: Path, fleet: Fleet, clock: Clock) -> AsyncIterator[DeliveryStub]:
+async def delivery_server(
+    db: Path | str, fleet: Fleet, clock: Clock
+) -> AsyncIterator[DeliveryStub]:
     """A delivery service on db with this pool and clock; yields a stub that calls it."""
     async with await DeliveriesStore.open(db, fleet=fleet, clock=clock) as store:
         servicer = DeliveryServicer(store, track_poll_s=POLL_S)
@@ -89,10 +100,10 @@ async def delivery_server(db: Path, fleet: Fleet, clock: Clock) -> AsyncIterator
 
 @dataclass
 class Deliveries:
-    """Delivery servers on one database file, sharing one clock; `stub` calls the first."""
+    """Delivery servers on one database, sharing one clock; `stub` calls the first."""
 
     stubs: list[DeliveryStub]
-    db: Path
+    db: Path | str
     clock: ManualClock
 
     @property
@@ -106,8 +117,8 @@ class Deliveries:
         return await self.stub.GetDelivery(delivery_pb2.GetDeliveryRequest(delivery_id=delivery_id))
 
     async def events(self, delivery_id: str) -> list[tuple[str | None, str, datetime]]:
-        """The delivery's history as (from, to, time), oldest first, read from the file."""
-        async with await SqliteDatabase.open(self.db) as database:
+        """The delivery's history as (from, to, time), oldest first, read from the database."""
+        async with await open_database(self.db) as database:
             rows = await database.fetch_all(
                 "SELECT from_status, to_status, time FROM delivery_events"
                 " WHERE delivery_id = ? ORDER BY event_id",
@@ -119,8 +130,8 @@ class Deliveries:
         ]
 
     async def stored_status(self, delivery_id: str) -> str:
-        """The status in the file, read without the service (which would apply due steps)."""
-        async with await SqliteDatabase.open(self.db) as database:
+        """The status stored, read without the service (which would apply due steps)."""
+        async with await open_database(self.db) as database:
             row = await database.fetch_one(
                 "SELECT status FROM deliveries WHERE delivery_id = ?", (delivery_id,)
             )
@@ -130,9 +141,9 @@ class Deliveries:
 
 @asynccontextmanager
 async def deliveries_on(
-    tmp_path: Path, *, couriers: int = 2, servers: int = 1
+    locate: Locate, *, couriers: int = 2, servers: int = 1
 ) -> AsyncIterator[Deliveries]:
-    db = database_path(tmp_path / "data", "delivery")
+    db = locate("delivery")
     clock = ManualClock()
     fleet = Fleet(couriers=couriers, trip_seconds=TRIP_S)
     async with AsyncExitStack() as stack:
@@ -144,8 +155,8 @@ async def deliveries_on(
 
 
 @pytest.fixture
-async def deliveries(tmp_path: Path) -> AsyncIterator[Deliveries]:
-    async with deliveries_on(tmp_path) as opened:
+async def deliveries(locate: Locate) -> AsyncIterator[Deliveries]:
+    async with deliveries_on(locate) as opened:
         yield opened
 
 
@@ -207,8 +218,8 @@ async def test_an_exhausted_pool_refuses_with_no_courier_available(
     assert await deliveries.stored_rows() == before
 
 
-async def test_no_couriers_refuses_every_delivery(tmp_path: Path) -> None:
-    async with deliveries_on(tmp_path, couriers=0) as deliveries:
+async def test_no_couriers_refuses_every_delivery(locate: Locate) -> None:
+    async with deliveries_on(locate, couriers=0) as deliveries:
         for key in ("", "k"):
             error = await rpc_error(
                 deliveries.stub.ScheduleDelivery(schedule_request(idempotency_key=key))
@@ -239,8 +250,8 @@ async def test_the_trip_moves_through_pickup_to_delivered_at_its_planned_times(
     ]
 
 
-async def test_the_courier_is_free_again_after_delivered(tmp_path: Path) -> None:
-    async with deliveries_on(tmp_path, couriers=1) as deliveries:
+async def test_the_courier_is_free_again_after_delivered(locate: Locate) -> None:
+    async with deliveries_on(locate, couriers=1) as deliveries:
         first = await deliveries.stub.ScheduleDelivery(schedule_request(order_id="o-1"))
         busy = await rpc_error(deliveries.stub.ScheduleDelivery(schedule_request(order_id="o-2")))
         assert busy.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -250,8 +261,8 @@ async def test_the_courier_is_free_again_after_delivered(tmp_path: Path) -> None
         assert (await deliveries.get(first.delivery_id)).status == DELIVERED
 
 
-async def test_the_periodic_task_ends_trips_when_nobody_reads(tmp_path: Path) -> None:
-    db = database_path(tmp_path / "data", "delivery")
+async def test_the_periodic_task_ends_trips_when_nobody_reads(locate: Locate) -> None:
+    db = locate("delivery")
     clock = ManualClock()
     async with await DeliveriesStore.open(db, fleet=Fleet(1, TRIP_S), clock=clock) as store:
         new = NewDelivery(order_id="o-1", restaurant_id="roma", address="1 Test Street")
@@ -291,8 +302,8 @@ async def test_the_periodic_task_survives_a_failing_run_and_lets_a_run_finish() 
 # -- cancelling -------------------------------------------------------------------------
 
 
-async def test_cancel_before_pickup_frees_the_courier(tmp_path: Path) -> None:
-    async with deliveries_on(tmp_path, couriers=1) as deliveries:
+async def test_cancel_before_pickup_frees_the_courier(locate: Locate) -> None:
+    async with deliveries_on(locate, couriers=1) as deliveries:
         delivery = await deliveries.stub.ScheduleDelivery(schedule_request(order_id="o-1"))
         deliveries.clock.advance(5)
         cancelled = await deliveries.stub.CancelDelivery(cancel_request(delivery.delivery_id))
@@ -328,7 +339,7 @@ async def test_cancel_after_pickup_is_refused_naming_the_state(
 
 async def test_cancel_applies_a_due_pickup_before_it_decides(deliveries: Deliveries) -> None:
     delivery = await deliveries.stub.ScheduleDelivery(schedule_request())
-    deliveries.clock.advance(TRIP_S / 2)  # nobody has read since: the file says ASSIGNED
+    deliveries.clock.advance(TRIP_S / 2)  # nobody has read since: the database says ASSIGNED
     assert await deliveries.stored_status(delivery.delivery_id) == "ASSIGNED"
     error = await rpc_error(deliveries.stub.CancelDelivery(cancel_request(delivery.delivery_id)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -477,8 +488,8 @@ async def test_track_of_a_cancelled_delivery_ends_at_once(deliveries: Deliveries
     assert await rest_of(call) == [cancelled]
 
 
-async def test_track_sees_a_cancel_made_through_another_instance(tmp_path: Path) -> None:
-    async with deliveries_on(tmp_path, servers=2) as deliveries:
+async def test_track_sees_a_cancel_made_through_another_instance(locate: Locate) -> None:
+    async with deliveries_on(locate, servers=2) as deliveries:
         first, second = deliveries.stubs
         delivery = await first.ScheduleDelivery(schedule_request())
         call = await track(first, delivery.delivery_id)
@@ -488,8 +499,8 @@ async def test_track_sees_a_cancel_made_through_another_instance(tmp_path: Path)
         assert await next_message(call) is grpc.aio.EOF
 
 
-async def test_a_real_short_trip_is_tracked_to_its_end(tmp_path: Path) -> None:
-    db = database_path(tmp_path / "data", "delivery")
+async def test_a_real_short_trip_is_tracked_to_its_end(locate: Locate) -> None:
+    db = locate("delivery")
     async with delivery_server(db, Fleet(couriers=1, trip_seconds=0.4), utc_now) as stub:
         delivery = await stub.ScheduleDelivery(schedule_request())
         call = await track(stub, delivery.delivery_id)
@@ -556,8 +567,8 @@ async def test_cancel_with_a_used_key_returns_the_first_result(deliveries: Deliv
     assert (await deliveries.get(two.delivery_id)).status == ASSIGNED
 
 
-async def test_concurrent_duplicates_on_two_instances_make_one_delivery(tmp_path: Path) -> None:
-    async with deliveries_on(tmp_path, servers=2) as deliveries:
+async def test_concurrent_duplicates_on_two_instances_make_one_delivery(locate: Locate) -> None:
+    async with deliveries_on(locate, servers=2) as deliveries:
         request = schedule_request(idempotency_key="checkout-7/schedule")
         answers = await asyncio.gather(
             *(deliveries.stubs[i % 2].ScheduleDelivery(request) for i in range(10))
@@ -569,8 +580,8 @@ async def test_concurrent_duplicates_on_two_instances_make_one_delivery(tmp_path
         assert other.courier_id != answers[0].courier_id
 
 
-async def test_two_instances_with_one_courier_assign_it_once(tmp_path: Path) -> None:
-    async with deliveries_on(tmp_path, couriers=1, servers=2) as deliveries:
+async def test_two_instances_with_one_courier_assign_it_once(locate: Locate) -> None:
+    async with deliveries_on(locate, couriers=1, servers=2) as deliveries:
         results = await asyncio.gather(
             *(
                 stub.ScheduleDelivery(schedule_request(order_id=f"order-{i}"))
@@ -587,6 +598,50 @@ async def test_two_instances_with_one_courier_assign_it_once(tmp_path: Path) -> 
             "no courier available: the only courier is on a trip; try again later"
         )
         assert await count_rows(deliveries.db, "deliveries") == 1
+
+
+async def test_the_database_itself_refuses_a_second_trip_for_one_courier(locate: Locate) -> None:
+    """The partial unique index: whatever a future bug tries, a courier ASSIGNED or PICKED_UP
+    on one delivery cannot be stored on another one that is on its way too."""
+    async with deliveries_on(locate, couriers=1) as deliveries:
+        first = await deliveries.stub.ScheduleDelivery(schedule_request())
+        insert = (
+            "INSERT INTO deliveries (delivery_id, order_id, restaurant_id, address, courier_id,"
+            " status, pickup_time, eta_time, create_time, update_time)"
+            " VALUES (?, 'order-2', 'roma', '1 Test Street', ?, ?, 't', 't', 't', 't')"
+        )
+        async with await open_database(deliveries.db) as database:
+            with pytest.raises(IntegrityError):
+                async with database.transaction() as transaction:
+                    await transaction.execute(insert, ("d-bug", first.courier_id, "ASSIGNED"))
+            async with database.transaction() as transaction:  # a finished trip may name it
+                await transaction.execute(insert, ("d-done", first.courier_id, "DELIVERED"))
+            with pytest.raises(IntegrityError):
+                async with database.transaction() as transaction:
+                    await transaction.execute(
+                        "UPDATE deliveries SET status = 'PICKED_UP' WHERE delivery_id = 'd-done'"
+                    )
+        assert await deliveries.stored_status("d-done") == "DELIVERED"
+        assert await count_rows(deliveries.db, "deliveries") == 2
+
+
+async def test_many_instances_racing_for_few_couriers_book_each_courier_once(
+    locate: Locate,
+) -> None:
+    async with deliveries_on(locate, couriers=3, servers=4) as deliveries:
+        results = await asyncio.gather(
+            *(
+                deliveries.stubs[i % 4].ScheduleDelivery(schedule_request(order_id=f"order-{i}"))
+                for i in range(12)
+            ),
+            return_exceptions=True,
+        )
+        assigned = [r for r in results if isinstance(r, delivery_pb2.Delivery)]
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(assigned) + len(refused) == len(results), results
+        assert sorted(d.courier_id for d in assigned) == ["courier-1", "courier-2", "courier-3"]
+        assert {r.code() for r in refused} == {grpc.StatusCode.FAILED_PRECONDITION}
+        assert await count_rows(deliveries.db, "deliveries") == 3
 
 
 # -- flags --------------------------------------------------------------------------------

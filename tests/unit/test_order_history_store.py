@@ -1,11 +1,11 @@
 """The order history's handlers are order-free: the same events, applied in any order (as
-several instances, three streams and a rebuild deliver them), give the same answers."""
+several instances, three streams and a rebuild deliver them), give the same answers; on a
+SQLite file and on a Postgres database."""
 
 from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
@@ -19,6 +19,7 @@ from foodmesh.orders.v1 import orders_pb2
 from meshkit.events import ReceivedEvent
 from meshkit.events.relay import event_id
 from services.order_history.store import OrderHistoryStore
+from tests.conftest import Locate
 
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 Status = orders_pb2.OrderStatus
@@ -83,9 +84,9 @@ async def _apply(store: OrderHistoryStore, events: list[ReceivedEvent]) -> None:
 
 
 async def test_in_stream_order_the_history_tells_each_order_with_names_and_timeline(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    async with await OrderHistoryStore.open(tmp_path / "h.db") as store:
+    async with await OrderHistoryStore.open(locate("order-history")) as store:
         await _apply(store, history_events())
         page = await store.page("ada", "", 10)
     assert [o.order_id for o in page.orders] == ["o2", "o1"]  # newest first
@@ -108,20 +109,20 @@ async def test_in_stream_order_the_history_tells_each_order_with_names_and_timel
 
 @pytest.mark.parametrize("seed", range(8))
 async def test_any_order_of_the_same_events_gives_the_same_answers(
-    tmp_path: Path, seed: int
+    locate: Locate, seed: int
 ) -> None:
-    async with await OrderHistoryStore.open(tmp_path / "ordered.db") as store:
+    async with await OrderHistoryStore.open(locate("ordered")) as store:
         await _apply(store, history_events())
         expected = await store.page("ada", "", 10)
     shuffled = history_events()
     random.Random(seed).shuffle(shuffled)
-    async with await OrderHistoryStore.open(tmp_path / "shuffled.db") as store:
+    async with await OrderHistoryStore.open(locate("shuffled")) as store:
         await _apply(store, shuffled)
         assert await store.page("ada", "", 10) == expected
 
 
-async def test_pages_follow_each_other_without_repeats(tmp_path: Path) -> None:
-    async with await OrderHistoryStore.open(tmp_path / "h.db") as store:
+async def test_pages_follow_each_other_without_repeats(locate: Locate) -> None:
+    async with await OrderHistoryStore.open(locate("order-history")) as store:
         await _apply(store, history_events())
         first = await store.page("ada", "", 1)
         second = await store.page("ada", first.last_key, 1)

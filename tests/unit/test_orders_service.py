@@ -1,9 +1,10 @@
 """OrderService on a real in-process grpc.aio server, with real users, catalog, payments and
-delivery servers on their own SQLite files, as it runs through the mesh in production: the
-request checks that name their field and store nothing, pricing, the checkout saga's answers
-(CONFIRMED, REJECTED, PENDING at the caller's deadline), idempotency under concurrent
-duplicates on two instances of one file, dependency failures that keep their code, and
-cancelling and watching an order."""
+delivery servers on databases of their own (each test on each engine: SQLite files, Postgres
+databases), as it runs through the mesh in production: the request checks that name their
+field and store nothing, pricing, the checkout saga's answers (CONFIRMED, REJECTED, PENDING
+at the caller's deadline), idempotency under concurrent duplicates on two instances of one
+database, a saga taken over by the other instance, dependency failures that keep their
+code, and cancelling and watching an order."""
 
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.testing import InProcessServer, MockChannel
 from meshkit.saga import Leases, SagaRunner, StepRetry
-from meshkit.storage.sqlite import SqliteDatabase
-from services.datadir import database_path
+from meshkit.storage.database import open_database
 from services.delivery.servicer import DeliveryServicer
 from services.delivery.store import DeliveriesStore
 from services.delivery.trips import Fleet
@@ -40,6 +40,7 @@ from services.users.passwords import PasswordHasher, ScryptParams
 from services.users.servicer import UserServicer
 from services.users.store import UsersStore
 from services.users.tokens import TokenIssuer, TokenSettings
+from tests.conftest import Locate
 from tests.unit.demo_services import (
     AVAILABLE_ITEM_ID,
     UNAVAILABLE_ITEM_ID,
@@ -87,7 +88,7 @@ async def serving(*services: Any) -> AsyncIterator[InProcessServer]:
 
 
 @asynccontextmanager
-async def users_server(db: Path) -> AsyncIterator[InProcessServer]:
+async def users_server(db: Path | str) -> AsyncIterator[InProcessServer]:
     async with await UsersStore.open(db) as store:
         tokens = TokenIssuer(store.keys, TokenSettings("foodmesh-users", "foodmesh", 3600))
         servicer = UserServicer(store, PasswordHasher(ScryptParams(log2_n=10, r=8, p=1)), tokens)
@@ -110,7 +111,7 @@ class GatedPayments(PaymentServicer):
 
 
 @asynccontextmanager
-async def payments_server(db: Path, gate: asyncio.Event) -> AsyncIterator[InProcessServer]:
+async def payments_server(db: Path | str, gate: asyncio.Event) -> AsyncIterator[InProcessServer]:
     async with await PaymentsStore.open(db) as store:
         add = payments_pb2_grpc.add_PaymentServiceServicer_to_server
         async with serving((add, GatedPayments(store, gate))) as server:
@@ -118,7 +119,7 @@ async def payments_server(db: Path, gate: asyncio.Event) -> AsyncIterator[InProc
 
 
 @asynccontextmanager
-async def delivery_server(db: Path, couriers: int) -> AsyncIterator[InProcessServer]:
+async def delivery_server(db: Path | str, couriers: int) -> AsyncIterator[InProcessServer]:
     fleet = Fleet(couriers=couriers, trip_seconds=600)  # nobody arrives during a test
     async with await DeliveriesStore.open(db, fleet=fleet) as store:
         add = delivery_pb2_grpc.add_DeliveryServiceServicer_to_server
@@ -138,10 +139,10 @@ class Participants:
 
 @asynccontextmanager
 async def orders_server(
-    db: Path, participants: Participants
-) -> AsyncIterator[tuple[OrdersStub, OrdersStore]]:
-    """An orders instance on db over these participants; yields a stub that calls it, and
-    its store."""
+    db: Path | str, participants: Participants
+) -> AsyncIterator[tuple[OrdersStub, OrdersStore, SagaRunner[OrderState]]]:
+    """An orders instance on db over these participants; yields a stub that calls it, its
+    store and its saga runner."""
     async with await OrdersStore.open(db) as store:
         checkout = Checkout(
             participants.payments,
@@ -161,29 +162,28 @@ async def orders_server(
         try:
             add = orders_pb2_grpc.add_OrderServiceServicer_to_server
             async with serving((add, servicer)) as server:
-                yield orders_pb2_grpc.OrderServiceStub(server.channel), store
+                yield orders_pb2_grpc.OrderServiceStub(server.channel), store, runner
         finally:
             await runner.close()
 
 
 @dataclass
 class Platform:
-    """An orders server and its four participants, each on its own database file."""
+    """An orders server and its four participants, each on its own database."""
 
-    data_dir: Path
+    locate: Locate
     participants: Participants
     orders: OrdersStub
     orders_store: OrdersStore
+    orders_runner: SagaRunner[OrderState]
     customer_id: str
     stops: dict[str, AsyncExitStack]
 
     @property
-    def orders_db(self) -> Path:
-        return database_path(self.data_dir, "orders")
+    def orders_db(self) -> Path | str:
+        return self.locate("orders")
 
-    async def place(
-        self, request: orders_pb2.PlaceOrderRequest, **call: Any
-    ) -> orders_pb2.Order:
+    async def place(self, request: orders_pb2.PlaceOrderRequest, **call: Any) -> orders_pb2.Order:
         return await self.orders.PlaceOrder(self.for_customer(request), **call)
 
     def for_customer(self, request: orders_pb2.PlaceOrderRequest) -> orders_pb2.PlaceOrderRequest:
@@ -214,8 +214,8 @@ class Platform:
         return list(listed.deliveries)
 
     async def set_catalog_item(self, item_id: str, column: str, value: object) -> None:
-        """Change an item as an operator would: in the catalog's file, from outside."""
-        async with await SqliteDatabase.open(database_path(self.data_dir, "catalog")) as db:
+        """Change an item as an operator would: in the catalog's database, from outside."""
+        async with await open_database(self.locate("catalog")) as db:
             async with db.transaction() as transaction:
                 changed = await transaction.execute(
                     f"UPDATE items SET {column} = ? WHERE item_id = ?", (value, item_id)
@@ -224,18 +224,17 @@ class Platform:
 
 
 async def start_platform(
-    tmp_path: Path, *, couriers: int = 50, payments_gate: asyncio.Event | None = None
+    locate: Locate, *, couriers: int = 50, payments_gate: asyncio.Event | None = None
 ) -> tuple[AsyncExitStack, Platform]:
-    """The platform on tmp_path; payments authorize once payments_gate is set (at once when
-    none is given)."""
+    """The platform on the databases `locate` gives; payments authorize once payments_gate
+    is set (at once when none is given)."""
     if payments_gate is None:
         payments_gate = asyncio.Event()
         payments_gate.set()
     gate = payments_gate
-    data_dir = tmp_path / "data"
     stack = AsyncExitStack()
     stops: dict[str, AsyncExitStack] = {}
-    servers: dict[str, Callable[[Path], Any]] = {
+    servers: dict[str, Callable[[Path | str], Any]] = {
         "users": users_server,
         "catalog": catalog_server,
         "payments": lambda db: payments_server(db, gate),
@@ -251,7 +250,7 @@ async def start_platform(
     for name, server_of in servers.items():
         stops[name] = AsyncExitStack()
         stack.push_async_exit(stops[name])
-        server = await stops[name].enter_async_context(server_of(database_path(data_dir, name)))
+        server = await stops[name].enter_async_context(server_of(locate(name)))
         # A channel of its own, outliving the server: calls after a stop are UNAVAILABLE.
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
         stubs[name] = stub_types[name](channel)
@@ -261,15 +260,15 @@ async def start_platform(
             email="ada@example.com", display_name="Ada", password="correct horse battery"
         )
     )
-    orders, store = await stack.enter_async_context(
-        orders_server(database_path(data_dir, "orders"), participants)
+    orders, store, runner = await stack.enter_async_context(
+        orders_server(locate("orders"), participants)
     )
-    return stack, Platform(data_dir, participants, orders, store, user.user_id, stops)
+    return stack, Platform(locate, participants, orders, store, runner, user.user_id, stops)
 
 
 @pytest.fixture
-async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
-    stack, started = await start_platform(tmp_path)
+async def platform(locate: Locate) -> AsyncIterator[Platform]:
+    stack, started = await start_platform(locate)
     async with stack:
         yield started
 
@@ -352,8 +351,8 @@ async def test_declined_card_rejects_the_order_with_the_reason(platform: Platfor
     assert await platform.deliveries_of(order.order_id) == []
 
 
-async def test_no_courier_voids_the_payment_and_rejects(tmp_path: Path) -> None:
-    stack, platform = await start_platform(tmp_path, couriers=1)
+async def test_no_courier_voids_the_payment_and_rejects(locate: Locate) -> None:
+    stack, platform = await start_platform(locate, couriers=1)
     async with stack:
         first = await platform.place(order_request())
         second = await platform.place(order_request())
@@ -481,7 +480,7 @@ async def orders_on_scripted_catalog(
         platform.participants.payments,
         platform.participants.delivery,
     )
-    async with orders_server(platform.orders_db, participants) as (orders, _):
+    async with orders_server(platform.orders_db, participants) as (orders, _, _):
         yield orders
 
 
@@ -521,10 +520,10 @@ async def test_dependency_calls_get_the_inbound_remaining_time(platform: Platfor
 
 
 async def test_a_deadline_before_the_saga_ends_answers_pending_and_the_saga_goes_on(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
     gate = asyncio.Event()
-    stack, platform = await start_platform(tmp_path, payments_gate=gate)
+    stack, platform = await start_platform(locate, payments_gate=gate)
     async with stack:
         pending = await platform.place(order_request(), timeout=0.5)
         assert pending.status == PENDING
@@ -700,7 +699,8 @@ async def test_empty_key_does_not_deduplicate(platform: Platform) -> None:
 async def test_concurrent_duplicates_on_two_instances_make_one_order_and_one_payment(
     platform: Platform,
 ) -> None:
-    async with orders_server(platform.orders_db, platform.participants) as (second_instance, _):
+    second = orders_server(platform.orders_db, platform.participants)
+    async with second as (second_instance, _, _):
         instances = (platform.orders, second_instance)
         request = platform.for_customer(order_request(idempotency_key="dup"))
         orders = await asyncio.gather(*(instances[n % 2].PlaceOrder(request) for n in range(16)))
@@ -711,10 +711,10 @@ async def test_concurrent_duplicates_on_two_instances_make_one_order_and_one_pay
     assert len(await platform.deliveries_of(orders[0].order_id)) == 1
 
 
-async def test_concurrent_place_on_two_stores_of_one_file_creates_one_order(
-    tmp_path: Path,
+async def test_concurrent_place_on_two_stores_of_one_database_creates_one_order(
+    locate: Locate,
 ) -> None:
-    db_path = tmp_path / "orders.db"
+    db_path = locate("orders")
     request = orders_pb2.PlaceOrderRequest(
         customer_id="alice",
         lines=[line(MARGHERITA)],
@@ -736,6 +736,30 @@ async def test_concurrent_place_on_two_stores_of_one_file_creates_one_order(
     assert sum(created for _, created in placed) == 1
     assert len({state.order_id for state, _ in placed}) == 1
     assert await count_rows(db_path, "order_views") == 1
+
+
+async def test_a_stopped_instances_saga_is_taken_over_by_the_other_once_its_lease_is_free(
+    locate: Locate,
+) -> None:
+    """While the instance that placed the order holds the saga's lease, the other's recovery
+    leaves the saga alone; once it stops (and gives the lease up), the other drives it to
+    its end, with one payment."""
+    gate = asyncio.Event()
+    stack, platform = await start_platform(locate, payments_gate=gate)
+    async with stack:
+        request = platform.for_customer(order_request())
+        async with orders_server(platform.orders_db, platform.participants) as (first, _, _):
+            pending = await first.PlaceOrder(request, timeout=0.5)
+            assert pending.status == PENDING
+            unfinished = await platform.orders_store.unfinished()
+            assert unfinished == [pending.order_id]
+            assert await platform.orders_runner.recover(unfinished) == 0, "the lease is held"
+        gate.set()
+        assert await platform.orders_runner.recover(await platform.orders_store.unfinished()) == 1
+        sent = await watched_until(platform, pending.order_id, lambda o: o.status != PENDING)
+        assert sent[-1].status == CONFIRMED
+        assert len(await platform.payments_of(pending.order_id)) == 1
+        assert await platform.orders_store.unfinished() == []
 
 
 @pytest.mark.parametrize("value", ["after", "during:capture_payment", "before:pay", ":"])

@@ -1,6 +1,7 @@
-"""PaymentService on real in-process grpc.aio servers and real SQLite files: the test cards'
-outcomes, the strict state rules, refusals that name their field and store nothing, and the
-idempotency ledger, also under concurrent duplicates reaching two instances on one file."""
+"""PaymentService on real in-process grpc.aio servers and real databases (a SQLite file, and a
+Postgres database: every store test runs on both): the test cards' outcomes, the strict state
+rules, refusals that name their field and store nothing, and the idempotency ledger, also under
+concurrent duplicates reaching two instances on one database."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import pytest
 
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from mesh.testing import InProcessServer
-from meshkit.storage.sqlite import SqliteDatabase
-from services.datadir import database_path
+from meshkit.storage.database import open_database
 from services.payments.servicer import TEST_CARDS, PaymentServicer
 from services.payments.store import PaymentsStore
+from tests.conftest import Locate
 from tests.unit.demo_services import count_rows, rpc_error
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 TABLES = ("payments", "payment_events", "idempotent_requests")
 NOTHING_STORED = dict.fromkeys(TABLES, 0)
+Location = Path | str
+"""A payments database: a SQLite file's path, or a Postgres URL."""
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 S = payments_pb2.PaymentStatus
 AUTHORIZED, DECLINED = S.PAYMENT_STATUS_AUTHORIZED, S.PAYMENT_STATUS_DECLINED
@@ -77,9 +80,9 @@ def act(stub: PaymentsStub, action: str, payment_id: str, key: str = "") -> Any:
 
 
 @asynccontextmanager
-async def payments_server(db_path: Path, clock: SteppingClock) -> AsyncIterator[PaymentsStub]:
-    """A payments service on db_path; yields a stub that calls it."""
-    async with await PaymentsStore.open(db_path, clock=clock) as store:
+async def payments_server(db: Location, clock: SteppingClock) -> AsyncIterator[PaymentsStub]:
+    """A payments service on the database at db; yields a stub that calls it."""
+    async with await PaymentsStore.open(db, clock=clock) as store:
         add = payments_pb2_grpc.add_PaymentServiceServicer_to_server
         async with InProcessServer((add, PaymentServicer(store))) as server:
             yield payments_pb2_grpc.PaymentServiceStub(server.channel)
@@ -87,17 +90,17 @@ async def payments_server(db_path: Path, clock: SteppingClock) -> AsyncIterator[
 
 @dataclass
 class Payments:
-    """A payments server on its database file."""
+    """A payments server on its database."""
 
     stub: PaymentsStub
-    db: Path
+    db: Location
 
     async def stored_rows(self) -> dict[str, int]:
         return {table: await count_rows(self.db, table) for table in TABLES}
 
     async def events(self, payment_id: str) -> list[tuple[str | None, str]]:
         """The payment's history as (from, to) statuses, oldest first."""
-        async with await SqliteDatabase.open(self.db) as database:
+        async with await open_database(self.db) as database:
             rows = await database.fetch_all(
                 "SELECT from_status, to_status FROM payment_events WHERE payment_id = ?"
                 " ORDER BY event_id",
@@ -117,8 +120,9 @@ class Payments:
 
 
 @pytest.fixture
-async def payments(tmp_path: Path) -> AsyncIterator[Payments]:
-    db = database_path(tmp_path / "data", "payments")
+async def payments(locate: Locate) -> AsyncIterator[Payments]:
+    """A payments server on the test's engine."""
+    db = locate("payments")
     async with payments_server(db, SteppingClock()) as stub:
         yield Payments(stub, db)
 
@@ -420,17 +424,17 @@ async def test_transition_reusing_a_key_for_another_payment_is_already_exists(
 
 
 @asynccontextmanager
-async def two_instances(db: Path) -> AsyncIterator[tuple[PaymentsStub, PaymentsStub]]:
-    """Two payments servers, each with its own connection to one database file."""
+async def two_instances(db: Location) -> AsyncIterator[tuple[PaymentsStub, PaymentsStub]]:
+    """Two payments servers, each with its own connection to one database."""
     clock = SteppingClock()
     async with payments_server(db, clock) as one, payments_server(db, clock) as two:
         yield one, two
 
 
 async def test_concurrent_duplicate_authorizations_on_two_instances_make_one_payment(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    db = tmp_path / "payments.db"
+    db = locate("payments")
     request = authorize_request(idempotency_key="checkout-1")
     async with two_instances(db) as stubs:
         responses = await asyncio.gather(
@@ -441,9 +445,9 @@ async def test_concurrent_duplicate_authorizations_on_two_instances_make_one_pay
 
 
 async def test_concurrent_duplicate_captures_on_two_instances_capture_once(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    db = tmp_path / "payments.db"
+    db = locate("payments")
     async with two_instances(db) as stubs:
         payment = await stubs[0].AuthorizePayment(authorize_request())
         responses = await asyncio.gather(
@@ -454,8 +458,8 @@ async def test_concurrent_duplicate_captures_on_two_instances_capture_once(
     assert await count_rows(db, "payment_events") == 2
 
 
-async def test_concurrent_captures_with_different_keys_capture_once(tmp_path: Path) -> None:
-    db = tmp_path / "payments.db"
+async def test_concurrent_captures_with_different_keys_capture_once(locate: Locate) -> None:
+    db = locate("payments")
     async with two_instances(db) as stubs:
         payment = await stubs[0].AuthorizePayment(authorize_request())
         results = await asyncio.gather(

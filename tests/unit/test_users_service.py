@@ -1,8 +1,10 @@
-"""UserService on real in-process grpc.aio servers and real SQLite files: accounts and their
-refusals (naming the field, storing nothing), the idempotency ledger under concurrent duplicates
-on two instances, passwords kept only as scrypt hashes and never logged, logins whose JWTs
-verify against GetJwks, one answer for a wrong password and an unknown email, and signing key
-rotation on an injected clock: old tokens keep verifying until the old key retires."""
+"""UserService on real in-process grpc.aio servers and real databases (a SQLite file, and a
+Postgres database: each test that takes `locate` runs on both): accounts and their refusals
+(naming the field, storing nothing), the idempotency ledger under concurrent duplicates on two
+instances, passwords kept only as scrypt hashes and never logged, logins whose JWTs verify
+against GetJwks, one answer for a wrong password and an unknown email, and signing key rotation
+on an injected clock, by the keys command too: old tokens keep verifying until the old key
+retires. What only a SQLite file has (its mode, its bytes) is tested on SQLite alone."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 
 from foodmesh.users.v1 import users_pb2, users_pb2_grpc
 from mesh.testing import InProcessServer
-from meshkit.storage.sqlite import SqliteDatabase
+from meshkit.storage.database import open_database
 from services.cli import parse_args
 from services.datadir import database_path
 from services.users import InvalidToken, verify_token
@@ -33,6 +35,7 @@ from services.users.passwords import PasswordHasher, ScryptParams
 from services.users.servicer import WRONG_CREDENTIALS, UserServicer
 from services.users.store import UsersStore
 from services.users.tokens import TokenIssuer, TokenSettings
+from tests.conftest import Locate
 from tests.unit.demo_services import count_rows, rpc_error
 
 if TYPE_CHECKING:
@@ -43,6 +46,8 @@ ISSUER, AUDIENCE, TTL = "foodmesh-users", "foodmesh", 3600
 PASSWORD = "correct horse battery"
 TABLES = ("users", "idempotent_requests")
 NOTHING_STORED = dict.fromkeys(TABLES, 0)
+Location = Path | str
+"""A users database: a SQLite file's path, or a Postgres URL."""
 # In the past, so that PyJWT (which reads the real time) accepts the iat of tokens stamped
 # with it, and tokens live on in real time for the whole test.
 START = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -91,11 +96,19 @@ class Instance:
         return [key["kid"] for key in json.loads(await self.jwks())["keys"]]
 
 
+def database_flags(db: Location) -> list[str]:
+    """The flags that point the keys command at the users database db."""
+    if isinstance(db, Path):
+        assert db.name == "users.db", db
+        return ["--data-dir", str(db.parent)]
+    return ["--database-url", db]
+
+
 @asynccontextmanager
 async def users_server(
-    db: Path, clock: Clock, *, ttl_s: int = TTL, params: ScryptParams = FAST
+    db: Location, clock: Clock, *, ttl_s: int = TTL, params: ScryptParams = FAST
 ) -> AsyncIterator[Instance]:
-    """A users service on the database file at db, reading time from clock."""
+    """A users service on the database at db, reading time from clock."""
     async with await UsersStore.open(db, clock=clock) as store:
         tokens = TokenIssuer(store.keys, TokenSettings(ISSUER, AUDIENCE, ttl_s), clock=clock)
         servicer = UserServicer(store, PasswordHasher(params), tokens)
@@ -106,10 +119,10 @@ async def users_server(
 
 @dataclass
 class Users:
-    """A users server on its database file, with its clock."""
+    """A users server on its database, with its clock."""
 
     server: Instance
-    db: Path
+    db: Location
     clock: Clock
 
     @property
@@ -120,12 +133,33 @@ class Users:
         return {table: await count_rows(self.db, table) for table in TABLES}
 
 
-@pytest.fixture
-async def users(tmp_path: Path) -> AsyncIterator[Users]:
-    db = database_path(tmp_path / "data", "users")
+@asynccontextmanager
+async def users_on(db: Location) -> AsyncIterator[Users]:
     clock = Clock()
     async with users_server(db, clock) as server:
         yield Users(server, db, clock)
+
+
+@pytest.fixture(autouse=True)
+def no_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flags' default comes from DATABASE_URL: none from the environment the tests run
+    in (a test that wants one sets it)."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+
+@pytest.fixture
+async def users(locate: Locate) -> AsyncIterator[Users]:
+    """A users server on the test's engine."""
+    async with users_on(locate("users")) as users:
+        yield users
+
+
+@pytest.fixture
+async def sqlite_users(tmp_path: Path) -> AsyncIterator[Users]:
+    """A users server on a SQLite file alone in its data directory, for what only a file
+    has: its mode, its bytes."""
+    async with users_on(database_path(tmp_path / "data", "users")) as users:
+        yield users
 
 
 @pytest.fixture
@@ -265,16 +299,16 @@ async def test_without_a_key_each_create_is_new(users: Users) -> None:
 
 
 @asynccontextmanager
-async def two_instances(db: Path, clock: Clock) -> AsyncIterator[tuple[Instance, Instance]]:
-    """Two users servers, each with its own connection to one database file."""
+async def two_instances(db: Location, clock: Clock) -> AsyncIterator[tuple[Instance, Instance]]:
+    """Two users servers, each with its own connection to one database."""
     async with users_server(db, clock) as one, users_server(db, clock) as two:
         yield one, two
 
 
 async def test_concurrent_duplicate_creates_on_two_instances_make_one_user(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    db = tmp_path / "users.db"
+    db = locate("users")
     request = create_request(idempotency_key="signup-1")
     async with two_instances(db, Clock()) as servers:
         responses = await asyncio.gather(
@@ -285,9 +319,9 @@ async def test_concurrent_duplicate_creates_on_two_instances_make_one_user(
 
 
 async def test_concurrent_creates_of_one_email_on_two_instances_make_one_user(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    db = tmp_path / "users.db"
+    db = locate("users")
     async with two_instances(db, Clock()) as servers:
         results = await asyncio.gather(
             *(
@@ -311,7 +345,7 @@ async def test_concurrent_creates_of_one_email_on_two_instances_make_one_user(
 async def test_the_password_is_stored_only_as_a_salted_scrypt_hash(users: Users) -> None:
     ada = await users.stub.CreateUser(create_request(idempotency_key="k"))
     await users.stub.CreateUser(create_request(email="grace@example.com"))
-    async with await SqliteDatabase.open(users.db) as database:
+    async with await open_database(users.db) as database:
         rows = await database.fetch_all(
             "SELECT * FROM users ORDER BY user_id = ? DESC", (ada.user_id,)
         )
@@ -323,13 +357,22 @@ async def test_the_password_is_stored_only_as_a_salted_scrypt_hash(users: Users)
         for value in tuple(row):
             text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
             assert PASSWORD not in text
-    for file in users.db.parent.iterdir():  # the database and its WAL, byte for byte
+
+
+async def test_the_password_is_in_no_byte_of_the_sqlite_files(sqlite_users: Users) -> None:
+    await sqlite_users.stub.CreateUser(create_request(idempotency_key="k"))
+    await sqlite_users.stub.CreateUser(create_request(email="grace@example.com"))
+    assert isinstance(sqlite_users.db, Path)
+    files = list(sqlite_users.db.parent.iterdir())
+    assert {f.name for f in files} >= {"users.db", "users.db-wal"}
+    for file in files:  # the database and its WAL, byte for byte
         assert PASSWORD.encode() not in file.read_bytes()
 
 
-async def test_the_database_file_is_readable_by_its_owner_only(users: Users) -> None:
-    await users.stub.CreateUser(create_request())
-    files = list(users.db.parent.iterdir())
+async def test_the_database_file_is_readable_by_its_owner_only(sqlite_users: Users) -> None:
+    await sqlite_users.stub.CreateUser(create_request())
+    assert isinstance(sqlite_users.db, Path)
+    files = list(sqlite_users.db.parent.iterdir())
     assert {f.name for f in files} >= {"users.db", "users.db-wal"}
     assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
 
@@ -346,7 +389,7 @@ async def test_no_secret_and_no_email_is_logged_even_at_debug(
     await rpc_error(users.stub.Login(login_request(password=wrong)))
     await rpc_error(users.stub.Login(login_request(email="nobody@example.com")))
     await users.server.store.keys.rotate()
-    async with await SqliteDatabase.open(users.db) as database:
+    async with await open_database(users.db) as database:
         hashes = await database.fetch_all("SELECT password_hash FROM users")
         keys = await database.fetch_all("SELECT private_key_pem FROM signing_keys")
     stored = [str(row[0]) for row in [*hashes, *keys]]
@@ -357,8 +400,8 @@ async def test_no_secret_and_no_email_is_logged_even_at_debug(
         assert secret not in logged
 
 
-async def test_login_rehashes_a_password_hashed_with_older_parameters(tmp_path: Path) -> None:
-    db, clock = tmp_path / "users.db", Clock()
+async def test_login_rehashes_a_password_hashed_with_older_parameters(locate: Locate) -> None:
+    db, clock = locate("users"), Clock()
     stronger = ScryptParams(log2_n=11, r=8, p=2)
     async with users_server(db, clock) as old, users_server(db, clock, params=stronger) as new:
         user = await old.stub.CreateUser(create_request())
@@ -447,7 +490,7 @@ def _forged(claims: dict[str, Any], kid: str) -> str:
     return jwt.encode(claims, "not-our-key-not-our-key-not-ours", "HS256", headers={"kid": kid})
 
 
-async def test_verify_token_refuses_what_it_must(users: Users, tmp_path: Path) -> None:
+async def test_verify_token_refuses_what_it_must(users: Users, locate: Locate) -> None:
     await users.stub.CreateUser(create_request())
     token = (await users.stub.Login(login_request())).access_token
     jwks = await users.server.jwks()
@@ -457,7 +500,7 @@ async def test_verify_token_refuses_what_it_must(users: Users, tmp_path: Path) -
     flipped = signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")
     users.clock.advance(-2 * TTL)
     expired = (await users.stub.Login(login_request())).access_token
-    async with users_server(tmp_path / "elsewhere.db", Clock()) as elsewhere:
+    async with users_server(locate("other-users"), Clock()) as elsewhere:
         await elsewhere.stub.CreateUser(create_request())
         foreign = (await elsewhere.stub.Login(login_request())).access_token
 
@@ -486,17 +529,17 @@ async def test_verify_token_refuses_what_it_must(users: Users, tmp_path: Path) -
 
 
 async def test_rotation_keeps_old_tokens_verifying_until_the_old_key_retires(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    data_dir, clock = tmp_path / "data", Clock()
-    db = database_path(data_dir, "users")
+    db, clock = locate("users"), Clock()
+    rotate = ["rotate", *database_flags(db)]
     async with two_instances(db, clock) as (one, two):
         await one.stub.CreateUser(create_request())
         old_token = (await one.stub.Login(login_request())).access_token
         [old_kid] = await one.published_kids()
 
         # Another process rotates; both instances follow without a restart.
-        lines = await keys_command.run(["rotate", "--data-dir", str(data_dir)], clock=clock)
+        lines = await keys_command.run(rotate, clock=clock)
         new_token = (await two.stub.Login(login_request())).access_token
         new_kid = jwt.get_unverified_header(new_token)["kid"]
         assert new_kid != old_kid
@@ -524,16 +567,16 @@ async def test_rotation_keeps_old_tokens_verifying_until_the_old_key_retires(
         assert verify(new_token, await one.jwks()).kid == new_kid
 
         # The next rotation deletes the retired key, private part and all.
-        await keys_command.run(["rotate", "--data-dir", str(data_dir)], clock=clock)
-    async with await SqliteDatabase.open(db) as database:
+        await keys_command.run(rotate, clock=clock)
+    async with await open_database(db) as database:
         kids = [row["kid"] for row in await database.fetch_all("SELECT kid FROM signing_keys")]
     assert old_kid not in kids and new_kid in kids and len(kids) == 2
 
 
 async def test_a_key_keeps_published_for_the_longest_lifetime_it_signed_with(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    db, clock = tmp_path / "users.db", Clock()
+    db, clock = locate("users"), Clock()
     async with (
         users_server(db, clock, ttl_s=TTL) as short,
         users_server(db, clock, ttl_s=2 * TTL) as long,
@@ -551,9 +594,9 @@ async def test_a_key_keeps_published_for_the_longest_lifetime_it_signed_with(
         assert await short.published_kids() == [rotation.signing.kid]
 
 
-async def test_a_key_that_signed_nothing_retires_when_replaced(tmp_path: Path) -> None:
+async def test_a_key_that_signed_nothing_retires_when_replaced(locate: Locate) -> None:
     clock = Clock()
-    async with await UsersStore.open(tmp_path / "users.db", clock=clock) as store:
+    async with await UsersStore.open(locate("users"), clock=clock) as store:
         first = await store.keys.ensure()
         rotation = await store.keys.rotate()
         assert rotation.replaced is not None and rotation.replaced.kid == first
@@ -562,8 +605,8 @@ async def test_a_key_that_signed_nothing_retires_when_replaced(tmp_path: Path) -
         assert [key.kid for key in await store.keys.ring()] == [rotation.signing.kid]
 
 
-async def test_instances_starting_together_create_one_signing_key(tmp_path: Path) -> None:
-    db, clock = tmp_path / "users.db", Clock()
+async def test_instances_starting_together_create_one_signing_key(locate: Locate) -> None:
+    db, clock = locate("users"), Clock()
     async with AsyncExitStack() as stack:
         stores = await asyncio.gather(*(UsersStore.open(db, clock=clock) for _ in range(5)))
         for store in stores:
@@ -578,20 +621,46 @@ async def test_instances_starting_together_create_one_signing_key(tmp_path: Path
 
 
 async def test_keys_list_tells_which_key_signs_and_when_the_others_retire(
-    tmp_path: Path,
+    locate: Locate,
 ) -> None:
-    data_dir, clock = tmp_path / "data", Clock()
-    async with users_server(database_path(data_dir, "users"), clock) as server:
+    db, clock = locate("users"), Clock()
+    async with users_server(db, clock) as server:
         await server.stub.CreateUser(create_request())
         await server.stub.Login(login_request())
         old = await server.store.keys.ensure()
         new = (await server.store.keys.rotate()).signing.kid
-    lines = await keys_command.run(["list", "--data-dir", str(data_dir)], clock=clock)
+    lines = await keys_command.run(["list", *database_flags(db)], clock=clock)
     retire = (START + timedelta(seconds=TTL)).isoformat()
     assert lines == [
         f"{old} verifies until {retire} (then retires)",
         f"{new} signs (since {START.isoformat()})",
     ]
+
+
+async def test_the_keys_command_finds_the_database_as_the_service_does(
+    locate: Locate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--data-dir`'s users.db; or DATABASE_URL's database, which wins over --data-dir."""
+    db, clock = locate("users"), Clock()
+    async with await UsersStore.open(db, clock=clock) as store:
+        kid = await store.keys.ensure()
+    if isinstance(db, Path):
+        data_dir = db.parent
+    else:
+        monkeypatch.setenv("DATABASE_URL", db)
+        data_dir = tmp_path / "unused"
+    lines = await keys_command.run(["list", "--data-dir", str(data_dir)], clock=clock)
+    assert lines == [f"{kid} signs (since {START.isoformat()})"]
+    assert (data_dir / "users.db").exists() == isinstance(db, Path)
+
+
+def test_the_keys_command_refuses_a_database_url_that_is_not_postgres(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        keys_command.parse_args(["list", "--database-url", "sqlite:///users.db"])
+    assert exited.value.code == 2
+    assert "--database-url: must be a postgresql:// URL" in capsys.readouterr().err
 
 
 def test_token_flags_have_their_defaults_and_refuse_bad_values(
