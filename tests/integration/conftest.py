@@ -25,9 +25,12 @@ from foodmesh.orders.v1 import orders_pb2
 from mesh.discovery import ConsulSettings
 from scripts.consul_agent import ConsulAgent
 from scripts.nats_server import NatsServer
+from scripts.postgres_server import PostgresServer
 from scripts.processes import free_tcp_port, spawn, stop_process, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+STATEFUL = ("users", "catalog", "orders", "payments", "delivery", "notifications", "order-history")
+"""The services with a database (the gateway keeps none)."""
 FAILING = ("--fault-abort", "UNAVAILABLE", "--fault-abort-percent", "100")
 """Flags that make a service instance fail every call (its health checks still pass)."""
 MANY_COURIERS = ("--couriers", "1000")
@@ -70,6 +73,10 @@ class Stack:
     processes: list[ServiceProcess] = field(default_factory=list)
     nats: NatsServer | None = None
     """The stack's broker, once start_nats() started it; services get its NATS_URL."""
+    postgres: PostgresServer | None = None
+    """When set, each service started keeps its state in a database of its own there (its
+    DATABASE_URL), made for this stack, instead of a SQLite file in data_dir."""
+    database_urls: dict[str, str] = field(default_factory=dict)
 
     def start_nats(self) -> NatsServer:
         """A nats-server with JetStream for the services started from now on, its store in
@@ -111,8 +118,16 @@ class Stack:
             "1",
             *args,
         ]
+        database = {}
+        if self.postgres is not None and name in STATEFUL:
+            if name not in self.database_urls:
+                self.database_urls[name] = self.postgres.fresh_database(name)
+            database["DATABASE_URL"] = self.database_urls[name]
         proc = spawn(
-            command, env={**self.env(), **(env or {})}, log_path=log_path, cwd=PROJECT_ROOT
+            command,
+            env={**self.env(), **database, **(env or {})},
+            log_path=log_path,
+            cwd=PROJECT_ROOT,
         )
         service = ServiceProcess(name, port, proc, log_path)
         self.processes.append(service)
@@ -216,20 +231,34 @@ def order(
 
 
 def count_orders(stack: Stack) -> int:
-    """Orders in the stack's orders database, read from its file."""
+    """Orders in the stack's orders database, read from its file (or its Postgres
+    database)."""
+    if stack.postgres is not None:
+        database = stack.database_urls["orders"].rsplit("/", 1)[1]
+        return int(stack.postgres.sql("SELECT COUNT(*) FROM order_views", database=database))
     with sqlite3.connect(stack.data_dir / "orders.db") as db:
         return int(db.execute("SELECT COUNT(*) FROM order_views").fetchone()[0])
 
 
+def engine_of(request: pytest.FixtureRequest) -> PostgresServer | None:
+    """The session's Postgres when a fixture parametrized over the engines ("sqlite",
+    "postgres") is on "postgres"; None (SQLite files) otherwise."""
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server
+    return None
+
+
 @contextmanager
-def stack_under(root: Path) -> Iterator[Stack]:
-    """A Consul agent of its own and a Stack on it, data and logs under root; all it started
-    is stopped at the end. For stacks that a module's tests share."""
+def stack_under(root: Path, postgres: PostgresServer | None = None) -> Iterator[Stack]:
+    """A Consul agent of its own and a Stack on it, data and logs under root (and its
+    databases in `postgres`, when given); all it started is stopped at the end. For stacks
+    that a module's tests share."""
     agent = ConsulAgent(log_path=root / "consul.log")
     agent.start()
     (root / "data").mkdir()
     (root / "logs").mkdir()
-    running = Stack(agent, root / "data", root / "logs")
+    running = Stack(agent, root / "data", root / "logs", postgres=postgres)
     try:
         yield running
     finally:

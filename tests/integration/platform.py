@@ -7,12 +7,15 @@ Prometheus metrics read from the endpoint its Consul meta names."""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import grpc
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,7 +26,7 @@ from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from mesh.telemetry.rpc_metrics import CallType, Side, split_method
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, order
 from tests.paging import all_pages
 
 Status = orders_pb2.OrderStatus
@@ -160,7 +163,7 @@ async def consumer_drained(
     """Whether the broker has delivered and seen acked every message of the stream to the
     durable consumer: nothing is left that could still make an effect."""
     assert stack.nats is not None
-    client = await nats.connect(stack.nats.url)
+    client = await nats.connect(stack.nats.url.split(","))  # a cluster: every node
     try:
         info = await client.jetstream().consumer_info(stream, consumer)
         return info.num_pending == 0 and info.num_ack_pending == 0
@@ -237,3 +240,52 @@ async def in_history_exactly_once(
         assert statuses[0] == Status.ORDER_STATUS_PENDING, entry
         assert statuses[-1] == entry.status == expected[entry.order_id], entry
     return found
+
+
+FINAL = (orders_pb2.ORDER_STATUS_CONFIRMED, orders_pb2.ORDER_STATUS_REJECTED)
+
+
+@dataclass
+class CheckoutLoad:
+    """Checkouts placed in a loop by a few callers, each retried with its own key until it
+    is answered; every failed attempt kept with the time it came."""
+
+    customer: str
+    keys: list[str] = field(default_factory=list)
+    answers: dict[str, orders_pb2.Order] = field(default_factory=dict)
+    failures: list[tuple[float, grpc.StatusCode, str]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def caller(self, stub: orders_pb2_grpc.OrderServiceAsyncStub) -> None:
+        while not self.stopping.is_set():
+            key = uuid.uuid4().hex
+            self.keys.append(key)
+            while True:  # the same key until answered: the checkout happens once
+                try:
+                    answer = await stub.PlaceOrder(order(key, customer=self.customer), timeout=15)
+                except grpc.aio.AioRpcError as error:
+                    self.failures.append((time.monotonic(), error.code(), error.details() or ""))
+                    await asyncio.sleep(0.2)
+                    continue
+                self.answers[key] = answer
+                break
+
+
+async def final_order(
+    stub: orders_pb2_grpc.OrderServiceAsyncStub, order_id: str
+) -> orders_pb2.Order:
+    """The order once its saga has ended (a saga cut short by the crash resumes by itself)."""
+    give_up = time.monotonic() + 60
+    while True:
+        found = await stub.GetOrder(orders_pb2.GetOrderRequest(order_id=order_id), timeout=10)
+        if found.status in FINAL:
+            return found
+        assert time.monotonic() < give_up, f"order {order_id} still {found.status}"
+        await asyncio.sleep(0.2)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)

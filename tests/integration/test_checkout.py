@@ -25,17 +25,21 @@ from foodmesh.delivery.v1 import delivery_pb2
 from foodmesh.orders.v1 import orders_pb2
 from foodmesh.payments.v1 import payments_pb2
 from scripts.processes import wait_until_async
-from tests.integration.conftest import Stack, count_orders, order, stack_under
-from tests.integration.platform import Clients, clients, scrape, value
+from tests.integration.conftest import Stack, count_orders, engine_of, order, stack_under
+from tests.integration.platform import Clients, clients, handled, scrape
 
 PLACE = "/foodmesh.orders.v1.OrderService/PlaceOrder"
 TRIP_SECONDS = "3"  # pickup at half the trip: time enough to cancel a confirmed order
 
 
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
-    """Consul, and users, catalog, payments, delivery and two orders instances; a customer."""
-    with stack_under(tmp_path_factory.mktemp("checkout")) as stack:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, str]]:
+    """Consul, and users, catalog, payments, delivery and two orders instances, on each
+    engine; a customer."""
+    root = tmp_path_factory.mktemp("checkout")
+    with stack_under(root, postgres=engine_of(request)) as stack:
         stack.start_nats()  # delivery's events move orders out for delivery and to DELIVERED
         stack.start_platform(orders=2, delivery=("--trip-seconds", TRIP_SECONDS))
         yield stack, stack.customer()
@@ -208,13 +212,8 @@ async def test_each_saga_is_driven_by_the_one_instance_that_placed_it(
         counted = {}
         for port in ports:
             samples = scrape(stack, "orders", port)
-            placed = value(
-                samples, "mesh_server_calls_total", service="orders", method=PLACE, code="OK"
-            )
-            calls = [
-                value(samples, "mesh_client_calls_total", service=s, method=m, code="OK")
-                for s, m in SAGA_CALLS
-            ]
+            placed = handled(samples, "server", "orders", PLACE)
+            calls = [handled(samples, "client", s, m) for s, m in SAGA_CALLS]
             counted[port] = [placed, *calls]
         return counted
 
