@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,22 +71,32 @@ def platform(
     root: Path,
     orders_instances: int = 2,
     extra: Sequence[tuple[str, tuple[str, ...]]] = (),
+    database_urls: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[ConsulAgent, dict[str, list[int]]]]:
     """The Consul agent and the platform's processes (and the `extra` services, with their
-    flags: a gateway), with the pids of each service's."""
+    flags: a gateway), with the pids of each service's; each service's state in a SQLite
+    file under root, or in its database of `database_urls` (its DATABASE_URL)."""
     agent = ConsulAgent(log_path=root / "consul.log")
     agent.start()
     procs: list[subprocess.Popen[bytes]] = []
     ports: dict[str, list[int]] = {}
     pids: dict[str, list[int]] = {}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FOODMESH_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "FOODMESH_", "DATABASE_URL", "NATS_URL"))
+    }
     env["CONSUL_HTTP_ADDR"] = agent.http_addr
     try:
         for n, (name, flags) in enumerate((*SERVICES, *[ORDERS] * orders_instances, *extra)):
             port = free_tcp_port()
             command = [sys.executable, "-m", f"services.{name}", "--port", str(port)]
             command += ["--data-dir", str(root / "data"), "--check-interval", "1", *flags]
-            procs.append(spawn(command, env=env, log_path=root / f"{name}-{n}.log", cwd=ROOT))
+            database = {}
+            if database_urls is not None and name in database_urls:
+                database["DATABASE_URL"] = database_urls[name]
+            log_path = root / f"{name}-{n}.log"
+            procs.append(spawn(command, env={**env, **database}, log_path=log_path, cwd=ROOT))
             ports.setdefault(name, []).append(port)
             pids.setdefault(name, []).append(procs[-1].pid)
         for name, expected in ports.items():
