@@ -9,10 +9,10 @@ the request's effect:
 - an empty key means no deduplication.
 
 Because the lookup, the effect and the record share one write transaction, which holds the
-database's write lock from its first read (meshkit.storage.database), two concurrent duplicates, in one
-process or in two, can never both find the key absent: the second waits for the first to
-commit, then finds its response. Keys are scoped by method, so one key used for a capture and
-a refund of the same payment names two requests, as a saga's step keys do.
+database's write lock from its first read (meshkit.storage.database), two concurrent
+duplicates, in one process or in two, can never both find the key absent: the second waits
+for the first to commit, then finds its response. Keys are scoped by method, so one key used
+for a capture and a refund of the same payment names two requests, as a saga's step keys do.
 
 The fingerprint is SHA-256 over the request's deterministic protobuf serialization with the
 key field cleared, so a retry matches its original byte for byte, field order aside.
