@@ -50,7 +50,8 @@ class Seen:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
-    with cluster_under(tmp_path_factory.mktemp("cluster")) as stack:
+    # Trips longer than the tests: the notifications counted are the checkouts' outcomes.
+    with cluster_under(tmp_path_factory.mktemp("cluster"), trip_seconds=3600) as stack:
         yield stack
 
 
