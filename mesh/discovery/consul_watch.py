@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # (service, index, wait seconds) -> (X-Consul-Index, entries of /v1/health/service/<service>)
 HealthFetch = Callable[[str, int, float], Awaitable[tuple[int, list[Mapping[str, Any]]]]]
+# (index, wait seconds) -> (X-Consul-Index, {service name: tags} of /v1/catalog/services)
+ServicesFetch = Callable[[int, float], Awaitable[tuple[int, Mapping[str, Any]]]]
 
 
 def next_index(previous: int, returned: int) -> int:

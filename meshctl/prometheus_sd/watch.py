@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mesh.core.backoff import ExponentialBackoff
 from mesh.discovery.consul_settings import ConsulSettings
-from mesh.discovery.consul_watch import HealthFetch, next_index
+from mesh.discovery.consul_watch import HealthFetch, ServicesFetch, next_index
 
 if TYPE_CHECKING:
     import consul.aio
@@ -36,9 +36,6 @@ Answer = TypeVar("Answer")
 Entries = list[Mapping[str, Any]]
 Passing = dict[str, Entries]
 """Health entries of the passing instances, keyed by Consul service name."""
-
-# (index, wait seconds) -> (X-Consul-Index, {service name: tags}) of /v1/catalog/services
-ServicesFetch = Callable[[int, float], Awaitable[tuple[int, Mapping[str, Any]]]]
 
 
 async def read_passing(fetch_services: ServicesFetch, fetch_health: HealthFetch) -> Passing:

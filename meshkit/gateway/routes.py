@@ -25,7 +25,7 @@ from typing import Any
 
 from mesh.core.backoff import ExponentialBackoff
 from mesh.discovery.consul_settings import ConsulSettings
-from mesh.discovery.consul_watch import next_index
+from mesh.discovery.consul_watch import ServicesFetch, next_index
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,6 @@ class RouteTable:
 
 EMPTY = RouteTable({})
 
-# (index, wait seconds) -> (X-Consul-Index, {service name: tags})
-ServicesFetch = Callable[[int, float], Awaitable[tuple[int, Mapping[str, Any]]]]
 # service name -> entries of /v1/catalog/service/<name>
 InstancesFetch = Callable[[str], Awaitable[list[Mapping[str, Any]]]]
 
