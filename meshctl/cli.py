@@ -316,16 +316,20 @@ def _add_prometheus_sd(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
 
 
-def sd_command(args: argparse.Namespace) -> SdCommand:
-    """The run `meshctl prometheus-sd`'s parsed flags ask for; BadInput otherwise."""
+def _consul_settings(args: argparse.Namespace) -> ConsulSettings:
+    """The agent `--consul` names (with $CONSUL_HTTP_TOKEN), else $CONSUL_HTTP_ADDR's;
+    BadInput naming the flag or the variable when it is malformed."""
     try:
-        consul = (
-            ConsulSettings.from_env()
-            if args.consul is None
-            else ConsulSettings.parse(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
-        )
+        if args.consul is None:
+            return ConsulSettings.from_env()
+        return ConsulSettings.parse(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
     except ValueError as exc:
         raise BadInput(str(exc) if args.consul is None else f"--consul: {exc}") from None
+
+
+def sd_command(args: argparse.Namespace) -> SdCommand:
+    """The run `meshctl prometheus-sd`'s parsed flags ask for; BadInput otherwise."""
+    consul = _consul_settings(args)
     if not args.connect_timeout > 0:
         raise BadInput(f"--connect-timeout must be > 0, got {args.connect_timeout:g} s")
     if args.watch and args.out is None and args.listen is None:
@@ -375,14 +379,7 @@ def load_command(args: argparse.Namespace) -> LoadCommand:
     """The run the parsed flags ask for; BadInput for what argparse cannot check alone."""
     consul = ConsulSettings()  # an address target asks no agent: its settings go unused
     if ":" not in args.target:
-        try:
-            consul = (
-                ConsulSettings.from_env()
-                if args.consul is None
-                else ConsulSettings.parse(args.consul, os.environ.get("CONSUL_HTTP_TOKEN"))
-            )
-        except ValueError as exc:
-            raise BadInput(str(exc) if args.consul is None else f"--consul: {exc}") from None
+        consul = _consul_settings(args)
     if not args.connect_timeout > 0:
         raise BadInput(f"--connect-timeout must be > 0, got {args.connect_timeout:g} s")
     metadata: Metadata | None = tuple(args.metadata) or None
