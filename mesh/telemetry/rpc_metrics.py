@@ -116,6 +116,18 @@ def split_method(full_method: str) -> tuple[str, str]:
     return (service, method) if sep else ("unknown", "unknown")
 
 
+def rpc_labels(service: str, method: str, grpc_type: CallType = "unary") -> dict[str, str]:
+    """The labels (LABELS, in order) of the grpc_server_* / grpc_client_* samples of
+    `method` ("/pkg.Svc/Method") served as, or called on, `service`."""
+    grpc_service, grpc_method = split_method(method)
+    return {
+        "grpc_type": grpc_type,
+        "grpc_service": grpc_service,
+        "grpc_method": grpc_method,
+        "service": service,
+    }
+
+
 class RpcSide:
     """The instruments of one side of calls (started, handled, handling time, and the
     messages read from them), and an `RpcMetrics` per method."""
@@ -163,7 +175,7 @@ class RpcMetrics:
     __slots__ = ("_by_code", "_handled", "_labels", "_seconds", "started")
 
     def __init__(self, side: RpcSide, service: str, method: str, grpc_type: CallType) -> None:
-        labels = (grpc_type, *split_method(method), service)
+        labels = tuple(rpc_labels(service, method, grpc_type).values())
         self.started: Callable[[], None] = side.started.labels(*labels).inc
         """A call of the method started."""
         self._seconds = side.handling_seconds.labels(*labels)

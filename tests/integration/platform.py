@@ -25,7 +25,7 @@ from foodmesh.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from foodmesh.orderhistory.v1 import orderhistory_pb2, orderhistory_pb2_grpc
 from foodmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from foodmesh.payments.v1 import payments_pb2, payments_pb2_grpc
-from mesh.telemetry.rpc_metrics import CallType, Side, split_method
+from mesh.telemetry.rpc_metrics import Side, rpc_labels
 from tests.integration.conftest import Stack, order
 from tests.paging import all_pages
 
@@ -113,18 +113,6 @@ def scrape(stack: Stack, service: str, port: int | None = None) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def rpc_labels(service: str, method: str, grpc_type: CallType = "unary") -> dict[str, str]:
-    """The labels of the grpc_server_* / grpc_client_* samples of `method` ("/pkg.Svc/M")
-    served as, or called on, `service`."""
-    grpc_service, grpc_method = split_method(method)
-    return {
-        "service": service,
-        "grpc_type": grpc_type,
-        "grpc_service": grpc_service,
-        "grpc_method": grpc_method,
-    }
 
 
 def handled(samples: Samples, side: Side, service: str, method: str, code: str = "OK") -> float:

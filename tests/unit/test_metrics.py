@@ -26,7 +26,7 @@ from mesh.telemetry.metrics import (
     default_metrics,
     reset_default_metrics,
 )
-from mesh.telemetry.rpc_metrics import GO_CODE_NAMES, call_type_of, split_method
+from mesh.telemetry.rpc_metrics import GO_CODE_NAMES, call_type_of, rpc_labels, split_method
 from mesh.testing import FakeClock, InProcessServer
 
 CATALOG_GET = "/foodmesh.catalog.v1.CatalogService/GetItem"
@@ -36,17 +36,6 @@ CATALOG = "foodmesh.catalog.v1.CatalogService"
 
 def value(m: MeshMetrics, name: str, **labels: str) -> float | None:
     return m.registry.get_sample_value(name, labels)
-
-
-def rpc(service: str, method: str, grpc_type: str = "unary") -> dict[str, str]:
-    """The labels of a call of `method` ("/pkg.Svc/Method") on `service`."""
-    grpc_service, grpc_method = split_method(method)
-    return {
-        "service": service,
-        "grpc_type": grpc_type,
-        "grpc_service": grpc_service,
-        "grpc_method": grpc_method,
-    }
 
 
 @pytest.fixture
@@ -62,7 +51,7 @@ def test_client_calls_are_counted_by_service_method_and_code(metrics: MeshMetric
     metrics.client_call_finished("orders", CATALOG_GET, grpc.StatusCode.OK, 0.004)
 
     handled = "grpc_client_handled_total"
-    get, listed = rpc("catalog", CATALOG_GET), rpc("catalog", CATALOG_LIST)
+    get, listed = rpc_labels("catalog", CATALOG_GET), rpc_labels("catalog", CATALOG_LIST)
     assert get == {
         "service": "catalog",
         "grpc_type": "unary",
@@ -72,7 +61,7 @@ def test_client_calls_are_counted_by_service_method_and_code(metrics: MeshMetric
     assert value(metrics, handled, grpc_code="OK", **get) == 3
     assert value(metrics, handled, grpc_code="Unavailable", **get) == 1
     assert value(metrics, handled, grpc_code="OK", **listed) == 1
-    assert value(metrics, handled, grpc_code="OK", **rpc("orders", CATALOG_GET)) == 1
+    assert value(metrics, handled, grpc_code="OK", **rpc_labels("orders", CATALOG_GET)) == 1
     assert value(metrics, handled, grpc_code="Unknown", **listed) is None
     # started when they end (the call path reports calls then); a unary request is a message
     # sent, a unary response one received when the call succeeds
@@ -85,7 +74,7 @@ def test_client_durations_fill_the_histogram(metrics: MeshMetrics) -> None:
     for seconds in (0.0004, 0.002, 0.002, 0.3, 12.0):
         metrics.client_call_finished("catalog", CATALOG_GET, grpc.StatusCode.OK, seconds)
     name = "grpc_client_handling_seconds"
-    labels = rpc("catalog", CATALOG_GET)
+    labels = rpc_labels("catalog", CATALOG_GET)
     assert value(metrics, f"{name}_count", **labels) == 5
     assert value(metrics, f"{name}_sum", **labels) == pytest.approx(12.3044)
     assert value(metrics, f"{name}_bucket", le="0.0005", **labels) == 1
@@ -101,7 +90,7 @@ def test_every_status_code_has_its_go_name(metrics: MeshMetrics) -> None:
     assert GO_CODE_NAMES[grpc.StatusCode.DEADLINE_EXCEEDED] == "DeadlineExceeded"
     for code in grpc.StatusCode:
         metrics.client_call_finished("catalog", CATALOG_GET, code, 0.001)
-    labels = rpc("catalog", CATALOG_GET)
+    labels = rpc_labels("catalog", CATALOG_GET)
     for code, name in GO_CODE_NAMES.items():
         assert value(metrics, "grpc_client_handled_total", grpc_code=name, **labels) == 1, code
 
@@ -124,7 +113,7 @@ def test_the_call_type_comes_from_the_descriptor_or_the_caller(metrics: MeshMetr
     told = metrics.server_rpc("gateway", "/no.Such/Watch", "server_stream")
     told.started()
     told.handled(grpc.StatusCode.OK, 0.01)
-    labels = rpc("gateway", "/no.Such/Watch", "server_stream")
+    labels = rpc_labels("gateway", "/no.Such/Watch", "server_stream")
     assert value(metrics, "grpc_server_started_total", **labels) == 1
     assert value(metrics, "grpc_server_msg_received_total", **labels) == 1
     assert value(metrics, "grpc_server_msg_sent_total", **labels) is None  # a stream's
@@ -367,7 +356,7 @@ class Served(InProcessServer):
         )
 
     def labels(self, method: str) -> dict[str, str]:
-        return rpc("echo", f"/{ECHO}/{method}", SHAPES[method])
+        return rpc_labels("echo", f"/{ECHO}/{method}", SHAPES[method])
 
     def calls(self, method: str, code: str) -> float | None:
         return value(
